@@ -1,0 +1,227 @@
+"""Orchestrate an export: MODEL -> checkpoint folder -> stage exporters -> bundle, written atomically.
+
+The bundle is assembled in a hidden sibling folder and renamed into place only after every stage and
+the manifest succeeded, so an interrupted or failed export never leaves half a bundle (and never
+damages the bundle it was asked to replace).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib
+import json
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from ..runtime.bundle import FORMAT_VERSION, MANIFEST_NAME, Component, Manifest, validate_components, write_manifest
+from .sources import ModelSource, resolve_model, source_file_hashes
+
+Progress = Callable[[str], None]
+
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json")
+OPTIONAL_TOKENIZER_FILES = ("tokenizer.json",)
+TOOL_PACKAGES = ("qwen3-tts-edge", "qwen-tts", "torch", "transformers", "onnx", "onnxruntime",
+                 "llama-cpp-python", "gguf")
+
+# Stage exporters: stage -> (module, function, precisions it can produce). A stage whose module is None
+# is not implemented yet; asking for it is an error, never a silent no-op.
+STAGES: dict[str, tuple[str | None, str | None, tuple[str, ...]]] = {
+    "talker": (None, None, ("f16", "bf16", "q8_0", "q5_k_m", "q4_k_m")),
+    "decoder": ("qwen3_tts_edge.export.decoder_onnx", "export_decoder", ("fp32", "fp16", "int8")),
+}
+
+
+class ExportError(Exception):
+    """The export cannot proceed; nothing was written."""
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _tool_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in TOOL_PACKAGES:
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ExportError(f"cannot read {path}: {exc}") from exc
+
+
+def _as_id(value: Any, what: str) -> int:
+    """Speaker ids appear as scalars or 1-element lists in config.json copies; accept both."""
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ExportError(f"config.json: {what} must be an integer codec id, got {value!r}")
+    return value
+
+
+def checkpoint_facts(folder: Path) -> dict[str, Any]:
+    """The manifest sections derived from a checkpoint's own config files (never from constants)."""
+    cfg = _read_json(folder / "config.json")
+    gen = _read_json(folder / "generation_config.json")
+    st = _read_json(folder / "speech_tokenizer" / "config.json")
+    try:
+        talker = cfg["talker_config"]
+        pred = talker["code_predictor_config"]
+        dec = st["decoder_config"]
+        token_ids = {k: int(cfg[k]) for k in ("im_start_token_id", "im_end_token_id", "tts_pad_token_id",
+                                               "tts_bos_token_id", "tts_eos_token_id")}
+        if "assistant_token_id" in cfg:
+            token_ids["assistant_token_id"] = int(cfg["assistant_token_id"])
+        codec_ids = {k: int(talker[k]) for k in ("codec_pad_id", "codec_bos_id", "codec_eos_token_id",
+                                                 "codec_think_id", "codec_nothink_id", "codec_think_bos_id",
+                                                 "codec_think_eos_id")}
+        speakers = {name.lower(): _as_id(v, f"spk_id[{name}]") for name, v in (talker.get("spk_id") or {}).items()}
+        dialects = {name.lower(): str(v) for name, v in (talker.get("spk_is_dialect") or {}).items() if v}
+        languages = {name.lower(): _as_id(v, f"codec_language_id[{name}]")
+                     for name, v in (talker.get("codec_language_id") or {}).items()}
+        sample_rate = int(st.get("output_sample_rate", 24000))
+        spf = int(st.get("decode_upsample_rate", 1920))
+        model = {
+            "tts_model_type": cfg["tts_model_type"],
+            "tts_model_size": cfg.get("tts_model_size"),
+            "tokenizer_type": cfg.get("tokenizer_type"),
+            "talker": {k: talker[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                              "num_attention_heads", "num_key_value_heads", "vocab_size",
+                                              "text_hidden_size", "text_vocab_size", "num_code_groups",
+                                              "rope_theta", "rms_norm_eps") if k in talker},
+            "predictor": {k: pred[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                              "num_attention_heads", "num_key_value_heads", "vocab_size",
+                                              "num_code_groups", "rope_theta", "rms_norm_eps") if k in pred},
+        }
+        model["talker"]["head_dim"] = talker.get("head_dim", talker["hidden_size"] // talker["num_attention_heads"])
+        model["predictor"]["head_dim"] = pred.get("head_dim", pred["hidden_size"] // pred["num_attention_heads"])
+        model["predictor"]["has_input_projection"] = pred["hidden_size"] != talker["hidden_size"]
+        if cfg["tts_model_type"] == "base":
+            model["speaker_encoder"] = {"enc_dim": cfg["speaker_encoder_config"]["enc_dim"],
+                                        "sample_rate": cfg["speaker_encoder_config"].get("sample_rate", 24000)}
+        audio = {
+            "sample_rate": sample_rate,
+            "samples_per_frame": spf,
+            "frame_rate": sample_rate / spf,
+            "num_code_groups": int(dec.get("num_quantizers", talker["num_code_groups"])),
+            "codebook_size": int(dec["codebook_size"]),
+            "decoder_window": int(dec["sliding_window"]),
+        }
+    except KeyError as exc:
+        raise ExportError(f"checkpoint config lacks {exc}; is {folder} a Qwen3-TTS 12 Hz checkpoint?") from exc
+    return {"token_ids": token_ids, "codec_ids": codec_ids, "speakers": speakers, "speaker_dialects": dialects,
+            "languages": languages, "sampling": dict(gen), "audio": audio, "model": model}
+
+
+def _copy_tokenizer(folder: Path, bundle: Path) -> list[Component]:
+    dest = bundle / "tokenizer"
+    dest.mkdir()
+    comps = []
+    for name in TOKENIZER_FILES + OPTIONAL_TOKENIZER_FILES:
+        src = folder / name
+        if not src.is_file():
+            if name in TOKENIZER_FILES:
+                raise ExportError(f"{folder} lacks the text tokenizer file {name}")
+            continue
+        shutil.copyfile(src, dest / name)
+        fmt = "txt" if name.endswith(".txt") else "json"
+        comps.append(Component.from_file(bundle, f"tokenizer/{name}", "text_tokenizer", fmt, "none"))
+    return comps
+
+
+def _stage_exporter(stage: str, precisions: Sequence[str]) -> Callable[..., list[dict[str, Any]]]:
+    module, func, allowed = STAGES[stage]
+    bad = [p for p in precisions if p not in allowed]
+    if bad:
+        raise ExportError(f"unknown {stage} precision(s) {bad}; choose from {', '.join(allowed)}")
+    if module is None:
+        raise ExportError(f"{stage} export is not implemented yet; export without --{stage} for now")
+    return getattr(importlib.import_module(module), func)
+
+
+def _prepare_target(out: Path, force: bool) -> None:
+    if out.exists():
+        if not out.is_dir():
+            raise ExportError(f"{out} exists and is not a folder")
+        if any(out.iterdir()):
+            if not (out / MANIFEST_NAME).is_file():
+                raise ExportError(f"{out} exists and is not a bundle; refusing to replace it")
+            if not force:
+                raise ExportError(f"{out} already holds a bundle; pass --force to replace it")
+
+
+def _install(tmp: Path, out: Path) -> None:
+    """Move the finished bundle into place; an old bundle is removed only after the new one is in."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{int(time.time() * 1000)}"
+        out.rename(old)
+    try:
+        tmp.rename(out)
+    except BaseException:
+        if old is not None:
+            old.rename(out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export_bundle(model: str, out: Path, *, talker: Sequence[str] = (), decoder: Sequence[str] = (),
+                  force: bool = False, progress: Progress = _stderr) -> Manifest:
+    """Export MODEL into the bundle folder ``out`` and return its manifest."""
+    out = Path(out)
+    requested = {"talker": tuple(talker), "decoder": tuple(decoder)}
+    exporters = {stage: _stage_exporter(stage, precs) for stage, precs in requested.items() if precs}
+    _prepare_target(out, force)
+
+    t0 = time.perf_counter()
+    progress(f"resolving {model} ...")
+    source: ModelSource = resolve_model(model)
+    folder = source.path
+    facts = checkpoint_facts(folder)
+    progress(f"checkpoint {folder} ({facts['model']['tts_model_type']}, {facts['model']['tts_model_size']}) "
+             f"in {time.perf_counter() - t0:.1f} s; hashing source files ...")
+    source_info = {"model": source.spec, "kind": source.kind, "path": str(folder), "variant": source.variant,
+                   "shape": source.shape, "seed": source.seed, "files": source_file_hashes(folder)}
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        components = _copy_tokenizer(folder, tmp)
+        for stage, fn in exporters.items():
+            ts = time.perf_counter()
+            progress(f"exporting {stage} ({', '.join(requested[stage])}) ...")
+            for entry in fn(folder, tmp, requested[stage], progress=progress):
+                components.append(Component.from_file(
+                    tmp, entry["file"], entry["role"], entry["format"], entry["precision"],
+                    meta={k: v for k, v in entry.items() if k not in ("file", "role", "format", "precision")},
+                ))
+            progress(f"{stage} done in {time.perf_counter() - ts:.1f} s")
+        validate_components(components)
+        manifest = Manifest(
+            format_version=FORMAT_VERSION, source=source_info, tools=_tool_versions(),
+            components=tuple(components), created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            **facts,
+        )
+        write_manifest(tmp, manifest)
+        _install(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    total = sum(c.size for c in manifest.components)
+    progress(f"bundle {out} written: {len(manifest.components)} files, {total / 1e6:.1f} MB, "
+             f"{time.perf_counter() - t0:.1f} s")
+    return manifest

@@ -1,0 +1,1 @@
+"""qwen3_tts_edge.quant."""

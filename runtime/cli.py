@@ -1,0 +1,171 @@
+"""``qwen3-tts-edge`` command line: export, speak, info, parity, bench.
+
+Subcommands that need the export extras import them lazily, so ``info`` and ``speak`` work in the lean
+runtime install. Errors print one line (``qwen3-tts-edge: error: ...``) and exit non-zero; subcommands
+that are not implemented yet say so and exit 2 instead of pretending.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .bundle import BundleError, Manifest, load_bundle
+
+PROG = "qwen3-tts-edge"
+EXIT_ERROR = 1
+EXIT_NOT_IMPLEMENTED = 2
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit status 1."""
+
+
+class NotImplementedYet(Exception):
+    """A subcommand or option that a later release fills in: exit status 2."""
+
+
+def _csv(value: str) -> list[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items and value.strip():
+        raise argparse.ArgumentTypeError(f"empty list {value!r}")
+    return items
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    try:
+        from ..export.build import ExportError, export_bundle
+        from ..export.sources import ModelSourceError
+    except ImportError as exc:
+        raise CliError(f"export needs the export extras ({exc}); see the README's setup section") from exc
+    try:
+        export_bundle(args.model, args.output, talker=args.talker, decoder=args.decoder, force=args.force)
+    except (ExportError, ModelSourceError, BundleError) as exc:
+        raise CliError(str(exc)) from exc
+    return 0
+
+
+def _format_size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+def format_manifest(m: Manifest) -> str:
+    """Human-readable summary of a manifest (the ``info`` output)."""
+    src, model, audio = m.source, m.model, m.audio
+    lines = [
+        f"format version  {m.format_version}   created {m.created}",
+        f"source          {src.get('model')} ({src.get('kind')})",
+        f"model           {model.get('tts_model_type')} {model.get('tts_model_size')}; talker "
+        f"{model['talker'].get('num_hidden_layers')} layers x {model['talker'].get('hidden_size')}, predictor "
+        f"{model['predictor'].get('num_hidden_layers')} layers x {model['predictor'].get('hidden_size')}",
+        f"audio           {audio.get('sample_rate')} Hz, {audio.get('samples_per_frame')} samples/frame "
+        f"({audio.get('frame_rate')} Hz), {audio.get('num_code_groups')} codebooks x {audio.get('codebook_size')}",
+        f"speakers        {', '.join(sorted(m.speakers)) or '(none: voice comes from instruct or a voice prompt)'}",
+        f"languages       auto, {', '.join(sorted(m.languages))}",
+        "sampling        " + ", ".join(f"{k}={v}" for k, v in sorted(m.sampling.items())),
+        "components",
+    ]
+    for c in m.components:
+        extra = ""
+        fid = c.meta.get("fidelity")
+        if isinstance(fid, dict) and fid:
+            extra = "  " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fid.items())
+        lines.append(f"  {c.role:<16} {c.precision:<7} {c.format:<5} {_format_size(c.size):>9}  {c.file}"
+                     f"  sha256:{c.sha256[:12]}{extra}")
+    lines.append("tools           " + ", ".join(f"{k} {v}" for k, v in m.tools.items()))
+    return "\n".join(lines)
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    try:
+        bundle = load_bundle(args.bundle, verify=not args.no_verify)
+    except BundleError as exc:
+        raise CliError(str(exc)) from exc
+    if args.json:
+        print(json.dumps(bundle.manifest.to_dict(), indent=2, ensure_ascii=False))
+    else:
+        print(format_manifest(bundle.manifest))
+    return 0
+
+
+def _not_yet(what: str) -> int:
+    raise NotImplementedYet(f"`{what}` is not implemented yet in this release (see README, 'Status')")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Qwen3-TTS 12 Hz on edge hardware: export, speak, "
+                                     "inspect and benchmark artifact bundles.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("export", help="export a checkpoint into an artifact bundle")
+    p.add_argument("model", metavar="MODEL", help="Hugging Face id, local checkpoint folder, or "
+                   "random:<tiny|0.6b|1.7b>-<base|custom_voice|voice_design>[@seed]")
+    p.add_argument("-o", "--output", required=True, type=Path, metavar="BUNDLE", help="bundle folder to write")
+    p.add_argument("--talker", type=_csv, default=[], metavar="PRECISIONS",
+                   help="talker GGUF precisions, comma-separated (f16,bf16,q8_0,q5_k_m,q4_k_m)")
+    p.add_argument("--decoder", type=_csv, default=[], metavar="PRECISIONS",
+                   help="codec decoder ONNX precisions, comma-separated (fp32,fp16,int8)")
+    p.add_argument("--force", action="store_true", help="replace an existing bundle at BUNDLE")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("speak", help="synthesize speech from text with a bundle")
+    p.add_argument("text", metavar="TEXT", help="text to speak, or - to read stdin")
+    p.add_argument("-b", "--bundle", required=True, type=Path)
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("-o", "--output", type=Path, metavar="FILE", help="write .wav/.flac")
+    out.add_argument("--play", action="store_true", help="play through the sound card")
+    out.add_argument("--raw", action="store_true", help="s16le PCM on stdout")
+    p.add_argument("--speaker")
+    p.add_argument("--instruct")
+    p.add_argument("--language", default="auto")
+    p.add_argument("--voice", type=Path)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--stats", action="store_true")
+    p.set_defaults(func=lambda a: _not_yet("speak"))
+
+    p = sub.add_parser("info", help="print a bundle's manifest readably")
+    p.add_argument("bundle", metavar="BUNDLE", type=Path)
+    p.add_argument("--json", action="store_true", help="print the raw manifest JSON")
+    p.add_argument("--no-verify", action="store_true", help="skip the sha256 pass (sizes are still checked)")
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("parity", help="compare a bundle's stages with the official PyTorch model")
+    p.add_argument("-b", "--bundle", required=True, type=Path)
+    p.add_argument("--model", required=True, metavar="MODEL")
+    p.add_argument("--json", type=Path, metavar="FILE")
+    p.set_defaults(func=lambda a: _not_yet("parity"))
+
+    p = sub.add_parser("bench", help="time to first audio, real-time factor, memory, fidelity per precision")
+    p.add_argument("-b", "--bundle", required=True, type=Path)
+    p.add_argument("--json", type=Path, metavar="FILE")
+    p.add_argument("--plot", type=Path, metavar="FILE")
+    p.set_defaults(func=lambda a: _not_yet("bench"))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except CliError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except NotImplementedYet as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return EXIT_NOT_IMPLEMENTED
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

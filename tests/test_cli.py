@@ -1,0 +1,72 @@
+"""The console script: help for every subcommand, one-line errors, honest 'not implemented yet'."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import needs_export
+from qwen3_tts_edge.runtime import cli
+
+SUBCOMMANDS = ("export", "speak", "info", "parity", "bench")
+
+
+def _run(*args: str, **kw) -> subprocess.CompletedProcess:
+    exe = shutil.which("qwen3-tts-edge") or shutil.which("qwen3-tts-edge", path=str(__import__("pathlib").Path(
+        sys.executable).parent))
+    assert exe, "the qwen3-tts-edge console script is not installed"
+    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=300, **kw)
+
+
+def test_console_script_help_lists_every_subcommand():
+    res = _run("--help")
+    assert res.returncode == 0
+    for name in SUBCOMMANDS:
+        assert name in res.stdout
+
+
+@pytest.mark.parametrize("name", SUBCOMMANDS)
+def test_subcommand_help(name, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([name, "--help"])
+    assert exit_.value.code == 0
+    assert "usage: qwen3-tts-edge " + name in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [["speak", "hi", "-b", "x"], ["parity", "-b", "x", "--model", "m"],
+                                  ["bench", "-b", "x"]])
+def test_unimplemented_subcommands_say_so_and_fail(argv, capsys):
+    assert cli.main(argv) == cli.EXIT_NOT_IMPLEMENTED
+    assert "not implemented yet" in capsys.readouterr().err
+
+
+def test_info_on_a_missing_bundle_is_one_line(tmp_path):
+    res = _run("info", str(tmp_path / "nope"))
+    assert res.returncode == 1
+    assert res.stderr.strip().count("\n") == 0 and res.stderr.startswith("qwen3-tts-edge: error:")
+    assert "Traceback" not in res.stderr
+
+
+def test_export_bad_model_is_one_line(tmp_path):
+    res = _run("export", "random:tiny-nonsense", "-o", str(tmp_path / "b"))
+    assert res.returncode == 1 and "random:<shape>-<variant>" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "b").exists()
+
+
+@needs_export
+def test_export_then_info_through_the_console_script(tmp_path):
+    out = tmp_path / "t"
+    res = _run("export", "random:tiny-custom_voice", "-o", str(out))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == ""  # progress goes to stderr only
+    assert "bundle" in res.stderr and "written" in res.stderr
+    info = _run("info", str(out))
+    assert info.returncode == 0, info.stderr
+    for text in ("format version  1", "random:tiny-custom_voice", "custom_voice", "24000 Hz", "vivian",
+                 "text_tokenizer", "tokenizer/vocab.json"):
+        assert text in info.stdout
+    raw = _run("info", str(out), "--json")
+    assert '"format_version": 1' in raw.stdout
