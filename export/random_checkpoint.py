@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from . import shapes
+from .cache import cache_root
 from .official import qwen_tts
 
 # Bump when the weight recipe or layout changes: cached checkpoints of another version are rebuilt.
@@ -168,12 +169,6 @@ def build_random_checkpoint(shape: str, variant: str, seed: int, out_dir: Path) 
          "note": "random weights: this checkpoint produces noise, not speech"},
     )
     return out_dir
-
-
-def cache_root() -> Path:
-    """Where derived artifacts (random checkpoints, converted tokenizers) are cached."""
-    root = os.environ.get("QWEN3_TTS_EDGE_CACHE")
-    return Path(root) if root else Path.home() / ".cache" / "qwen3-tts-edge"
 
 
 def cached_random_checkpoint(shape: str, variant: str, seed: int = 0) -> Path:

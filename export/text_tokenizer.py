@@ -33,6 +33,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .cache import cache_root
+
 #: Bump when the written files change for the same qwen.tiktoken, so stale caches are not reused.
 FORMAT_VERSION = 1
 #: Files written, in the official layout (no tokenizer.json: the official repos do not ship one).
@@ -205,11 +207,6 @@ def build_tokenizer_files(out_dir: Path, tiktoken_path: Path | None = None) -> l
     config = json.dumps(tokenizer_config(), indent=2, ensure_ascii=False)
     (out_dir / "tokenizer_config.json").write_text(config + "\n", encoding="utf-8")
     return list(TOKENIZER_FILES)
-
-
-def cache_root() -> Path:
-    """``$QWEN3_TTS_EDGE_CACHE`` or ``~/.cache/qwen3-tts-edge``."""
-    return Path(os.environ.get("QWEN3_TTS_EDGE_CACHE") or Path.home() / ".cache" / "qwen3-tts-edge")
 
 
 def cached_tokenizer_dir() -> Path:
