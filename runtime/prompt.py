@@ -1,0 +1,239 @@
+"""The talker's dual-track prompt, built exactly as the official ``generate`` builds ``inputs_embeds``.
+
+Every prompt position is the sum of a text-track vector (projected text embedding) and a codec-track
+vector (talker codec embedding), laid out per mode: CustomVoice (preset speaker row; dialect speakers
+switch the language tag; instruct on 1.7B), VoiceDesign (instruct), Base x-vector and Base ICL (reference
+codes + reference text), with language ``auto`` or explicit, in the streaming-text layout (one text token
+per generated frame, the rest fed as ``trailing``) or the non-streaming layout (whole text in the prompt).
+The text is templated and sliced by the official fixed offsets (architecture reference §5.1). Torch-free.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from .text import TextTokenizer
+
+MODES = ("custom_voice", "voice_design", "base")
+
+
+class PromptError(ValueError):
+    """The request does not fit the model (wrong mode option, unknown speaker/language, bad voice)."""
+
+
+class EmbeddingSource(Protocol):
+    """Host-side embedding lookups (from the bundle's talker and predictor tables)."""
+
+    hidden_size: int
+
+    def text_embeds(self, ids: np.ndarray) -> np.ndarray:
+        """Projected text-track vectors P(x), shape (n, H)."""
+
+    def codec_embeds(self, ids: np.ndarray) -> np.ndarray:
+        """Talker codec embedding rows E(c), shape (n, H)."""
+
+    def frame_embeds(self, codes: np.ndarray) -> np.ndarray:
+        """Per frame, E(c0) + sum of the 15 residual-codebook rows: (T, 16) codes -> (T, H)."""
+
+
+@dataclass(frozen=True)
+class ModelIds:
+    """The ids and options a prompt needs, read from the bundle manifest (never constants)."""
+
+    model_type: str
+    model_size: str | None
+    token_ids: Mapping[str, int]
+    codec_ids: Mapping[str, int]
+    languages: Mapping[str, int]
+    speakers: Mapping[str, int]
+    speaker_dialects: Mapping[str, str]
+
+    @classmethod
+    def from_manifest(cls, manifest) -> ModelIds:
+        return cls(model_type=manifest.model["tts_model_type"], model_size=manifest.model.get("tts_model_size"),
+                   token_ids=manifest.token_ids, codec_ids=manifest.codec_ids, languages=manifest.languages,
+                   speakers=manifest.speakers, speaker_dialects=manifest.speaker_dialects)
+
+    def public_languages(self) -> list[str]:
+        """Languages a caller may ask for: 'auto' plus the non-dialect ones (dialects come from speakers)."""
+        return ["auto"] + sorted(name for name in self.languages if "dialect" not in name)
+
+
+@dataclass(frozen=True)
+class VoicePrompt:
+    """A Base-model voice: the speaker x-vector, and for ICL cloning the reference codes and text."""
+
+    speaker_embedding: np.ndarray
+    ref_codes: np.ndarray | None = None
+    ref_text: str | None = None
+
+    @property
+    def icl(self) -> bool:
+        return self.ref_codes is not None
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """Prefill vectors and the text track still to be fed, one vector per generated frame."""
+
+    embeds: np.ndarray  # (n, H) float32
+    trailing: np.ndarray  # (m, H) float32: text-track vectors for decode steps 0..m-1
+    tts_pad: np.ndarray  # (H,) text-track vector once ``trailing`` is used up
+    n_text_tokens: int  # content tokens of the target text (for runaway guards)
+
+    def text_track(self, step: int) -> np.ndarray:
+        """Text-track vector added to the talker input of decode step ``step``."""
+        return self.trailing[step] if step < len(self.trailing) else self.tts_pad
+
+
+def assistant_text(text: str) -> str:
+    return f"<|im_start|>assistant\n{text}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def ref_text_template(text: str) -> str:
+    return f"<|im_start|>assistant\n{text}<|im_end|>\n"
+
+
+def instruct_text(instruct: str) -> str:
+    return f"<|im_start|>user\n{instruct}<|im_end|>\n"
+
+
+def _ids(values) -> np.ndarray:
+    return np.asarray(list(values), dtype=np.int64)
+
+
+def resolve_language(ids: ModelIds, language: str | None, speaker: str | None) -> int | None:
+    """Codec language id for ``language`` (None for auto), with the official dialect switch."""
+    lang = (language or "auto").strip().lower()
+    if lang != "auto" and (lang not in ids.languages or "dialect" in lang):
+        raise PromptError(f"unsupported language {language!r}; choose one of {', '.join(ids.public_languages())}")
+    lang_id = None if lang == "auto" else ids.languages[lang]
+    if speaker and lang in ("chinese", "auto"):
+        dialect = ids.speaker_dialects.get(speaker.lower())
+        if dialect:
+            lang_id = ids.languages[dialect]
+    return lang_id
+
+
+def check_request(ids: ModelIds, speaker: str | None, instruct: str | None, voice: VoicePrompt | None) -> None:
+    """Reject options the bundle's model type cannot honour, listing what it can."""
+    mode = ids.model_type
+    if mode not in MODES:
+        raise PromptError(f"unknown model type {mode!r} in the bundle; expected one of {', '.join(MODES)}")
+    if mode == "custom_voice":
+        if not speaker:
+            raise PromptError(f"this CustomVoice model needs a speaker; choose one of {', '.join(sorted(ids.speakers))}")
+        if speaker.lower() not in ids.speakers:
+            raise PromptError(f"unknown speaker {speaker!r}; choose one of {', '.join(sorted(ids.speakers))}")
+        if instruct and ids.model_size == "0b6":
+            raise PromptError("the 0.6B CustomVoice model does not support instruct (the 1.7B one does)")
+    elif speaker:
+        raise PromptError(f"speaker names exist only on CustomVoice models; this is a {mode} model"
+                          + (" (give a voice prompt instead)" if mode == "base" else " (describe the voice with instruct)"))
+    if mode == "base":
+        if voice is None:
+            raise PromptError("a Base model clones a voice: give a voice prompt (speaker embedding, optionally "
+                              "reference codes + reference text)")
+    elif voice is not None:
+        raise PromptError(f"voice prompts are for Base models; this is a {mode} model")
+    if mode == "base" and instruct:
+        raise PromptError("Base (voice clone) models take no instruct")
+
+
+def _check_voice(voice: VoicePrompt, hidden: int, groups: int) -> None:
+    emb = np.asarray(voice.speaker_embedding)
+    if emb.shape != (hidden,) or not np.issubdtype(emb.dtype, np.floating) or not np.all(np.isfinite(emb)):
+        raise PromptError(f"speaker embedding must be {hidden} finite floats, got shape {emb.shape} {emb.dtype}")
+    if voice.ref_codes is not None:
+        codes = np.asarray(voice.ref_codes)
+        if codes.ndim != 2 or codes.shape[1] != groups or codes.shape[0] < 1 or not np.issubdtype(codes.dtype, np.integer):
+            raise PromptError(f"reference codes must be integers of shape (frames, {groups}), got {codes.shape}")
+        if not voice.ref_text:
+            raise PromptError("ICL cloning needs the reference text (what is said in the reference audio)")
+
+
+def build_prompt(
+    ids: ModelIds,
+    tokenizer: TextTokenizer,
+    tables: EmbeddingSource,
+    text: str,
+    *,
+    language: str | None = "auto",
+    speaker: str | None = None,
+    instruct: str | None = None,
+    voice: VoicePrompt | None = None,
+    streaming_text: bool = True,
+    num_code_groups: int = 16,
+) -> Prompt:
+    """Prefill embeddings + trailing text track for one utterance, position by position like the official code."""
+    if not isinstance(text, str) or not text.strip():
+        raise PromptError("text to speak must be a non-empty string")
+    check_request(ids, speaker, instruct, voice)
+    if voice is not None:
+        _check_voice(voice, tables.hidden_size, num_code_groups)
+    tok, cod = ids.token_ids, ids.codec_ids
+    lang_id = resolve_language(ids, language, speaker)
+
+    text_ids = _ids(tokenizer.encode(assistant_text(text)))
+    content = text_ids[3:-5]
+    if len(content) == 0:
+        raise PromptError("text to speak tokenizes to nothing")
+    bos_vec, eos_vec, pad_vec = tables.text_embeds(_ids([tok["tts_bos_token_id"], tok["tts_eos_token_id"],
+                                                         tok["tts_pad_token_id"]]))
+    parts: list[np.ndarray] = []
+    if instruct:
+        parts.append(tables.text_embeds(_ids(tokenizer.encode(instruct_text(instruct)))))
+    parts.append(tables.text_embeds(text_ids[:3]))  # <|im_start|>assistant\n
+
+    # Codec tags (+ speaker), each summed with tts_pad except the last fed one (codec pad) with tts_bos.
+    if lang_id is None:
+        tags = [cod["codec_nothink_id"], cod["codec_think_bos_id"], cod["codec_think_eos_id"]]
+    else:
+        tags = [cod["codec_think_id"], cod["codec_think_bos_id"], lang_id, cod["codec_think_eos_id"]]
+    codec_rows = [tables.codec_embeds(_ids(tags))]
+    if ids.model_type == "custom_voice":
+        codec_rows.append(tables.codec_embeds(_ids([ids.speakers[speaker.lower()]])))
+    elif voice is not None:
+        codec_rows.append(np.asarray(voice.speaker_embedding, dtype=np.float32)[None, :])
+    codec_rows.append(tables.codec_embeds(_ids([cod["codec_pad_id"], cod["codec_bos_id"]])))
+    codec = np.concatenate(codec_rows)
+    text_track = np.concatenate([np.repeat(pad_vec[None], len(codec) - 2, axis=0), bos_vec[None]])
+    parts.append(text_track + codec[:-1])
+    codec_bos = codec[-1]
+
+    if voice is not None and voice.icl:
+        ref_ids = _ids(tokenizer.encode(ref_text_template(voice.ref_text)))[3:-2]
+        icl, trailing = _icl_block(ids, tables, ref_ids, content, np.asarray(voice.ref_codes, dtype=np.int64),
+                                   eos_vec, pad_vec, streaming_text)
+        parts.append(icl)
+    elif streaming_text:
+        parts.append(tables.text_embeds(content[:1]) + codec_bos)
+        trailing = np.concatenate([tables.text_embeds(content[1:]), eos_vec[None]])
+    else:
+        pad_rows = tables.codec_embeds(_ids([cod["codec_pad_id"]] * (len(content) + 1)))
+        parts.append(np.concatenate([tables.text_embeds(content), eos_vec[None]]) + pad_rows)
+        parts.append((pad_vec + codec_bos)[None])
+        trailing = pad_vec[None]
+    embeds = np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
+    return Prompt(embeds=embeds, trailing=np.ascontiguousarray(trailing, dtype=np.float32),
+                  tts_pad=pad_vec.astype(np.float32), n_text_tokens=int(len(content)))
+
+
+def _icl_block(ids: ModelIds, tables: EmbeddingSource, ref_ids: np.ndarray, content: np.ndarray,
+               ref_codes: np.ndarray, eos_vec: np.ndarray, pad_vec: np.ndarray,
+               streaming_text: bool) -> tuple[np.ndarray, np.ndarray]:
+    """ICL positions: reference + target text against [codec bos, reference frames] (official generate_icl_prompt)."""
+    cod = ids.codec_ids
+    text = np.concatenate([tables.text_embeds(np.concatenate([ref_ids, content])), eos_vec[None]])
+    codec = np.concatenate([tables.codec_embeds(_ids([cod["codec_bos_id"]])), tables.frame_embeds(ref_codes)])
+    if not streaming_text:
+        first = text + tables.codec_embeds(_ids([cod["codec_pad_id"]] * len(text)))
+        return np.concatenate([first, codec + pad_vec]), pad_vec[None]
+    if len(text) > len(codec):
+        return text[: len(codec)] + codec, text[len(codec):]
+    padded = np.concatenate([text, np.repeat(pad_vec[None], len(codec) - len(text), axis=0)])
+    return padded + codec, pad_vec[None]
