@@ -126,14 +126,15 @@ def check_request(ids: ModelIds, speaker: str | None, instruct: str | None, voic
         raise PromptError(f"unknown model type {mode!r} in the bundle; expected one of {', '.join(MODES)}")
     if mode == "custom_voice":
         if not speaker:
-            raise PromptError(f"this CustomVoice model needs a speaker; choose one of {', '.join(sorted(ids.speakers))}")
+            choices = ", ".join(sorted(ids.speakers))
+            raise PromptError(f"this CustomVoice model needs a speaker; choose one of {choices}")
         if speaker.lower() not in ids.speakers:
             raise PromptError(f"unknown speaker {speaker!r}; choose one of {', '.join(sorted(ids.speakers))}")
         if instruct and ids.model_size == "0b6":
             raise PromptError("the 0.6B CustomVoice model does not support instruct (the 1.7B one does)")
     elif speaker:
-        raise PromptError(f"speaker names exist only on CustomVoice models; this is a {mode} model"
-                          + (" (give a voice prompt instead)" if mode == "base" else " (describe the voice with instruct)"))
+        hint = "give a voice prompt instead" if mode == "base" else "describe the voice with instruct"
+        raise PromptError(f"speaker names exist only on CustomVoice models; this is a {mode} model ({hint})")
     if mode == "base":
         if voice is None:
             raise PromptError("a Base model clones a voice: give a voice prompt (speaker embedding, optionally "
@@ -150,7 +151,8 @@ def _check_voice(voice: VoicePrompt, hidden: int, groups: int) -> None:
         raise PromptError(f"speaker embedding must be {hidden} finite floats, got shape {emb.shape} {emb.dtype}")
     if voice.ref_codes is not None:
         codes = np.asarray(voice.ref_codes)
-        if codes.ndim != 2 or codes.shape[1] != groups or codes.shape[0] < 1 or not np.issubdtype(codes.dtype, np.integer):
+        shape_ok = codes.ndim == 2 and codes.shape[1] == groups and codes.shape[0] >= 1
+        if not shape_ok or not np.issubdtype(codes.dtype, np.integer):
             raise PromptError(f"reference codes must be integers of shape (frames, {groups}), got {codes.shape}")
         if not voice.ref_text:
             raise PromptError("ICL cloning needs the reference text (what is said in the reference audio)")

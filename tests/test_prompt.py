@@ -183,7 +183,8 @@ def test_mode_errors_list_valid_choices(setup):
         with pytest.raises(PromptError, match="speaker embedding must be 64 finite floats"):
             build_prompt(ids, tok, tables, "hi", voice=VoicePrompt(np.zeros(3, np.float32)))
         with pytest.raises(PromptError, match=r"reference codes must be integers of shape \(frames, 16\)"):
-            build_prompt(ids, tok, tables, "hi", voice=VoicePrompt(np.zeros(64, np.float32), np.zeros((4, 8), int), "x"))
+            bad_codes = VoicePrompt(np.zeros(64, np.float32), np.zeros((4, 8), int), "x")
+            build_prompt(ids, tok, tables, "hi", voice=bad_codes)
         with pytest.raises(PromptError, match="needs the reference text"):
             build_prompt(ids, tok, tables, "hi", voice=VoicePrompt(np.zeros(64, np.float32), np.zeros((4, 16), int)))
         with pytest.raises(PromptError, match="take no instruct"):
