@@ -1,0 +1,109 @@
+"""The frame loop: talker step -> code predictor (15 residual codes) -> next talker input, frame by frame.
+
+Backends (llama.cpp engines in the runtime, the official PyTorch modules as a reference) implement the two
+small protocols below; the loop owns sampling, stop rules and runaway guards and yields each frame's 16
+codes as soon as they exist, so the decoder can stream them. Torch-free.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from .prompt import EmbeddingSource, Prompt
+from .sampler import CodeSampler
+
+STOP_EOS = "eos"
+STOP_MAX_FRAMES = "max_frames"
+STOP_TEXT_CEILING = "frames_per_text_token"
+
+
+class StepResult(Protocol):
+    logits: np.ndarray  # codec-0 logits, (vocab,) float32
+    hidden: np.ndarray  # final-normed hidden state of the last position, (H,) float32
+
+
+class TalkerBackend(Protocol):
+    def reset(self) -> None: ...
+    def prefill(self, embeds: np.ndarray) -> StepResult: ...
+    def step(self, embed: np.ndarray) -> StepResult: ...
+
+
+class PredictorBackend(Protocol):
+    def predict(self, past_hidden: np.ndarray, c0: int, choose: Callable[[int, np.ndarray], int]) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One 80 ms frame: its 16 codes and what it cost."""
+
+    index: int
+    codes: np.ndarray  # (16,) int64: codebook 0, then the 15 residual codebooks
+    talker_ms: float
+    predictor_ms: float
+
+
+@dataclass(frozen=True)
+class Guards:
+    """Runaway protection: hard frame cap and a ceiling of frames per text token (plus a fixed allowance)."""
+
+    max_frames: int = 8192
+    frames_per_text_token: float | None = 8.0
+    text_ceiling_slack: int = 40
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_frames, bool) or not isinstance(self.max_frames, int) or self.max_frames < 1:
+            raise ValueError(f"max_frames must be a positive integer, got {self.max_frames!r}")
+        if self.frames_per_text_token is not None and not self.frames_per_text_token > 0:
+            raise ValueError(f"frames_per_text_token must be positive or None, got {self.frames_per_text_token!r}")
+
+    def limit(self, n_text_tokens: int) -> tuple[int, str]:
+        """Frames allowed for a text of ``n_text_tokens`` tokens and the guard that sets the limit."""
+        if self.frames_per_text_token is None:
+            return self.max_frames, STOP_MAX_FRAMES
+        ceiling = int(self.frames_per_text_token * max(1, n_text_tokens)) + self.text_ceiling_slack
+        return (ceiling, STOP_TEXT_CEILING) if ceiling < self.max_frames else (self.max_frames, STOP_MAX_FRAMES)
+
+
+@dataclass
+class FrameLoop:
+    """Iterate frames of one utterance; after iteration ``stop_reason`` says why it ended."""
+
+    talker: TalkerBackend
+    predictor: PredictorBackend
+    tables: EmbeddingSource
+    prompt: Prompt
+    sampler: CodeSampler
+    guards: Guards = field(default_factory=Guards)
+    stop_reason: str | None = None
+    prefill_ms: float = 0.0
+
+    def __iter__(self) -> Iterator[Frame]:
+        limit, limit_reason = self.guards.limit(self.prompt.n_text_tokens)
+        eos = self.sampler.eos_id
+        self.talker.reset()
+        t0 = time.perf_counter()
+        out = self.talker.prefill(self.prompt.embeds)
+        self.prefill_ms = (time.perf_counter() - t0) * 1e3
+        talker_ms = self.prefill_ms
+        for k in range(limit):
+            c0 = self.sampler.choose_c0(out.logits, k)
+            if c0 == eos:
+                self.stop_reason = STOP_EOS
+                return
+            t1 = time.perf_counter()
+            residual = self.predictor.predict(out.hidden, c0, self.sampler.choose_residual)
+            t2 = time.perf_counter()
+            codes = np.concatenate([[c0], np.asarray(residual, dtype=np.int64)])
+            yield Frame(index=k, codes=codes, talker_ms=talker_ms, predictor_ms=(t2 - t1) * 1e3)
+            if k + 1 == limit:
+                break
+            embed = self.tables.frame_embeds(codes[None])[0] + self.prompt.text_track(k)
+            t3 = time.perf_counter()
+            out = self.talker.step(embed.astype(np.float32))
+            talker_ms = (time.perf_counter() - t3) * 1e3
+        self.stop_reason = limit_reason
