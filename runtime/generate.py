@@ -83,27 +83,32 @@ class FrameLoop:
     prefill_ms: float = 0.0
 
     def __iter__(self) -> Iterator[Frame]:
-        limit, limit_reason = self.guards.limit(self.prompt.n_text_tokens)
         eos = self.sampler.eos_id
         self.talker.reset()
-        t0 = time.perf_counter()
-        out = self.talker.prefill(self.prompt.embeds)
-        self.prefill_ms = (time.perf_counter() - t0) * 1e3
-        talker_ms = self.prefill_ms
-        for k in range(limit):
-            c0 = self.sampler.choose_c0(out.logits, k)
-            if c0 == eos:
-                self.stop_reason = STOP_EOS
-                return
-            t1 = time.perf_counter()
-            residual = self.predictor.predict(out.hidden, c0, self.sampler.choose_residual)
-            t2 = time.perf_counter()
-            codes = np.concatenate([[c0], np.asarray(residual, dtype=np.int64)])
-            yield Frame(index=k, codes=codes, talker_ms=talker_ms, predictor_ms=(t2 - t1) * 1e3)
-            if k + 1 == limit:
-                break
-            embed = self.tables.frame_embeds(codes[None])[0] + self.prompt.text_track(k)
-            t3 = time.perf_counter()
-            out = self.talker.step(embed.astype(np.float32))
-            talker_ms = (time.perf_counter() - t3) * 1e3
-        self.stop_reason = limit_reason
+        try:
+            t0 = time.perf_counter()
+            out = self.talker.prefill(self.prompt.embeds)
+            self.prefill_ms = (time.perf_counter() - t0) * 1e3
+            talker_ms = self.prefill_ms
+            k = 0
+            while True:
+                c0 = self.sampler.choose_c0(out.logits, k, allow_eos=self.prompt.text_finished())
+                if c0 == eos:
+                    self.stop_reason = STOP_EOS
+                    return
+                t1 = time.perf_counter()
+                residual = self.predictor.predict(out.hidden, c0, self.sampler.choose_residual)
+                t2 = time.perf_counter()
+                codes = np.concatenate([[c0], np.asarray(residual, dtype=np.int64)])
+                yield Frame(index=k, codes=codes, talker_ms=talker_ms, predictor_ms=(t2 - t1) * 1e3)
+                limit, reason = self.guards.limit(self.prompt.text_tokens())
+                if k + 1 >= limit:
+                    self.stop_reason = reason
+                    return
+                embed = self.tables.frame_embeds(codes[None])[0] + self.prompt.text_track(k)
+                t3 = time.perf_counter()
+                out = self.talker.step(embed.astype(np.float32))
+                talker_ms = (time.perf_counter() - t3) * 1e3
+                k += 1
+        finally:
+            self.prompt.close()  # stops an incremental text feed when the consumer cancels

@@ -10,13 +10,14 @@ The text is templated and sliced by the official fixed offsets (architecture ref
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
 from .text import TextTokenizer
+from .text_feed import StreamingTextTrack, TextFeed
 
 MODES = ("custom_voice", "voice_design", "base")
 
@@ -84,10 +85,26 @@ class Prompt:
     trailing: np.ndarray  # (m, H) float32: text-track vectors for decode steps 0..m-1
     tts_pad: np.ndarray  # (H,) text-track vector once ``trailing`` is used up
     n_text_tokens: int  # content tokens of the target text (for runaway guards)
+    live: StreamingTextTrack | None = None  # incremental text: vectors come from a live feed instead
 
     def text_track(self, step: int) -> np.ndarray:
         """Text-track vector added to the talker input of decode step ``step``."""
+        if self.live is not None:
+            return self.live.vector(step)
         return self.trailing[step] if step < len(self.trailing) else self.tts_pad
+
+    def text_tokens(self) -> int:
+        """Content tokens known so far (all of them unless the text is still arriving)."""
+        return self.live.n_text_tokens if self.live is not None else self.n_text_tokens
+
+    def text_finished(self) -> bool:
+        """Whether all text has been fed; until then the end of speech (EOS) is held back."""
+        return self.live.finished if self.live is not None else True
+
+    def close(self) -> None:
+        """Stop an incremental text feed (cancellation)."""
+        if self.live is not None:
+            self.live.feed.close()
 
 
 def assistant_text(text: str) -> str:
@@ -162,7 +179,7 @@ def build_prompt(
     ids: ModelIds,
     tokenizer: TextTokenizer,
     tables: EmbeddingSource,
-    text: str,
+    text: str | Iterable[str],
     *,
     language: str | None = "auto",
     speaker: str | None = None,
@@ -171,8 +188,19 @@ def build_prompt(
     streaming_text: bool = True,
     num_code_groups: int = 16,
 ) -> Prompt:
-    """Prefill embeddings + trailing text track for one utterance, position by position like the official code."""
-    if not isinstance(text, str) or not text.strip():
+    """Prefill embeddings + trailing text track for one utterance, position by position like the official code.
+
+    ``text`` may be an iterable of pieces still arriving (incremental text, streaming-text layout only): the
+    prompt waits for the first token, and the rest is fed frame by frame as it becomes final.
+    """
+    incremental = not isinstance(text, str)
+    if incremental:
+        if not streaming_text:
+            raise PromptError("incremental text needs the streaming-text layout (streaming_text=True)")
+        if voice is not None and voice.icl:
+            raise PromptError("incremental text is not supported with ICL voice prompts (reference codes); "
+                              "use an x-vector voice or pass the whole text")
+    elif not text.strip():
         raise PromptError("text to speak must be a non-empty string")
     check_request(ids, speaker, instruct, voice)
     if voice is not None:
@@ -180,8 +208,16 @@ def build_prompt(
     tok, cod = ids.token_ids, ids.codec_ids
     lang_id = resolve_language(ids, language, speaker)
 
-    text_ids = _ids(tokenizer.encode(assistant_text(text)))
-    content = text_ids[3:-5]
+    feed = None
+    if incremental:
+        feed = TextFeed(text, tokenizer)
+        if not feed.wait_for(1):
+            raise PromptError("the text iterator ended without any text to speak")
+        text_ids = _ids(tokenizer.encode(assistant_text("")))  # role prefix only; content comes from the feed
+        content = _ids(feed.available()[0][:1])
+    else:
+        text_ids = _ids(tokenizer.encode(assistant_text(text)))
+        content = text_ids[3:-5]
     if len(content) == 0:
         raise PromptError("text to speak tokenizes to nothing")
     bos_vec, eos_vec, pad_vec = tables.text_embeds(_ids([tok["tts_bos_token_id"], tok["tts_eos_token_id"],
@@ -212,6 +248,12 @@ def build_prompt(
         icl, trailing = _icl_block(ids, tables, ref_ids, content, np.asarray(voice.ref_codes, dtype=np.int64),
                                    eos_vec, pad_vec, streaming_text)
         parts.append(icl)
+    elif feed is not None:
+        parts.append(tables.text_embeds(content[:1]) + codec_bos)
+        embeds = np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
+        live = StreamingTextTrack(feed, tables, consumed=1, eos_vec=eos_vec, pad_vec=pad_vec)
+        return Prompt(embeds=embeds, trailing=np.zeros((0, tables.hidden_size), np.float32),
+                      tts_pad=pad_vec.astype(np.float32), n_text_tokens=1, live=live)
     elif streaming_text:
         parts.append(tables.text_embeds(content[:1]) + codec_bos)
         trailing = np.concatenate([tables.text_embeds(content[1:]), eos_vec[None]])

@@ -108,15 +108,18 @@ class CodeSampler:
         self._rng_res = np.random.Generator(np.random.Philox(res_seed))
         self.generated: list[int] = []
 
-    def process_c0(self, logits: np.ndarray, frame: int) -> np.ndarray:
-        """The processed codebook-0 scores HF would sample from at ``frame`` (0-based)."""
+    def process_c0(self, logits: np.ndarray, frame: int, allow_eos: bool = True) -> np.ndarray:
+        """The processed codebook-0 scores HF would sample from at ``frame`` (0-based).
+
+        ``allow_eos=False`` additionally holds the end of speech back (incremental text still arriving).
+        """
         p = self.params
         scores = np.array(logits, dtype=np.float32, copy=True)
         if p.repetition_penalty != 1.0 and self.generated:
             seen = np.unique(np.asarray(self.generated, dtype=np.int64))
             s = scores[seen]
             scores[seen] = np.where(s < 0, s * p.repetition_penalty, s / p.repetition_penalty)
-        if frame < self.min_new_frames:
+        if frame < self.min_new_frames or not allow_eos:
             scores[self.eos_id] = -np.inf
         scores[self.suppress] = -np.inf
         if p.do_sample:
@@ -125,9 +128,9 @@ class CodeSampler:
             scores = _top_k_top_p(scores, p.top_k, p.top_p)
         return scores
 
-    def choose_c0(self, logits: np.ndarray, frame: int) -> int:
+    def choose_c0(self, logits: np.ndarray, frame: int, allow_eos: bool = True) -> int:
         """Pick codebook 0 of ``frame`` and remember it for the repetition penalty."""
-        scores = self.process_c0(logits, frame)
+        scores = self.process_c0(logits, frame, allow_eos)
         code = _draw(self._rng0, scores) if self.params.do_sample else int(np.argmax(scores))
         self.generated.append(code)
         return code

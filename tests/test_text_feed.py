@@ -1,0 +1,126 @@
+"""Incremental text: pieces in, exactly the whole-text token ids out; one running generation fed live."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import numpy as np
+import pytest
+
+from conftest import needs_export
+from qwen3_tts_edge.runtime.text import TextTokenizer
+from qwen3_tts_edge.runtime.text_feed import IncrementalText, TextFeed
+
+TEXTS = [
+    "Hello world, this is a test. It has several sentences!\n\nAnd a new paragraph with numbers 12345.",
+    "你好，世界！今天天气很好。我们去公园散步吧。",
+    "Mixed: English と日本語 and emoji 🎉🎉 plus   spaces\tand tabs... 'quotes' don't break.",
+    "CamelCaseWords and snake_case and URLs like https://example.com/a?b=c",
+]
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_checkpoint):
+    return TextTokenizer.from_folder(tiny_checkpoint)
+
+
+def _whole(tok, text):
+    return tok.encode(f"<|im_start|>assistant\n{text}<|im_end|>\n<|im_start|>assistant\n")[3:-5]
+
+
+def _random_pieces(text, rng):
+    cuts = sorted(rng.sample(range(1, len(text)), k=min(len(text) - 1, rng.randint(1, 25))))
+    return [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_any_split_gives_the_whole_text_ids(tok, text):
+    rng = random.Random(0)
+    want = _whole(tok, text)
+    for _ in range(40):
+        inc = IncrementalText(tok)
+        got = []
+        for piece in _random_pieces(text, rng):
+            got.extend(inc.push(piece))
+            assert got == want[: len(got)]  # never commits a token that later changes
+        got.extend(inc.finish())
+        assert got == want
+    # character by character, and word by word as a chat LLM would stream
+    for pieces in (list(text), [w + " " for w in text.split(" ")[:-1]] + [text.split(" ")[-1]]):
+        inc = IncrementalText(tok)
+        got = [i for p in pieces for i in inc.push(p)] + inc.finish()
+        assert got == want
+
+
+def test_commits_words_before_the_text_ends(tok):
+    inc = IncrementalText(tok)
+    assert inc.push("Hello") == []  # the last word may still grow
+    assert inc.push(" wor") == _whole(tok, "Hello")
+    assert inc.push("ld and more") != []
+    with pytest.raises(TypeError, match="text pieces must be str"):
+        inc.push(3)
+
+
+def test_feed_pulls_in_background_and_reports_errors(tok):
+    def slow():
+        for word in ["One ", "two ", "three"]:
+            time.sleep(0.05)
+            yield word
+
+    feed = TextFeed(slow(), tok)
+    assert feed.available() == ([], False)  # nothing yet: the consumer is not blocked
+    assert feed.wait_for(10**6, timeout=5) is False
+    ids, done = feed.available()
+    assert done and ids == _whole(tok, "One two three")
+
+    def broken():
+        yield "fine "
+        raise OSError("the LLM connection dropped")
+
+    feed = TextFeed(broken(), tok)
+    with pytest.raises(RuntimeError, match="the text iterator failed"):
+        feed.wait_for(10**6, timeout=5)
+
+
+@needs_export
+def test_live_text_equals_whole_text_when_it_arrives_in_time(tiny_checkpoint, tiny_bundle):
+    """Same greedy codes whether the text is given whole or as pieces that are all there in time."""
+    import torch
+
+    from qwen3_tts_edge.export.torch_reference import TorchPredictor, TorchTables, TorchTalker, load_official
+    from qwen3_tts_edge.runtime.bundle import load_bundle
+    from qwen3_tts_edge.runtime.generate import FrameLoop, Guards
+    from qwen3_tts_edge.runtime.prompt import ModelIds, build_prompt
+    from qwen3_tts_edge.runtime.sampler import CodeSampler, SamplingParams
+
+    torch.set_num_threads(1)
+    model = load_official(tiny_checkpoint)
+    manifest = load_bundle(tiny_bundle).manifest
+    ids, tok = ModelIds.from_manifest(manifest), TextTokenizer.from_folder(tiny_bundle / "tokenizer")
+    tables, talker, predictor = TorchTables(model), TorchTalker(model), TorchPredictor(model)
+    text = "Streaming text from a language model, word by word."
+
+    def run(prompt, frames=40):
+        sampler = CodeSampler(SamplingParams().greedy(), vocab_size=3072, eos_id=2150)
+        loop = FrameLoop(talker, predictor, tables, prompt, sampler, Guards(max_frames=frames))
+        return np.stack([f.codes for f in loop])
+
+    whole = run(build_prompt(ids, tok, tables, text, speaker="ryan"))
+    live_prompt = build_prompt(ids, tok, tables, iter(text.split(" ")[i] + (" " if i < 8 else "")
+                                                      for i in range(9)), speaker="ryan")
+    live_prompt.live.feed.wait_for(10**6, timeout=10)  # all pieces arrived before generation starts
+    assert np.array_equal(run(live_prompt), whole)
+    assert live_prompt.live.finished and live_prompt.live.pad_while_waiting == 0
+
+    def slow_words():
+        for word in text.split(" "):
+            time.sleep(0.15)  # slower than the frame loop: the track pads while it waits
+            yield word + " "
+
+    prompt = build_prompt(ids, tok, tables, slow_words(), speaker="ryan")
+    frames = run(prompt, frames=120)
+    assert len(frames) == 120
+    assert prompt.live.pad_while_waiting > 0
+    assert prompt.live.consumed == len(_whole(tok, text + " "))  # every token was fed, in order
+    assert prompt.live.finished
