@@ -205,10 +205,12 @@ def export_bundle(model: str, out: Path, *, talker: Sequence[str] = (), decoder:
             ts = time.perf_counter()
             progress(f"exporting {stage} ({', '.join(requested[stage])}) ...")
             for entry in fn(folder, tmp, requested[stage], progress=progress):
-                components.append(Component.from_file(
-                    tmp, entry["file"], entry["role"], entry["format"], entry["precision"],
-                    meta={k: v for k, v in entry.items() if k not in ("file", "role", "format", "precision")},
-                ))
+                # An exporter's "meta" dict and any other extra keys (e.g. "fidelity") become component meta.
+                meta = dict(entry.get("meta") or {})
+                skip = ("file", "role", "format", "precision", "meta")
+                meta.update({k: v for k, v in entry.items() if k not in skip})
+                components.append(Component.from_file(tmp, entry["file"], entry["role"], entry["format"],
+                                                      entry["precision"], meta=meta))
             progress(f"{stage} done in {time.perf_counter() - ts:.1f} s")
         validate_components(components)
         manifest = Manifest(

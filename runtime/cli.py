@@ -76,9 +76,12 @@ def format_manifest(m: Manifest) -> str:
         extra = ""
         fid = c.meta.get("fidelity")
         if isinstance(fid, dict) and fid:
-            extra = "  " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fid.items())
+            nums = {k: v for k, v in fid.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+            extra = "  " + ", ".join(f"{k}={v:.4g}" for k, v in nums.items())
         lines.append(f"  {c.role:<16} {c.precision:<7} {c.format:<5} {_format_size(c.size):>9}  {c.file}"
                      f"  sha256:{c.sha256[:12]}{extra}")
+        for precision, why in (c.meta.get("rejected") or {}).items():
+            lines.append(f"  {c.role:<16} {precision:<7} not shipped: {why}")
     lines.append("tools           " + ", ".join(f"{k} {v}" for k, v in m.tools.items()))
     return "\n".join(lines)
 
@@ -92,6 +95,74 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print(json.dumps(bundle.manifest.to_dict(), indent=2, ensure_ascii=False))
     else:
         print(format_manifest(bundle.manifest))
+    return 0
+
+
+def _texts(args: argparse.Namespace) -> list[str]:
+    if args.text != "-":
+        if args.lines:
+            raise CliError("--lines needs TEXT to be - (stdin)")
+        return [args.text]
+    data = sys.stdin.read()
+    texts = [line.strip() for line in data.splitlines() if line.strip()] if args.lines else [data.strip()]
+    if not texts or not texts[0]:
+        raise CliError("no text on stdin")
+    return texts
+
+
+def _format_stats(stats) -> str:
+    per = stats.per_frame_ms()
+    ttfa = f"{stats.ttfa_s * 1e3:.0f} ms" if stats.ttfa_s is not None else "n/a"
+    rtf = f"{stats.rtf:.3f}" if stats.rtf is not None else "n/a"
+    stages = ", ".join(f"{k} {v:.1f}" for k, v in per.items())
+    devices = ", ".join(f"{k}={v}" for k, v in stats.devices.items())
+    return (f"time to first audio {ttfa}; real-time factor {rtf}; {stats.frames} frames = {stats.audio_s:.2f} s "
+            f"of audio in {stats.total_s:.2f} s (stop: {stats.stop_reason}); prefill {stats.prefill_ms:.0f} ms; "
+            f"ms/frame: {stages}; devices: {devices}")
+
+
+def _cmd_speak(args: argparse.Namespace) -> int:
+    from .audio import AudioError, FileSink, PlaybackSink, RawSink
+    from .pipeline import TTS, PromptError, SpeakOptions
+
+    if not (args.output or args.play or args.raw):
+        raise CliError("choose where the audio goes: -o FILE, --play or --raw")
+    if args.voice is not None:
+        raise NotImplementedYet("--voice (voice files for Base models) is not implemented yet; it arrives with the "
+                               "speaker-encoder stage")
+    texts = _texts(args)
+    try:
+        schedule = tuple(int(v) for v in _csv(args.chunk_frames))
+        options = SpeakOptions(language=args.language, speaker=args.speaker, instruct=args.instruct,
+                               streaming_text=not args.full_text, seed=args.seed, greedy=args.greedy,
+                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                               repetition_penalty=args.repetition_penalty, chunk_frames=schedule,
+                               max_frames=args.max_frames)
+        tts = TTS(args.bundle, talker_precision=args.talker_precision, decoder_precision=args.decoder_precision,
+                  threads=args.threads, providers=args.provider, n_gpu_layers=args.n_gpu_layers)
+        streams = [tts.stream(text, options) for text in texts]  # validates every request before any audio
+        if args.output:
+            sink = FileSink(args.output, tts.sample_rate)
+        elif args.raw:
+            sink = RawSink()
+        else:
+            sink = PlaybackSink(tts.sample_rate)
+    except (BundleError, PromptError, AudioError, ValueError) as exc:
+        raise CliError(str(exc)) from exc
+    try:
+        for stream in streams:
+            for chunk in stream:
+                sink.write(chunk.pcm)
+            if args.stats:
+                print(f"{PROG}: {_format_stats(tts.last_stats)}", file=sys.stderr)
+        sink.close()
+    except BaseException as exc:
+        sink.abort()
+        if isinstance(exc, AudioError | ValueError):
+            raise CliError(str(exc)) from exc
+        raise
+    if args.output:
+        print(f"{PROG}: wrote {args.output}", file=sys.stderr)
     return 0
 
 
@@ -119,17 +190,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("text", metavar="TEXT", help="text to speak, or - to read stdin")
     p.add_argument("-b", "--bundle", required=True, type=Path)
     out = p.add_mutually_exclusive_group()
-    out.add_argument("-o", "--output", type=Path, metavar="FILE", help="write .wav/.flac")
+    out.add_argument("-o", "--output", type=Path, metavar="FILE", help="write .wav/.flac/.ogg")
     out.add_argument("--play", action="store_true", help="play through the sound card")
-    out.add_argument("--raw", action="store_true", help="s16le PCM on stdout")
-    p.add_argument("--speaker")
-    p.add_argument("--instruct")
+    out.add_argument("--raw", action="store_true", help="s16le mono PCM on stdout (sample rate: see info)")
+    p.add_argument("--lines", action="store_true", help="with -: one utterance per non-empty stdin line")
+    p.add_argument("--speaker", help="preset speaker (CustomVoice models)")
+    p.add_argument("--instruct", help="voice/style instruction (VoiceDesign; CustomVoice 1.7B)")
     p.add_argument("--language", default="auto")
-    p.add_argument("--voice", type=Path)
+    p.add_argument("--voice", type=Path, help="voice file for Base models")
+    p.add_argument("--full-text", action="store_true", help="put the whole text in the prompt (non-streaming layout)")
     p.add_argument("--seed", type=int)
+    p.add_argument("--greedy", action="store_true", help="argmax decoding (no sampling)")
     p.add_argument("--temperature", type=float)
-    p.add_argument("--stats", action="store_true")
-    p.set_defaults(func=lambda a: _not_yet("speak"))
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--repetition-penalty", type=float)
+    p.add_argument("--max-frames", type=int, help="hard cap on 80 ms frames")
+    p.add_argument("--chunk-frames", default="1,2,4,8", help="decode schedule: frames per chunk, last repeats")
+    p.add_argument("--talker-precision", help="talker/predictor GGUF precision in the bundle")
+    p.add_argument("--decoder-precision", help="decoder ONNX precision in the bundle")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--provider", action="append", help="onnxruntime execution provider (repeatable)")
+    p.add_argument("--n-gpu-layers", type=int, default=0, help="llama.cpp layers to offload (CUDA builds)")
+    p.add_argument("--stats", action="store_true", help="print time to first audio, RTF, per-stage ms to stderr")
+    p.set_defaults(func=_cmd_speak)
 
     p = sub.add_parser("info", help="print a bundle's manifest readably")
     p.add_argument("bundle", metavar="BUNDLE", type=Path)

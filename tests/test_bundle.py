@@ -67,6 +67,9 @@ def test_tiny_export_manifest_contents(tiny_bundle):
     assert {c.file for c in m.find("text_tokenizer")} >= {"tokenizer/vocab.json", "tokenizer/merges.txt",
                                                           "tokenizer/tokenizer_config.json"}
     assert m.tools["qwen3-tts-edge"] and m.tools["torch"].startswith("2.")
+    dec = m.component("decoder", "fp32")
+    assert dec.file == "decoder.fp32.onnx" and dec.meta["fidelity"]["stream_vs_offline_max_abs"] <= 1e-4
+    assert dec.meta["sample_rate"] == 24000 and m.find("decoder_state")
 
 
 @needs_export
