@@ -36,8 +36,8 @@ def test_subcommand_help(name, capsys):
     assert "usage: qwen3-tts-edge " + name in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv", [["speak", "hi", "-b", "x"], ["parity", "-b", "x", "--model", "m"],
-                                  ["bench", "-b", "x"]])
+@pytest.mark.parametrize("argv", [["parity", "-b", "x", "--model", "m"], ["bench", "-b", "x"],
+                                  ["speak", "hi", "-b", "x", "-o", "x.wav", "--voice", "v.npz"]])
 def test_unimplemented_subcommands_say_so_and_fail(argv, capsys):
     assert cli.main(argv) == cli.EXIT_NOT_IMPLEMENTED
     assert "not implemented yet" in capsys.readouterr().err
@@ -70,3 +70,16 @@ def test_export_then_info_through_the_console_script(tmp_path):
         assert text in info.stdout
     raw = _run("info", str(out), "--json")
     assert '"format_version": 1' in raw.stdout
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["speak", "hi", "-b", "nowhere"], "choose where the audio goes"),
+    (["speak", "hi", "-b", "nowhere", "-o", "out.wav"], "not a bundle folder"),
+    (["speak", "hi", "-b", "nowhere", "--raw", "--lines"], "--lines needs TEXT to be -"),
+])
+def test_speak_bad_input_is_one_line(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(argv) == cli.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not list(tmp_path.iterdir())  # nothing written

@@ -1,0 +1,243 @@
+"""Text in, audio out as it is made: the torch-free runtime's entry class.
+
+``TTS`` opens a bundle (talker + code predictor on llama.cpp, stateful ONNX decoder), and ``stream()``
+lazily yields PCM chunks while generation runs: frames go from the frame loop straight into the stateful
+decoder on a chunk schedule (1 frame first, then growing), so the first sound comes after the first frame
+and the concatenated stream equals the offline decode of the same codes — no re-decoding, no crossfades.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .bundle import Bundle, BundleError, load_bundle
+from .generate import FrameLoop, Guards
+from .prompt import ModelIds, PromptError, VoicePrompt, build_prompt
+from .sampler import CodeSampler, SamplingParams
+from .text import TextTokenizer
+
+# Preference order when the caller does not choose a precision.
+TALKER_PREFERENCE = ("q8_0", "f16", "bf16", "q5_k_m", "q4_k_m", "f32")
+DECODER_PREFERENCE = ("fp32", "int8", "fp16")
+
+
+@dataclass(frozen=True)
+class SpeakOptions:
+    """Per-request options; ``None`` sampling values take the bundle's generation_config defaults."""
+
+    language: str = "auto"
+    speaker: str | None = None
+    instruct: str | None = None
+    voice: VoicePrompt | None = None
+    streaming_text: bool = True
+    seed: int | None = None
+    greedy: bool = False
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float | None = None
+    chunk_frames: tuple[int, ...] = (1, 2, 4, 8)
+    max_frames: int | None = None
+    frames_per_text_token: float | None = 8.0
+
+    def __post_init__(self) -> None:
+        sched = self.chunk_frames
+        if not sched or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in sched):
+            raise ValueError(f"chunk_frames must be positive integers (a schedule such as (1, 2, 4, 8)), got {sched!r}")
+
+
+@dataclass(frozen=True)
+class AudioChunk:
+    """A piece of the utterance: PCM plus when and from what it was made."""
+
+    pcm: np.ndarray  # float32 mono in [-1, 1]
+    sample_rate: int
+    first_frame: int
+    n_frames: int
+    elapsed_s: float  # seconds from the request to this chunk being ready
+    final: bool = False
+    stop_reason: str | None = None
+
+
+@dataclass
+class StreamStats:
+    """What one request cost; filled in as the stream runs."""
+
+    ttfa_s: float | None = None
+    total_s: float = 0.0
+    audio_s: float = 0.0
+    frames: int = 0
+    prefill_ms: float = 0.0
+    talker_ms: float = 0.0
+    predictor_ms: float = 0.0
+    decoder_ms: float = 0.0
+    stop_reason: str | None = None
+    devices: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def rtf(self) -> float | None:
+        return self.total_s / self.audio_s if self.audio_s else None
+
+    def per_frame_ms(self) -> dict[str, float]:
+        n = max(self.frames, 1)
+        stages = {"talker": self.talker_ms / n, "predictor": self.predictor_ms / n, "decoder": self.decoder_ms / n}
+        stages["overhead"] = max(0.0, self.total_s * 1e3 / n - sum(stages.values()))
+        return stages
+
+
+class BundleTables:
+    """EmbeddingSource over the engines' own tables (talker token_embd, predictor residual tables)."""
+
+    def __init__(self, talker, predictor):
+        self.talker, self.predictor = talker, predictor
+        self.hidden_size = talker.hidden_size
+
+    def text_embeds(self, ids) -> np.ndarray:
+        return self.talker.text_embeds(ids)
+
+    def codec_embeds(self, ids) -> np.ndarray:
+        return self.talker.codec_embeds(ids)
+
+    def frame_embeds(self, codes) -> np.ndarray:
+        codes = np.asarray(codes, dtype=np.int64)
+        out = self.talker.codec_embeds(codes[:, 0])
+        for i, row in enumerate(codes):
+            out[i] += self.predictor.residual_embeds(row[1:])
+        return out
+
+
+def _pick(bundle: Bundle, role: str, wanted: str | None, preference: Sequence[str]) -> str:
+    have = [c.precision for c in bundle.manifest.find(role)]
+    if not have:
+        raise BundleError(f"bundle {bundle.root} has no {role}; export it with `qwen3-tts-edge export MODEL -o "
+                          f"{bundle.root} --force --talker q8_0 --decoder fp32`")
+    if wanted is not None:
+        if wanted not in have:
+            raise BundleError(f"bundle has no {role} in precision {wanted!r}; available: {sorted(have)}")
+        return wanted
+    return next((p for p in preference if p in have), have[0])
+
+
+class TTS:
+    """A loaded bundle ready to speak. Not thread-safe: one request at a time per instance."""
+
+    def __init__(self, bundle: str | Path, *, talker_precision: str | None = None,
+                 decoder_precision: str | None = None, threads: int | None = None,
+                 providers: Sequence[str] | None = None, n_gpu_layers: int = 0, verify: bool = True):
+        self.bundle = load_bundle(Path(bundle), verify=verify)
+        m = self.bundle.manifest
+        self.talker_precision = _pick(self.bundle, "talker", talker_precision, TALKER_PREFERENCE)
+        self.decoder_precision = _pick(self.bundle, "decoder", decoder_precision, DECODER_PREFERENCE)
+
+        from .decoder import StreamingDecoder
+        from .predictor import CodePredictor
+        from .talker import Talker
+
+        path = self.bundle.path
+        self.talker = Talker(path(m.component("talker", self.talker_precision)), n_threads=threads,
+                             n_gpu_layers=n_gpu_layers)
+        self.predictor = CodePredictor(path(m.component("predictor", self.talker_precision)),
+                                       path(m.component("predictor_tables", self.talker_precision)),
+                                       n_threads=threads, n_gpu_layers=n_gpu_layers)
+        self.decoder = StreamingDecoder(path(m.component("decoder", self.decoder_precision)), providers=providers,
+                                        threads=threads)
+        self.tokenizer = TextTokenizer.from_folder(self.bundle.root / "tokenizer")
+        self.ids = ModelIds.from_manifest(m)
+        self.tables = BundleTables(self.talker, self.predictor)
+        self.sample_rate = int(m.audio["sample_rate"])
+        self.last_stats: StreamStats | None = None
+
+    @property
+    def speakers(self) -> list[str]:
+        return sorted(self.ids.speakers)
+
+    @property
+    def languages(self) -> list[str]:
+        return self.ids.public_languages()
+
+    def devices(self) -> dict[str, str]:
+        """Where each stage actually runs (fallbacks included)."""
+        return {"talker": str(self.talker.placement), "predictor": str(self.predictor.placement),
+                "decoder": ",".join(self.decoder.providers)}
+
+    def _sampler(self, o: SpeakOptions) -> CodeSampler:
+        params = SamplingParams.from_generation_config(
+            self.bundle.manifest.sampling, seed=o.seed, temperature=o.temperature, top_k=o.top_k, top_p=o.top_p,
+            repetition_penalty=o.repetition_penalty, subtalker_temperature=o.temperature,
+        )
+        if o.greedy:
+            params = params.greedy()
+        return CodeSampler(params, vocab_size=int(self.bundle.manifest.model["talker"]["vocab_size"]),
+                           eos_id=int(self.bundle.manifest.codec_ids["codec_eos_token_id"]))
+
+    def stream(self, text: str, options: SpeakOptions | None = None, **overrides) -> Iterator[AudioChunk]:
+        """Yield audio chunks of ``text`` as they are generated (lazy: nothing runs until iterated)."""
+        o = options or SpeakOptions()
+        if overrides:
+            o = SpeakOptions(**{**o.__dict__, **overrides})
+        t0 = time.perf_counter()
+        prompt = build_prompt(self.ids, self.tokenizer, self.tables, text, language=o.language, speaker=o.speaker,
+                              instruct=o.instruct, voice=o.voice, streaming_text=o.streaming_text)
+        max_frames = o.max_frames or int(self.bundle.manifest.sampling.get("max_new_tokens", 8192))
+        loop = FrameLoop(self.talker, self.predictor, self.tables, prompt, self._sampler(o),
+                         Guards(max_frames=max_frames, frames_per_text_token=o.frames_per_text_token))
+        ref_codes = None if o.voice is None or o.voice.ref_codes is None else np.asarray(o.voice.ref_codes)
+        return self._run(loop, o.chunk_frames, ref_codes, time.perf_counter() - t0)
+
+    def _run(self, loop: FrameLoop, schedule: Sequence[int], ref_codes: np.ndarray | None,
+             prompt_s: float) -> Iterator[AudioChunk]:
+        # Runs lazily: the decoder state belongs to this stream from its first chunk on. Timings count from
+        # the start of iteration plus the (eager) prompt building, so queued requests don't inflate them.
+        t0 = time.perf_counter() - prompt_s
+        stats = StreamStats(devices=self.devices())
+        self.last_stats = stats
+        if ref_codes is not None:
+            self.decoder.prime(ref_codes)  # clone: continue seamlessly after the reference audio
+        else:
+            self.decoder.reset()
+        pending: list[np.ndarray] = []
+        first = 0
+        chunk_index = 0
+
+        def flush(final: bool) -> AudioChunk:
+            nonlocal first, chunk_index
+            t = time.perf_counter()
+            codes = np.stack(pending) if pending else np.zeros((0, 16), np.int64)
+            pcm = self.decoder.decode(codes) if len(codes) else np.zeros(0, np.float32)
+            stats.decoder_ms += (time.perf_counter() - t) * 1e3
+            elapsed = time.perf_counter() - t0
+            if stats.ttfa_s is None and len(pcm):
+                stats.ttfa_s = elapsed
+            chunk = AudioChunk(pcm=pcm, sample_rate=self.sample_rate, first_frame=first, n_frames=len(codes),
+                               elapsed_s=elapsed, final=final, stop_reason=loop.stop_reason if final else None)
+            first += len(codes)
+            chunk_index += 1
+            pending.clear()
+            stats.audio_s += len(pcm) / self.sample_rate
+            stats.total_s = elapsed
+            return chunk
+
+        for frame in loop:
+            stats.frames += 1
+            stats.talker_ms += frame.talker_ms
+            stats.predictor_ms += frame.predictor_ms
+            pending.append(frame.codes)
+            if len(pending) >= schedule[min(chunk_index, len(schedule) - 1)]:
+                yield flush(final=False)
+        stats.prefill_ms = loop.prefill_ms
+        stats.talker_ms -= loop.prefill_ms  # frame 0's talker time is the prefill; keep per-frame cost clean
+        stats.stop_reason = loop.stop_reason
+        yield flush(final=True)
+
+    def synthesize(self, text: str, options: SpeakOptions | None = None, **overrides) -> tuple[np.ndarray, int]:
+        """The whole utterance at once: (float32 PCM, sample rate)."""
+        chunks = [c.pcm for c in self.stream(text, options, **overrides)]
+        return np.concatenate(chunks) if chunks else np.zeros(0, np.float32), self.sample_rate
+
+
+__all__ = ["TTS", "SpeakOptions", "AudioChunk", "StreamStats", "PromptError", "VoicePrompt"]
