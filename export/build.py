@@ -30,10 +30,10 @@ OPTIONAL_TOKENIZER_FILES = ("tokenizer.json",)
 TOOL_PACKAGES = ("qwen3-tts-edge", "qwen-tts", "torch", "transformers", "onnx", "onnxruntime",
                  "llama-cpp-python", "gguf")
 
-# Stage exporters: stage -> (module, function, precisions it can produce). A stage whose module is None
-# is not implemented yet; asking for it is an error, never a silent no-op.
-STAGES: dict[str, tuple[str | None, str | None, tuple[str, ...]]] = {
-    "talker": (None, None, ("f16", "bf16", "q8_0", "q5_k_m", "q4_k_m")),
+# Stage exporters: stage -> (module, function, precisions it can produce), imported only when asked for.
+STAGES: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    # One stage writes talker, predictor and predictor_tables GGUFs for each precision.
+    "talker": ("qwen3_tts_edge.export.llama_gguf", "export_llama", ("f32", "f16", "bf16", "q8_0", "q5_k_m", "q4_k_m")),
     "decoder": ("qwen3_tts_edge.export.decoder_onnx", "export_decoder", ("fp32", "fp16", "int8")),
 }
 
@@ -147,8 +147,6 @@ def _stage_exporter(stage: str, precisions: Sequence[str]) -> Callable[..., list
     bad = [p for p in precisions if p not in allowed]
     if bad:
         raise ExportError(f"unknown {stage} precision(s) {bad}; choose from {', '.join(allowed)}")
-    if module is None:
-        raise ExportError(f"{stage} export is not implemented yet; export without --{stage} for now")
     return getattr(importlib.import_module(module), func)
 
 

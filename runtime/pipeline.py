@@ -8,6 +8,8 @@ and the concatenated stream equals the offline decode of the same codes — no r
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +22,9 @@ from .generate import FrameLoop, Guards
 from .prompt import ModelIds, PromptError, VoicePrompt, build_prompt
 from .sampler import CodeSampler, SamplingParams
 from .text import TextTokenizer
+
+STOP_CANCELLED = "cancelled"
+_END = object()
 
 # Preference order when the caller does not choose a precision.
 TALKER_PREFERENCE = ("q8_0", "f16", "bf16", "q5_k_m", "q4_k_m", "f32")
@@ -62,6 +67,7 @@ class AudioChunk:
     elapsed_s: float  # seconds from the request to this chunk being ready
     final: bool = False
     stop_reason: str | None = None
+    codes: np.ndarray | None = None  # (n_frames, 16) codes behind this audio (cacheable, re-decodable)
 
 
 @dataclass
@@ -111,6 +117,16 @@ class BundleTables:
         return out
 
 
+@dataclass(frozen=True)
+class Backends:
+    """Talker + code predictor + their embedding tables: the llama.cpp engines, or e.g. the PyTorch reference."""
+
+    talker: object
+    predictor: object
+    tables: object
+    name: str = "custom"
+
+
 def _pick(bundle: Bundle, role: str, wanted: str | None, preference: Sequence[str]) -> str:
     have = [c.precision for c in bundle.manifest.find(role)]
     if not have:
@@ -123,32 +139,66 @@ def _pick(bundle: Bundle, role: str, wanted: str | None, preference: Sequence[st
     return next((p for p in preference if p in have), have[0])
 
 
+def _produce(loop: FrameLoop, frames: queue.Queue, stop: threading.Event) -> None:
+    """Worker: run the frame loop into ``frames`` until it ends, fails or ``stop`` is set."""
+    gen = iter(loop)
+    try:
+        for frame in gen:
+            while not stop.is_set():
+                try:
+                    frames.put(frame, timeout=0.05)
+                    break
+                except queue.Full:
+                    continue
+            if stop.is_set():
+                return
+        item: object = _END
+    except BaseException as exc:  # handed to the consumer, who re-raises it
+        item = exc
+    finally:
+        gen.close()  # stops an incremental text feed as well
+    while not stop.is_set():
+        try:
+            frames.put(item, timeout=0.05)
+            return
+        except queue.Full:
+            continue
+
+
 class TTS:
     """A loaded bundle ready to speak. Not thread-safe: one request at a time per instance."""
 
     def __init__(self, bundle: str | Path, *, talker_precision: str | None = None,
                  decoder_precision: str | None = None, threads: int | None = None,
-                 providers: Sequence[str] | None = None, n_gpu_layers: int = 0, verify: bool = True):
+                 providers: Sequence[str] | None = None, n_gpu_layers: int = 0, verify: bool = True,
+                 max_queued_frames: int = 64, backends: Backends | None = None):
         self.bundle = load_bundle(Path(bundle), verify=verify)
         m = self.bundle.manifest
-        self.talker_precision = _pick(self.bundle, "talker", talker_precision, TALKER_PREFERENCE)
-        self.decoder_precision = _pick(self.bundle, "decoder", decoder_precision, DECODER_PREFERENCE)
-
-        from .decoder import StreamingDecoder
-        from .predictor import CodePredictor
-        from .talker import Talker
-
         path = self.bundle.path
-        self.talker = Talker(path(m.component("talker", self.talker_precision)), n_threads=threads,
-                             n_gpu_layers=n_gpu_layers)
-        self.predictor = CodePredictor(path(m.component("predictor", self.talker_precision)),
-                                       path(m.component("predictor_tables", self.talker_precision)),
-                                       n_threads=threads, n_gpu_layers=n_gpu_layers)
+        if isinstance(max_queued_frames, bool) or not isinstance(max_queued_frames, int) or max_queued_frames < 1:
+            raise ValueError(f"max_queued_frames must be a positive integer, got {max_queued_frames!r}")
+        self.max_queued_frames = max_queued_frames
+        self.decoder_precision = _pick(self.bundle, "decoder", decoder_precision, DECODER_PREFERENCE)
+        if backends is None:
+            self.talker_precision = _pick(self.bundle, "talker", talker_precision, TALKER_PREFERENCE)
+            from .predictor import CodePredictor
+            from .talker import Talker
+
+            talker = Talker(path(m.component("talker", self.talker_precision)), n_threads=threads,
+                            n_gpu_layers=n_gpu_layers)
+            predictor = CodePredictor(path(m.component("predictor", self.talker_precision)),
+                                      path(m.component("predictor_tables", self.talker_precision)),
+                                      n_threads=threads, n_gpu_layers=n_gpu_layers)
+            backends = Backends(talker, predictor, BundleTables(talker, predictor))
+        else:
+            self.talker_precision = backends.name
+        from .decoder import StreamingDecoder
+
+        self.talker, self.predictor, self.tables = backends.talker, backends.predictor, backends.tables
         self.decoder = StreamingDecoder(path(m.component("decoder", self.decoder_precision)), providers=providers,
                                         threads=threads)
         self.tokenizer = TextTokenizer.from_folder(self.bundle.root / "tokenizer")
         self.ids = ModelIds.from_manifest(m)
-        self.tables = BundleTables(self.talker, self.predictor)
         self.sample_rate = int(m.audio["sample_rate"])
         self.last_stats: StreamStats | None = None
 
@@ -162,7 +212,8 @@ class TTS:
 
     def devices(self) -> dict[str, str]:
         """Where each stage actually runs (fallbacks included)."""
-        return {"talker": str(self.talker.placement), "predictor": str(self.predictor.placement),
+        return {"talker": str(getattr(self.talker, "placement", type(self.talker).__name__)),
+                "predictor": str(getattr(self.predictor, "placement", type(self.predictor).__name__)),
                 "decoder": ",".join(self.decoder.providers)}
 
     def _sampler(self, o: SpeakOptions) -> CodeSampler:
@@ -191,8 +242,12 @@ class TTS:
 
     def _run(self, loop: FrameLoop, schedule: Sequence[int], ref_codes: np.ndarray | None,
              prompt_s: float) -> Iterator[AudioChunk]:
-        # Runs lazily: the decoder state belongs to this stream from its first chunk on. Timings count from
-        # the start of iteration plus the (eager) prompt building, so queued requests don't inflate them.
+        """Generation on a worker thread, decoding on the consumer's thread, a bounded queue between them.
+
+        Runs lazily: the decoder state belongs to this stream from its first chunk on. Timings count from the
+        start of iteration plus the (eager) prompt building, so requests created early don't inflate them. A
+        slow consumer blocks the generator once ``max_queued_frames`` wait; closing the iterator stops it.
+        """
         t0 = time.perf_counter() - prompt_s
         stats = StreamStats(devices=self.devices())
         self.last_stats = stats
@@ -200,9 +255,13 @@ class TTS:
             self.decoder.prime(ref_codes)  # clone: continue seamlessly after the reference audio
         else:
             self.decoder.reset()
+        frames: queue.Queue = queue.Queue(maxsize=self.max_queued_frames)
+        stop = threading.Event()
+        worker = threading.Thread(target=_produce, args=(loop, frames, stop), name="qwen3-tts-edge-frames",
+                                  daemon=True)
+        worker.start()
         pending: list[np.ndarray] = []
-        first = 0
-        chunk_index = 0
+        first = chunk_index = 0
 
         def flush(final: bool) -> AudioChunk:
             nonlocal first, chunk_index
@@ -214,7 +273,8 @@ class TTS:
             if stats.ttfa_s is None and len(pcm):
                 stats.ttfa_s = elapsed
             chunk = AudioChunk(pcm=pcm, sample_rate=self.sample_rate, first_frame=first, n_frames=len(codes),
-                               elapsed_s=elapsed, final=final, stop_reason=loop.stop_reason if final else None)
+                               elapsed_s=elapsed, final=final, stop_reason=loop.stop_reason if final else None,
+                               codes=codes)
             first += len(codes)
             chunk_index += 1
             pending.clear()
@@ -222,17 +282,29 @@ class TTS:
             stats.total_s = elapsed
             return chunk
 
-        for frame in loop:
-            stats.frames += 1
-            stats.talker_ms += frame.talker_ms
-            stats.predictor_ms += frame.predictor_ms
-            pending.append(frame.codes)
-            if len(pending) >= schedule[min(chunk_index, len(schedule) - 1)]:
-                yield flush(final=False)
-        stats.prefill_ms = loop.prefill_ms
-        stats.talker_ms -= loop.prefill_ms  # frame 0's talker time is the prefill; keep per-frame cost clean
-        stats.stop_reason = loop.stop_reason
-        yield flush(final=True)
+        try:
+            while (item := frames.get()) is not _END:
+                if isinstance(item, BaseException):
+                    raise item
+                stats.frames += 1
+                stats.talker_ms += item.talker_ms
+                stats.predictor_ms += item.predictor_ms
+                pending.append(item.codes)
+                if len(pending) >= schedule[min(chunk_index, len(schedule) - 1)]:
+                    yield flush(final=False)
+            stats.prefill_ms = loop.prefill_ms
+            stats.talker_ms -= loop.prefill_ms  # frame 0's talker time is the prefill; keep per-frame cost clean
+            stats.stop_reason = loop.stop_reason
+            yield flush(final=True)
+        finally:
+            stop.set()
+            while worker.is_alive():  # unblock a producer waiting on a full queue, then wait for it
+                try:
+                    frames.get_nowait()
+                except queue.Empty:
+                    worker.join(timeout=0.05)
+            if stats.stop_reason is None:
+                stats.stop_reason = loop.stop_reason or STOP_CANCELLED
 
     def synthesize(self, text: str, options: SpeakOptions | None = None, **overrides) -> tuple[np.ndarray, int]:
         """The whole utterance at once: (float32 PCM, sample rate)."""

@@ -39,5 +39,5 @@ def tiny_bundle(tmp_path_factory) -> Path:
     from qwen3_tts_edge.export.build import export_bundle
 
     out = tmp_path_factory.mktemp("bundles") / "tiny"
-    export_bundle("random:tiny-custom_voice", out, decoder=["fp32"], progress=lambda msg: None)
+    export_bundle("random:tiny-custom_voice", out, talker=["f32", "q8_0"], decoder=["fp32"], progress=lambda msg: None)
     return out

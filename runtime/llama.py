@@ -1,0 +1,628 @@
+"""A small wrapper over llama.cpp's C API (llama-cpp-python's low-level bindings) for embedding-input models.
+
+Both llama.cpp engines (the ``qwen3tts`` talker and the ``qwen3`` code predictor) are driven the same way:
+every input position is a float vector computed on the host, fed through ``llama_batch.embd``, and each call
+reads back logits and the final-normed hidden state (``embeddings=true``, pooling NONE) of the last position.
+
+Memory ownership: the ``llama_batch`` handed to ``llama_decode`` is built here from numpy arrays owned by
+:class:`LlamaContext` (embeddings, positions, sequence ids, output flags). ``llama_batch_init``/``free`` are never
+used, so positions can be 4 per token (M-RoPE/IMROPE models read ``n_tokens × 4`` section-major positions
+while ``llama_batch_init`` allocates only ``n_tokens``) without swapping pointers inside a C-allocated batch.
+
+Also here: :class:`GGUFTables` (memory-mapped host-side tensors of a GGUF, own header parser) and
+:func:`quantize` (``llama_model_quantize`` with per-tensor overrides, used by the exporter).
+
+Torch-free: numpy and llama_cpp; gguf (PyPI) for quantized-row dequantization and type names; threadpoolctl
+optional, for pinning BLAS threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import threading
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# ggml tensor types by name (values from ggml.h) and llama ftypes by precision name (llama.h).
+GGML_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "q2_k": 10,
+              "q3_k": 11, "q4_k": 12, "q5_k": 13, "q6_k": 14, "bf16": 30}
+FTYPES = {"f32": 0, "f16": 1, "q8_0": 7, "q4_k_m": 15, "q5_k_m": 17, "bf16": 32}
+# llama_rope_type values whose models read several positions per embedding token (M-RoPE family).
+_MULTI_POS_ROPE = {8: 4, 24: 4, 40: 4}  # MROPE, VISION, IMROPE -> 4 sections
+_LOG_LEVELS = {0: "none", 1: "debug", 2: "info", 3: "warn", 4: "error"}
+
+
+class LlamaError(RuntimeError):
+    """llama.cpp refused a model, a context or a batch; the message carries its last log lines."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# library setup and logging
+
+
+_lock = threading.Lock()
+_state: dict[str, Any] = {}
+_recent_log: deque[str] = deque(maxlen=40)
+
+
+def _log_callback_impl(level: int, text: bytes | None, _user: Any) -> None:
+    if not text:
+        return
+    line = text.decode("utf-8", "replace")
+    if level >= 3:  # warnings and errors are kept for error messages
+        _recent_log.append(line.rstrip("\n"))
+    if os.environ.get("QWEN3_TTS_EDGE_LLAMA_LOG"):
+        print(line, end="", flush=True, file=__import__("sys").stderr)
+
+
+def api() -> Any:
+    """The imported ``llama_cpp.llama_cpp`` bindings, with the backend initialised once and logging quiet.
+
+    llama.cpp logs every load step on stderr; its warnings and errors are kept (see :func:`recent_log`) and
+    everything is echoed only when ``QWEN3_TTS_EDGE_LLAMA_LOG`` is set.
+    """
+    with _lock:
+        if "api" not in _state:
+            try:
+                import llama_cpp.llama_cpp as lc
+            except ImportError as exc:  # pragma: no cover - a base dependency
+                raise LlamaError(f"cannot import llama_cpp ({exc}); pip install llama-cpp-python==0.3.36") from exc
+            cb = lc.llama_log_callback(_log_callback_impl)
+            lc.llama_log_set(cb, ctypes.c_void_p(0))
+            lc.llama_backend_init()
+            _state["log_cb"] = cb  # keep the C callback alive for the life of the process
+            _state["api"] = lc
+        return _state["api"]
+
+
+def recent_log(n: int = 8) -> str:
+    """The last ``n`` warning/error lines llama.cpp logged (for error messages)."""
+    return "\n".join(list(_recent_log)[-n:])
+
+
+def system_info() -> str:
+    """llama.cpp's build/CPU feature line (e.g. ``AVX2 = 1 | ... | OPENMP = 1``)."""
+    return api().llama_print_system_info().decode("utf-8", "replace").strip()
+
+
+def backend_devices() -> list[str]:
+    """Names of the ggml backend devices this llama.cpp build can use (``CPU`` only in a CPU build)."""
+    lib = api()._lib
+    try:
+        count = lib.ggml_backend_dev_count
+        get = lib.ggml_backend_dev_get
+        name = lib.ggml_backend_dev_name
+    except AttributeError:  # pragma: no cover - symbol layout of another build
+        return ["CPU"]
+    count.restype, count.argtypes = ctypes.c_size_t, []
+    get.restype, get.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    name.restype, name.argtypes = ctypes.c_char_p, [ctypes.c_void_p]
+    return [name(get(i)).decode("utf-8", "replace") for i in range(count())]
+
+
+def gpu_offload_supported() -> bool:
+    return bool(api().llama_supports_gpu_offload())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# BLAS thread pinning
+
+
+@contextlib.contextmanager
+def blas_single_thread() -> Iterator[None]:
+    """Pin numpy's BLAS to one thread inside a frame loop (restored on exit).
+
+    llama.cpp's own threads and a multi-threaded BLAS sgemv fight over the cores: the 15 host-side head
+    GEMVs per frame made the predictor ~4x slower unpinned on 2 cores. Uses threadpoolctl when available
+    (no-op otherwise); the controller is built once, so entering is cheap.
+    """
+    ctls = _blas_controllers()
+    if not ctls:
+        yield
+        return
+    before = [c.num_threads for c in ctls]
+    for c in ctls:
+        c.set_num_threads(1)
+    try:
+        yield
+    finally:
+        for c, n in zip(ctls, before, strict=True):
+            c.set_num_threads(n)
+
+
+def _blas_controllers() -> list[Any]:
+    with _lock:
+        if "blas" not in _state:
+            try:
+                from threadpoolctl import ThreadpoolController
+
+                _state["blas"] = [c for c in ThreadpoolController().lib_controllers if c.user_api == "blas"]
+            except Exception:  # threadpoolctl missing or unable to introspect: leave BLAS alone
+                _state["blas"] = []
+        return _state["blas"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# models and contexts
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a model actually runs."""
+
+    requested_gpu_layers: int
+    device: str  # "cpu" or "gpu"
+    devices: tuple[str, ...]  # ggml backend devices of this build
+    note: str = ""
+
+
+class LlamaModel:
+    """A GGUF model loaded by llama.cpp (weights mmapped where the format allows)."""
+
+    def __init__(self, path: Path | str, *, n_gpu_layers: int = 0, use_mmap: bool = True) -> None:
+        lc = api()
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise LlamaError(f"model file {self.path} does not exist")
+        params = lc.llama_model_default_params()
+        params.n_gpu_layers = int(n_gpu_layers)
+        if not use_mmap:
+            params.load_mode = lc.LLAMA_LOAD_MODE_NONE
+        self._ptr = lc.llama_model_load_from_file(str(self.path).encode(), params)
+        if not self._ptr:
+            raise LlamaError(f"llama.cpp could not load {self.path}:\n{recent_log()}")
+        self.n_embd = int(lc.llama_model_n_embd(self._ptr))
+        self.n_layer = int(lc.llama_model_n_layer(self._ptr))
+        self.n_vocab = int(lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(self._ptr)))
+        self.rope_type = int(lc.llama_model_rope_type(self._ptr))
+        self.pos_per_token = _MULTI_POS_ROPE.get(self.rope_type, 1)
+        self.arch = self.meta("general.architecture") or "?"
+        devices = tuple(backend_devices())
+        gpu = gpu_offload_supported() and n_gpu_layers != 0 and any(d.upper() != "CPU" for d in devices)
+        note = "" if gpu or n_gpu_layers == 0 else "n_gpu_layers ignored: this llama.cpp build has no GPU backend"
+        self.placement = Placement(int(n_gpu_layers), "gpu" if gpu else "cpu", devices, note)
+
+    def meta(self, key: str) -> str | None:
+        """A GGUF metadata value as llama.cpp formats it, or None."""
+        lc = api()
+        buf = ctypes.create_string_buffer(256)
+        n = lc.llama_model_meta_val_str(self._ptr, key.encode(), buf, len(buf))
+        if n < 0:
+            return None
+        if n >= len(buf):
+            buf = ctypes.create_string_buffer(n + 1)
+            lc.llama_model_meta_val_str(self._ptr, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", "replace")
+
+    @property
+    def ptr(self) -> Any:
+        if not self._ptr:
+            raise LlamaError("model is closed")
+        return self._ptr
+
+    def close(self) -> None:
+        if getattr(self, "_ptr", None):
+            api().llama_model_free(self._ptr)
+            self._ptr = None
+
+    def __del__(self) -> None:  # pragma: no cover - interpreter shutdown order
+        with contextlib.suppress(Exception):
+            self.close()
+
+    def __enter__(self) -> LlamaModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class LlamaContext:
+    """One sequence on a model: float-embedding batches, positions owned here, logits + hidden readout.
+
+    ``kv_type`` is the KV-cache precision (llama.cpp default f16; f32 for strict parity checks); ``max_outputs``
+    bounds the positions per decode that can return outputs (llama.cpp reserves that many logits rows).
+    ``decode(embeds)`` appends ``n`` positions after the current ``n_past`` and computes outputs (logits and
+    the final-normed hidden state) for the last position only unless ``all_outputs``. Views returned by
+    :meth:`logits` and :meth:`hidden` point into llama.cpp memory and are valid until the next decode; copy
+    them to keep them.
+    """
+
+    def __init__(self, model: LlamaModel, *, n_ctx: int, n_batch: int, n_threads: int | None = None,
+                 n_threads_batch: int | None = None, flash_attn: bool | None = None,
+                 kv_type: str = "f16", max_outputs: int = 1) -> None:
+        lc = api()
+        self.model = model
+        threads = int(n_threads or max(1, os.cpu_count() or 1))
+        params = lc.llama_context_default_params()
+        params.n_ctx = int(n_ctx)
+        params.n_batch = int(n_batch)
+        params.n_ubatch = int(n_batch)
+        params.n_seq_max = 1
+        # llama.cpp reserves n_outputs_max x n_vocab logits (n_batch by default: 317 MB for the talker's 155k vocab)
+        params.n_outputs_max = max(1, int(max_outputs))
+        params.n_threads = threads
+        params.n_threads_batch = int(n_threads_batch or threads)
+        params.embeddings = True
+        params.pooling_type = lc.LLAMA_POOLING_TYPE_NONE
+        params.no_perf = True
+        params.type_k = params.type_v = GGML_TYPES[kv_type]
+        if flash_attn is not None:
+            params.flash_attn_type = (lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
+                                      else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        self._ptr = lc.llama_init_from_model(model.ptr, params)
+        if not self._ptr:
+            raise LlamaError(f"llama.cpp could not create a context for {model.path}:\n{recent_log()}")
+        self._mem = lc.llama_get_memory(self._ptr)
+        self.n_ctx = int(lc.llama_n_ctx(self._ptr))
+        self.n_batch = int(n_batch)
+        self.max_outputs = max(1, int(max_outputs))
+        self.n_embd = model.n_embd
+        self.n_vocab = model.n_vocab
+        self.npos = model.pos_per_token
+        self.n_past = 0
+        self._decode = lc.llama_decode  # the bound C function itself (argtypes set by llama_cpp)
+        self._get_logits = lc.llama_get_logits_ith
+        self._get_embd = lc.llama_get_embeddings_ith
+        self._views: dict[tuple[str, int], np.ndarray] = {}
+
+        # The batch and every buffer it points to are owned by this object (never llama_batch_free'd).
+        cap = self.n_batch
+        self._embd = np.zeros((cap, self.n_embd), dtype=np.float32)
+        self._pos = np.zeros(cap * self.npos, dtype=np.int32)
+        self._n_seq_id = np.ones(cap, dtype=np.int32)
+        self._seq_id_vals = np.zeros(cap, dtype=np.int32)
+        seq_ptr_t = ctypes.POINTER(lc.llama_seq_id)
+        base = self._seq_id_vals.ctypes.data
+        self._seq_ptrs = (seq_ptr_t * cap)(*[ctypes.cast(base + 4 * i, seq_ptr_t) for i in range(cap)])
+        self._out = np.zeros(cap, dtype=np.int8)
+        b = lc.llama_batch()
+        b.n_tokens = 0
+        b.token = ctypes.POINTER(lc.llama_token)()
+        b.embd = self._embd.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        b.pos = self._pos.ctypes.data_as(ctypes.POINTER(lc.llama_pos))
+        b.n_seq_id = self._n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
+        b.seq_id = ctypes.cast(self._seq_ptrs, ctypes.POINTER(seq_ptr_t))
+        b.logits = self._out.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
+        self._batch = b
+        self._embeddings_on = True
+
+    # -- decoding -------------------------------------------------------------------------------------------
+
+    def decode(self, embeds: np.ndarray, *, all_outputs: bool = False) -> None:
+        """Append ``embeds`` (n, n_embd) at positions n_past..n_past+n-1 (split into n_batch chunks).
+
+        With ``embeddings=true`` llama.cpp outputs every position of a batch, so positions before the last one
+        are decoded with embeddings switched off (no outputs at all) when they would not fit ``max_outputs``;
+        the last position then gets logits and hidden state. ``all_outputs`` keeps every position's outputs
+        (the caller reads them after each chunk; needs max_outputs >= the chunk size).
+        """
+        x = np.asarray(embeds, dtype=np.float32)
+        if x.ndim == 1:
+            x = x[None, :]
+        if x.ndim != 2 or x.shape[1] != self.n_embd:
+            raise ValueError(f"expected embeddings of shape (n, {self.n_embd}), got {x.shape}")
+        n = x.shape[0]
+        if n == 0:
+            raise ValueError("decode needs at least one position")
+        if self.n_past + n > self.n_ctx:
+            raise LlamaError(f"context full: {self.n_past} + {n} positions > n_ctx {self.n_ctx}")
+        if all_outputs:
+            if min(n, self.n_batch) > self.max_outputs:
+                raise ValueError(f"all_outputs for {n} positions needs max_outputs >= {min(n, self.n_batch)}")
+            for start in range(0, n, self.n_batch):
+                self._run(x[start:start + self.n_batch], outputs=True)
+            return
+        if n <= min(self.max_outputs, self.n_batch):
+            self._run(x, outputs=True)
+            return
+        body = x[:-1]
+        for start in range(0, body.shape[0], self.n_batch):
+            self._run(body[start:start + self.n_batch], outputs=False)
+        self._run(x[-1:], outputs=True)
+
+    def decode_one(self, embed: np.ndarray) -> None:
+        """Fast path for one position (the per-step call): no chunking, output for that position."""
+        if not self._embeddings_on:
+            self._set_embeddings(True)
+        self._embd[0] = embed
+        p = self.n_past
+        pos = self._pos
+        if self.npos == 1:
+            pos[0] = p
+        else:
+            pos[: self.npos - 1] = p
+            pos[self.npos - 1:self.npos] = 0
+        self._out[0] = 1
+        self._batch.n_tokens = 1
+        rc = self._decode(self._ptr, self._batch)
+        if rc != 0:
+            raise LlamaError(f"llama_decode failed ({rc}) at position {p}:\n{recent_log()}")
+        self.n_past = p + 1
+
+    def _set_embeddings(self, on: bool) -> None:
+        api().llama_set_embeddings(self._ptr, bool(on))
+        self._embeddings_on = bool(on)
+
+    def _run(self, chunk: np.ndarray, *, outputs: bool) -> None:
+        if outputs != self._embeddings_on:
+            self._set_embeddings(outputs)
+        n = chunk.shape[0]
+        self._embd[:n] = chunk
+        p = np.arange(self.n_past, self.n_past + n, dtype=np.int32)
+        for s in range(self.npos):
+            # section-major: [p..., p..., p..., 0...] for M-RoPE/IMROPE (text-like positions), plain p for RoPE
+            self._pos[s * n:(s + 1) * n] = p if (self.npos == 1 or s < self.npos - 1) else 0
+        self._out[:n] = 1 if outputs else 0
+        self._batch.n_tokens = n
+        rc = self._decode(self._ptr, self._batch)
+        if rc != 0:
+            raise LlamaError(f"llama_decode failed ({rc}) for {n} positions at {self.n_past}:\n{recent_log()}")
+        self.n_past += n
+
+    # -- readout --------------------------------------------------------------------------------------------
+
+    def _view(self, kind: str, ptr: Any, size: int) -> np.ndarray:
+        addr = ctypes.cast(ptr, ctypes.c_void_p).value
+        if not addr:
+            raise LlamaError(f"llama.cpp returned no {kind} (was the position decoded with an output?)\n"
+                             f"{recent_log()}")
+        key = (kind, addr)
+        view = self._views.get(key)
+        if view is None:
+            if len(self._views) > 64:
+                self._views.clear()
+            view = np.ctypeslib.as_array(ctypes.cast(addr, ctypes.POINTER(ctypes.c_float)), shape=(size,))
+            self._views[key] = view
+        return view
+
+    def logits(self, i: int = -1) -> np.ndarray:
+        """Logits (n_vocab,) of output ``i`` of the last decode (a view; copy to keep)."""
+        return self._view("logits", self._get_logits(self._ptr, i), self.n_vocab)
+
+    def hidden(self, i: int = -1) -> np.ndarray:
+        """Final-normed hidden state (n_embd,) of output ``i`` of the last decode (a view; copy to keep)."""
+        return self._view("embd", self._get_embd(self._ptr, i), self.n_embd)
+
+    # -- state ----------------------------------------------------------------------------------------------
+
+    def clear(self) -> None:
+        """Forget every position (KV cache cleared, n_past = 0)."""
+        api().llama_memory_clear(self._mem, True)
+        self.n_past = 0
+
+    def truncate(self, n_past: int) -> None:
+        """Drop positions >= ``n_past`` (rewind), keeping the earlier KV entries."""
+        if not 0 <= n_past <= self.n_past:
+            raise ValueError(f"cannot truncate to {n_past}; have {self.n_past} positions")
+        if not api().llama_memory_seq_rm(self._mem, 0, n_past, -1):
+            raise LlamaError(f"llama.cpp could not remove positions >= {n_past}")
+        self.n_past = n_past
+
+    def set_threads(self, n_threads: int, n_threads_batch: int | None = None) -> None:
+        api().llama_set_n_threads(self._ptr, int(n_threads), int(n_threads_batch or n_threads))
+
+    @property
+    def threads(self) -> tuple[int, int]:
+        lc = api()
+        return int(lc.llama_n_threads(self._ptr)), int(lc.llama_n_threads_batch(self._ptr))
+
+    def close(self) -> None:
+        if getattr(self, "_ptr", None):
+            api().llama_free(self._ptr)
+            self._ptr = None
+            self._views.clear()
+
+    def __del__(self) -> None:  # pragma: no cover - interpreter shutdown order
+        with contextlib.suppress(Exception):
+            self.close()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# host-side tensors of a GGUF (numpy memmap through gguf-py's reader)
+
+
+class GGUFTables:
+    """Read-only tensors and metadata of a GGUF file, memory-mapped.
+
+    The header is parsed here (gguf-py's ``GGUFReader`` builds a numpy object per vocabulary entry and takes
+    ~6 s on a talker GGUF with 155k tokens + 151k merges); large arrays are skipped, not decoded. Shapes are
+    numpy order (rows, cols), the reverse of GGUF's ``ne``. Rows of any ggml type come back as float32 (F32 as
+    is, F16 upcast, others through gguf-py's dequantizer).
+    """
+
+    _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
+                12: "<d"}
+    _ARRAY_KEEP = 4096  # arrays up to this many elements are decoded (suppress lists, rope sections, ...)
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
+        self.fields: dict[str, Any] = {}
+        self.field_offsets: dict[str, tuple[int, str]] = {}  # scalar key -> (file offset, struct format)
+        self._tensors: dict[str, tuple[tuple[int, ...], int, int]] = {}  # name -> (ne, ggml type, offset)
+        self._parse()
+
+    def _parse(self) -> None:
+        import struct
+
+        buf = memoryview(self._mm)
+        pos = 0
+
+        def take(fmt: str) -> Any:
+            nonlocal pos
+            v = struct.unpack_from(fmt, buf, pos)[0]
+            pos += struct.calcsize(fmt)
+            return v
+
+        def string() -> str:
+            nonlocal pos
+            n = take("<Q")
+            v = bytes(buf[pos:pos + n]).decode("utf-8", "replace")
+            pos += n
+            return v
+
+        def skip_strings(count: int) -> None:
+            nonlocal pos
+            for _ in range(count):
+                pos += 8 + struct.unpack_from("<Q", buf, pos)[0]
+
+        if bytes(buf[:4]) != b"GGUF":
+            raise LlamaError(f"{self.path} is not a GGUF file")
+        pos = 4
+        version = take("<I")
+        if version < 2:
+            raise LlamaError(f"{self.path}: GGUF version {version} is not supported")
+        n_tensors, n_kv = take("<Q"), take("<Q")
+        for _ in range(n_kv):
+            key = string()
+            vtype = take("<I")
+            if vtype in self._SCALARS:
+                self.field_offsets[key] = (pos, self._SCALARS[vtype])
+                self.fields[key] = take(self._SCALARS[vtype])
+            elif vtype == 8:
+                self.fields[key] = string()
+            elif vtype == 9:
+                etype, count = take("<I"), take("<Q")
+                if etype == 8:
+                    if count <= self._ARRAY_KEEP:
+                        self.fields[key] = [string() for _ in range(count)]
+                    else:
+                        skip_strings(count)
+                        self.fields[key] = None
+                elif etype in self._SCALARS:
+                    fmt = self._SCALARS[etype]
+                    size = struct.calcsize(fmt)
+                    if count <= self._ARRAY_KEEP:
+                        self.fields[key] = list(struct.unpack_from(f"<{count}{fmt[1]}", buf, pos))
+                    else:
+                        self.fields[key] = None
+                    pos += size * count
+                else:
+                    raise LlamaError(f"{self.path}: nested arrays in {key!r} are not supported")
+            else:
+                raise LlamaError(f"{self.path}: unknown GGUF value type {vtype} for {key!r}")
+        infos = []
+        for _ in range(n_tensors):
+            name = string()
+            n_dims = take("<I")
+            ne = tuple(take("<Q") for _ in range(n_dims))
+            ttype, offset = take("<I"), take("<Q")
+            infos.append((name, ne, ttype, offset))
+        align = int(self.fields.get("general.alignment") or 32)
+        data_start = (pos + align - 1) // align * align
+        self._tensors = {name: (ne, ttype, data_start + off) for name, ne, ttype, off in infos}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._tensors
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._tensors)
+
+    def field(self, key: str) -> Any:
+        return self.fields.get(key)
+
+    def _info(self, name: str) -> tuple[tuple[int, ...], int, int]:
+        try:
+            return self._tensors[name]
+        except KeyError:
+            raise LlamaError(f"{self.path.name} has no tensor {name!r}") from None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(int(d) for d in reversed(self._info(name)[0]))
+
+    def type_name(self, name: str) -> str:
+        from gguf import GGMLQuantizationType
+
+        return GGMLQuantizationType(self._info(name)[1]).name
+
+    def type_counts(self) -> dict[str, int]:
+        from gguf import GGMLQuantizationType
+
+        counts: dict[str, int] = {}
+        for _ne, ttype, _off in self._tensors.values():
+            key = GGMLQuantizationType(ttype).name
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    def raw(self, name: str) -> np.ndarray:
+        """The stored data: (rows, cols) float32/float16 for F32/F16, (rows, bytes per row) uint8 otherwise."""
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        ne, ttype, off = self._info(name)
+        rows = int(np.prod(ne[1:])) if len(ne) > 1 else 1
+        if ttype == 0:
+            return np.ndarray((rows, ne[0]), dtype=np.float32, buffer=self._mm, offset=off)
+        if ttype == 1:
+            return np.ndarray((rows, ne[0]), dtype=np.float16, buffer=self._mm, offset=off)
+        block, size = GGML_QUANT_SIZES[GGMLQuantizationType(ttype)]
+        return np.ndarray((rows, ne[0] // block * size), dtype=np.uint8, buffer=self._mm, offset=off)
+
+    def rows(self, name: str, ids: np.ndarray) -> np.ndarray:
+        """Rows ``ids`` of a 2-D tensor as float32 (n, cols)."""
+        return self._to_f32(name, self.raw(name)[np.asarray(ids, dtype=np.int64)])
+
+    def array(self, name: str) -> np.ndarray:
+        """The whole tensor as a float32 array (a copy; use for weights used every call)."""
+        return np.ascontiguousarray(self._to_f32(name, self.raw(name))).reshape(self.shape(name))
+
+    def _to_f32(self, name: str, raw: np.ndarray) -> np.ndarray:
+        if raw.dtype == np.float32:
+            return np.array(raw, dtype=np.float32)
+        if raw.dtype == np.float16:
+            return raw.astype(np.float32)
+        from gguf import GGMLQuantizationType, quants
+
+        qtype = GGMLQuantizationType(self._info(name)[1])
+        return quants.dequantize(np.asarray(raw), qtype).astype(np.float32, copy=False)
+
+    def close(self) -> None:
+        self._tensors = {}
+        mm = getattr(self, "_mm", None)
+        self._mm = None
+        if mm is not None and getattr(mm, "_mmap", None) is not None:
+            with contextlib.suppress(BufferError, ValueError):  # still-referenced views keep it open
+                mm._mmap.close()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# quantization (used by the exporter; lives here so it shares the one llama.cpp setup)
+
+
+def quantize(src: Path | str, dst: Path | str, precision: str, *, token_embd: str | None = None,
+             output: str | None = None, overrides: Sequence[tuple[str, str]] = (), threads: int = 0) -> None:
+    """``llama_model_quantize`` ``src`` (an F32/F16 GGUF) into ``dst`` with llama ftype ``precision``.
+
+    ``token_embd``/``output`` force those tensors' types; ``overrides`` are (regex over tensor names, type)
+    pairs applied to the remaining tensors (llama.cpp honours them for quantized ftypes only).
+    """
+    lc = api()
+    if precision not in FTYPES:
+        raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(FTYPES)}")
+    params = lc.llama_model_quantize_default_params()
+    params.nthread = int(threads)
+    params.ftype = FTYPES[precision]
+    if token_embd is not None:
+        params.token_embedding_type = GGML_TYPES[token_embd]
+    if output is not None:
+        params.output_tensor_type = GGML_TYPES[output]
+    keep: list[Any] = []
+    if overrides:
+        arr = (lc.llama_model_tensor_override * (len(overrides) + 1))()
+        for i, (pattern, typ) in enumerate(overrides):
+            arr[i].pattern = pattern.encode()  # ctypes keeps the bytes alive with the array
+            arr[i].type = GGML_TYPES[typ]
+        arr[len(overrides)].pattern = None
+        params.tt_overrides = ctypes.cast(arr, ctypes.POINTER(lc.llama_model_tensor_override))
+        keep.append(arr)
+    rc = lc.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    del keep
+    if rc != 0:
+        raise LlamaError(f"llama_model_quantize {src} -> {dst} ({precision}) failed ({rc}):\n{recent_log()}")

@@ -1,0 +1,156 @@
+"""Code-predictor engine: the 5-layer predictor as a stock llama.cpp ``qwen3`` model + host-side tables/heads.
+
+Per frame (architecture reference §3): prefill 2 positions [past_hidden, E(c0)] (through
+``small_to_mtp_projection`` when the predictor is narrower than the talker), read the final-normed hidden
+state, apply head 0 on the host, let ``choose`` pick c1; then 14 single-position calls fed with
+``table[j-1](c_j)`` (projection folded into the tables where present) and head j. The KV cache is cleared
+every frame. Heads are float32 in RAM (numpy GEMV, BLAS pinned to one thread while predicting); input tables
+stay memory-mapped and only the rows in use are read.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from .llama import GGUFTables, LlamaContext, LlamaError, LlamaModel, blas_single_thread
+
+TABLES_ARCH = "qwen3tts_predictor_tables"
+Choose = Callable[[int, np.ndarray], int]
+
+
+def greedy(_step: int, logits: np.ndarray) -> int:
+    """The argmax chooser (what the sampler reduces to without sampling)."""
+    return int(np.argmax(logits))
+
+
+class CodePredictor:
+    """Predicts codebooks 1..15 of a frame from the talker's hidden state and codebook-0 code."""
+
+    def __init__(self, model_path: Path | str, tables_path: Path | str, *, n_threads: int | None = None,
+                 n_gpu_layers: int = 0, kv_type: str = "f16", flash_attn: bool | None = None) -> None:
+        self.model = LlamaModel(model_path, n_gpu_layers=n_gpu_layers)
+        if self.model.arch != "qwen3":
+            raise LlamaError(f"{Path(model_path).name} is a {self.model.arch!r} GGUF; the predictor needs qwen3")
+        self.tables = GGUFTables(tables_path)
+        a = TABLES_ARCH
+        if self.tables.field("general.architecture") != a:
+            raise LlamaError(f"{Path(tables_path).name} is not a predictor-tables GGUF")
+        self.num_steps = int(self.tables.field(f"{a}.num_steps"))
+        self.hidden_size = int(self.tables.field(f"{a}.talker_hidden_size"))
+        self.width = int(self.tables.field(f"{a}.predictor_hidden_size"))
+        self.codebook_size = int(self.tables.field(f"{a}.codebook_size"))
+        if self.width != self.model.n_embd:
+            raise LlamaError(f"predictor width {self.model.n_embd} != tables' {self.width}; mismatched files")
+        # n_ctx: llama.cpp pads small contexts up; 2 + 14 positions per frame are needed.
+        self.ctx = LlamaContext(self.model, n_ctx=max(32, self.num_steps + 2), n_batch=self.num_steps + 1,
+                                n_threads=n_threads, kv_type=kv_type, flash_attn=flash_attn,
+                                max_outputs=self.num_steps + 1)  # 2-position prefill in one call (vocab is 1)
+        self.placement = self.model.placement
+
+        self.heads = np.stack([self.tables.array(f"lm_head.{j}.weight") for j in range(self.num_steps)])
+        self.has_projection = bool(self.tables.field(f"{a}.has_projection"))
+        if self.has_projection:
+            self.proj_w = self.tables.array("proj.weight")  # (width, H)
+            self.proj_b = self.tables.array("proj.bias").reshape(-1)
+            self._in_names = [f"codec_embd_proj.{j}.weight" for j in range(self.num_steps)]
+        else:
+            self.proj_w = self.proj_b = None
+            self._in_names = [f"codec_embd.{j}.weight" for j in range(self.num_steps)]
+        self._raw_names = [f"codec_embd.{j}.weight" for j in range(self.num_steps)]
+        self._prefill = np.zeros((2, self.width), dtype=np.float32)
+        self._logits = np.zeros(self.codebook_size, dtype=np.float32)
+        self.reset_counters()
+
+    # -- counters ---------------------------------------------------------------------------------------------
+
+    def reset_counters(self) -> None:
+        """Zero the timing counters (seconds summed over calls)."""
+        self.frames = 0
+        self.calls = 0
+        self.decode_s = 0.0
+        self.head_s = 0.0
+        self.choose_s = 0.0
+        self.total_s = 0.0
+
+    @property
+    def counters(self) -> dict[str, float]:
+        f = max(self.frames, 1)
+        return {"frames": self.frames, "llama_calls": self.calls, "decode_s": self.decode_s, "head_s": self.head_s,
+                "choose_s": self.choose_s, "total_s": self.total_s, "ms_per_frame": 1e3 * self.total_s / f}
+
+    # -- host lookups -----------------------------------------------------------------------------------------
+
+    def c0_embed(self, c0: int) -> np.ndarray:
+        """Talker codec_embedding row E(c0), (H,) float32 (from the tables file)."""
+        return self.tables.rows("talker_codec_embd.weight", np.array([c0]))[0]
+
+    def residual_embeds(self, codes15: np.ndarray) -> np.ndarray:
+        """Σ_j raw table j (c_{j+1}) over the 15 residual codes: (H,) float32, for the next talker input."""
+        codes = np.asarray(codes15, dtype=np.int64).reshape(-1)
+        if codes.shape[0] != self.num_steps:
+            raise ValueError(f"expected {self.num_steps} residual codes, got {codes.shape[0]}")
+        acc = np.zeros(self.hidden_size, dtype=np.float32)
+        for j in range(self.num_steps):
+            acc += self.tables.rows(self._raw_names[j], codes[j:j + 1])[0]
+        return acc
+
+    # -- prediction -------------------------------------------------------------------------------------------
+
+    def predict(self, past_hidden: np.ndarray, c0: int, choose: Choose = greedy) -> np.ndarray:
+        """Codes c1..c15 (int64, (15,)) for one frame; ``choose(step, logits)`` picks each code.
+
+        ``logits`` (codebook_size,) float32 is a buffer reused across steps: copy it to keep it.
+        """
+        t_start = time.perf_counter()
+        codes = np.zeros(self.num_steps, dtype=np.int64)
+        ctx, heads, logits = self.ctx, self.heads, self._logits
+        dec = head = cho = 0.0
+        with blas_single_thread():
+            x = self._prefill
+            if self.has_projection:
+                pair = np.stack([np.asarray(past_hidden, dtype=np.float32).reshape(-1), self.c0_embed(c0)])
+                np.matmul(pair, self.proj_w.T, out=x)
+                x += self.proj_b
+            else:
+                x[0] = past_hidden
+                x[1] = self.c0_embed(c0)
+            ctx.clear()
+            for j in range(self.num_steps):
+                t0 = time.perf_counter()
+                if j == 0:
+                    ctx.decode(x)
+                else:
+                    ctx.decode_one(self.tables.rows(self._in_names[j - 1], codes[j - 1:j])[0])
+                t1 = time.perf_counter()
+                np.matmul(heads[j], ctx.hidden(), out=logits)
+                t2 = time.perf_counter()
+                c = int(choose(j, logits))
+                if not 0 <= c < self.codebook_size:
+                    raise ValueError(f"choose returned code {c} outside [0, {self.codebook_size})")
+                codes[j] = c
+                t3 = time.perf_counter()
+                dec += t1 - t0
+                head += t2 - t1
+                cho += t3 - t2
+        self.frames += 1
+        self.calls += self.num_steps
+        self.decode_s += dec
+        self.head_s += head
+        self.choose_s += cho
+        self.total_s += time.perf_counter() - t_start
+        return codes
+
+    def close(self) -> None:
+        self.ctx.close()
+        self.model.close()
+        self.tables.close()
+
+    def __enter__(self) -> CodePredictor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
