@@ -8,6 +8,10 @@ PIP_FIND := $(if $(WHEELHOUSE),--find-links $(WHEELHOUSE),)
 PIP := $(BIN)/python -m pip
 MODEL ?= random:0.6b-custom_voice
 BUNDLE ?= artifacts/demo
+TALKER ?= q8_0
+DECODER ?= fp32
+# Per-model speak options: a preset speaker for CustomVoice, e.g. SPEAK_ARGS='--instruct "..."' for VoiceDesign.
+SPEAK_ARGS ?= --speaker vivian --language english
 TEXT ?= Hello! This is Qwen3-TTS Edge speaking on your own hardware.
 STAMP := $(VENV)/.setup-stamp
 
@@ -32,9 +36,9 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/qwen3-tts-edge export $(MODEL) -o $(BUNDLE) --force
+	$(BIN)/qwen3-tts-edge export $(MODEL) -o $(BUNDLE) --force --talker $(TALKER) --decoder $(DECODER)
 	$(BIN)/qwen3-tts-edge info $(BUNDLE)
-	$(BIN)/qwen3-tts-edge speak "$(TEXT)" -b $(BUNDLE) -o demo.wav --stats
+	$(BIN)/qwen3-tts-edge speak "$(TEXT)" -b $(BUNDLE) $(SPEAK_ARGS) -o demo.wav --stats
 
 # pytest exits 5 when it collects no tests: treat that as a failure, never as a pass.
 test: setup

@@ -166,6 +166,26 @@ def _cmd_speak(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_parity(args: argparse.Namespace) -> int:
+    try:
+        from ..bench.parity import format_report, parity_report, write_report
+        from ..export.build import ExportError
+        from ..export.sources import ModelSourceError
+    except ImportError as exc:
+        raise CliError(f"parity needs the export extras ({exc}); see the README's setup section") from exc
+    if args.frames < 1:
+        raise CliError("--frames must be at least 1")
+    try:
+        report = parity_report(args.bundle, args.model, frames=args.frames,
+                               progress=lambda msg: print(f"{PROG}: {msg}", file=sys.stderr, flush=True))
+    except (BundleError, ModelSourceError, ExportError) as exc:
+        raise CliError(str(exc)) from exc
+    print(format_report(report))
+    if args.json:
+        write_report(report, args.json)
+    return 0
+
+
 def _not_yet(what: str) -> int:
     raise NotImplementedYet(f"`{what}` is not implemented yet in this release (see README, 'Status')")
 
@@ -224,8 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("parity", help="compare a bundle's stages with the official PyTorch model")
     p.add_argument("-b", "--bundle", required=True, type=Path)
     p.add_argument("--model", required=True, metavar="MODEL")
-    p.add_argument("--json", type=Path, metavar="FILE")
-    p.set_defaults(func=lambda a: _not_yet("parity"))
+    p.add_argument("--json", type=Path, metavar="FILE", help="also write the report as JSON")
+    p.add_argument("--frames", type=int, default=200, help="greedy free-running frames to compare (default 200)")
+    p.set_defaults(func=_cmd_parity)
 
     p = sub.add_parser("bench", help="time to first audio, real-time factor, memory, fidelity per precision")
     p.add_argument("-b", "--bundle", required=True, type=Path)

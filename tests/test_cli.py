@@ -36,7 +36,7 @@ def test_subcommand_help(name, capsys):
     assert "usage: qwen3-tts-edge " + name in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv", [["parity", "-b", "x", "--model", "m"], ["bench", "-b", "x"],
+@pytest.mark.parametrize("argv", [["bench", "-b", "x"],
                                   ["speak", "hi", "-b", "x", "-o", "x.wav", "--voice", "v.npz"]])
 def test_unimplemented_subcommands_say_so_and_fail(argv, capsys):
     assert cli.main(argv) == cli.EXIT_NOT_IMPLEMENTED
