@@ -212,8 +212,13 @@ class TTS:
 
     def devices(self) -> dict[str, str]:
         """Where each stage actually runs (fallbacks included)."""
-        return {"talker": str(getattr(self.talker, "placement", type(self.talker).__name__)),
-                "predictor": str(getattr(self.predictor, "placement", type(self.predictor).__name__)),
+        def where(engine) -> str:
+            placement = getattr(engine, "placement", None)
+            if placement is None:
+                return type(engine).__name__
+            return placement.device + (f" ({placement.note})" if placement.note else "")
+
+        return {"talker": where(self.talker), "predictor": where(self.predictor),
                 "decoder": ",".join(self.decoder.providers)}
 
     def _sampler(self, o: SpeakOptions) -> CodeSampler:
