@@ -49,11 +49,16 @@ class SpeakOptions:
     chunk_frames: tuple[int, ...] = (1, 2, 4, 8)
     max_frames: int | None = None
     frames_per_text_token: float | None = 8.0
+    # Hold the end of speech back for this many frames (default 2, as the official generate). With
+    # max_frames equal to it and frames_per_text_token=None a run makes exactly that many frames (bench).
+    min_frames: int = 2
 
     def __post_init__(self) -> None:
         sched = self.chunk_frames
         if not sched or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in sched):
             raise ValueError(f"chunk_frames must be positive integers (a schedule such as (1, 2, 4, 8)), got {sched!r}")
+        if isinstance(self.min_frames, bool) or not isinstance(self.min_frames, int) or self.min_frames < 0:
+            raise ValueError(f"min_frames must be a non-negative integer, got {self.min_frames!r}")
 
 
 @dataclass(frozen=True)
@@ -229,7 +234,8 @@ class TTS:
         if o.greedy:
             params = params.greedy()
         return CodeSampler(params, vocab_size=int(self.bundle.manifest.model["talker"]["vocab_size"]),
-                           eos_id=int(self.bundle.manifest.codec_ids["codec_eos_token_id"]))
+                           eos_id=int(self.bundle.manifest.codec_ids["codec_eos_token_id"]),
+                           min_new_frames=o.min_frames)
 
     def stream(self, text: str, options: SpeakOptions | None = None, **overrides) -> Iterator[AudioChunk]:
         """Yield audio chunks of ``text`` as they are generated (lazy: nothing runs until iterated)."""
