@@ -11,7 +11,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -237,8 +237,13 @@ class TTS:
                            eos_id=int(self.bundle.manifest.codec_ids["codec_eos_token_id"]),
                            min_new_frames=o.min_frames)
 
-    def stream(self, text: str, options: SpeakOptions | None = None, **overrides) -> Iterator[AudioChunk]:
-        """Yield audio chunks of ``text`` as they are generated (lazy: nothing runs until iterated)."""
+    def stream(self, text: str | Iterable[str], options: SpeakOptions | None = None,
+               **overrides) -> Iterator[AudioChunk]:
+        """Yield audio chunks of ``text`` as they are generated (lazy: nothing runs until iterated).
+
+        ``text`` is a string, or an iterable of pieces still arriving (e.g. a chat LLM's tokens) that are fed
+        into one running utterance. Request errors (unknown speaker, bad options) raise here, before any audio.
+        """
         o = options or SpeakOptions()
         if overrides:
             o = SpeakOptions(**{**o.__dict__, **overrides})
@@ -317,7 +322,8 @@ class TTS:
             if stats.stop_reason is None:
                 stats.stop_reason = loop.stop_reason or STOP_CANCELLED
 
-    def synthesize(self, text: str, options: SpeakOptions | None = None, **overrides) -> tuple[np.ndarray, int]:
+    def synthesize(self, text: str | Iterable[str], options: SpeakOptions | None = None,
+                   **overrides) -> tuple[np.ndarray, int]:
         """The whole utterance at once: (float32 PCM, sample rate)."""
         chunks = [c.pcm for c in self.stream(text, options, **overrides)]
         return np.concatenate(chunks) if chunks else np.zeros(0, np.float32), self.sample_rate
