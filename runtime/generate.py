@@ -20,6 +20,7 @@ from .sampler import CodeSampler
 STOP_EOS = "eos"
 STOP_MAX_FRAMES = "max_frames"
 STOP_TEXT_CEILING = "frames_per_text_token"
+STOP_CONTEXT = "context_limit"
 
 
 class StepResult(Protocol):
@@ -54,6 +55,7 @@ class Guards:
     max_frames: int = 8192
     frames_per_text_token: float | None = 8.0
     text_ceiling_slack: int = 40
+    max_frames_reason: str = STOP_MAX_FRAMES  # e.g. STOP_CONTEXT when the cap is the KV room left
 
     def __post_init__(self) -> None:
         if isinstance(self.max_frames, bool) or not isinstance(self.max_frames, int) or self.max_frames < 1:
@@ -64,9 +66,11 @@ class Guards:
     def limit(self, n_text_tokens: int) -> tuple[int, str]:
         """Frames allowed for a text of ``n_text_tokens`` tokens and the guard that sets the limit."""
         if self.frames_per_text_token is None:
-            return self.max_frames, STOP_MAX_FRAMES
+            return self.max_frames, self.max_frames_reason
         ceiling = int(self.frames_per_text_token * max(1, n_text_tokens)) + self.text_ceiling_slack
-        return (ceiling, STOP_TEXT_CEILING) if ceiling < self.max_frames else (self.max_frames, STOP_MAX_FRAMES)
+        if ceiling < self.max_frames:
+            return ceiling, STOP_TEXT_CEILING
+        return self.max_frames, self.max_frames_reason
 
 
 @dataclass
@@ -81,6 +85,7 @@ class FrameLoop:
     guards: Guards = field(default_factory=Guards)
     stop_reason: str | None = None
     prefill_ms: float = 0.0
+    frames: int = 0  # frames yielded so far
 
     def __iter__(self) -> Iterator[Frame]:
         eos = self.sampler.eos_id
@@ -100,6 +105,7 @@ class FrameLoop:
                 residual = self.predictor.predict(out.hidden, c0, self.sampler.choose_residual)
                 t2 = time.perf_counter()
                 codes = np.concatenate([[c0], np.asarray(residual, dtype=np.int64)])
+                self.frames = k + 1
                 yield Frame(index=k, codes=codes, talker_ms=talker_ms, predictor_ms=(t2 - t1) * 1e3)
                 limit, reason = self.guards.limit(self.prompt.text_tokens())
                 if k + 1 >= limit:

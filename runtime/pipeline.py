@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from .bundle import Bundle, BundleError, load_bundle
-from .generate import FrameLoop, Guards
+from .generate import STOP_CONTEXT, STOP_MAX_FRAMES, FrameLoop, Guards
+from .longform import PrefixReusingTalker, split_segments
 from .prompt import ModelIds, PromptError, VoicePrompt, build_prompt
 from .sampler import CodeSampler, SamplingParams
 from .text import TextTokenizer
@@ -52,11 +53,16 @@ class SpeakOptions:
     # Hold the end of speech back for this many frames (default 2, as the official generate). With
     # max_frames equal to it and frames_per_text_token=None a run makes exactly that many frames (bench).
     min_frames: int = 2
+    # Long text: at most this many text tokens per segment (None: as many as the talker's context allows).
+    segment_tokens: int | None = None
 
     def __post_init__(self) -> None:
         sched = self.chunk_frames
         if not sched or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in sched):
             raise ValueError(f"chunk_frames must be positive integers (a schedule such as (1, 2, 4, 8)), got {sched!r}")
+        if self.segment_tokens is not None and (isinstance(self.segment_tokens, bool)
+                                                or not isinstance(self.segment_tokens, int) or self.segment_tokens < 1):
+            raise ValueError(f"segment_tokens must be a positive integer or None, got {self.segment_tokens!r}")
         if isinstance(self.min_frames, bool) or not isinstance(self.min_frames, int) or self.min_frames < 0:
             raise ValueError(f"min_frames must be a non-negative integer, got {self.min_frames!r}")
 
@@ -73,6 +79,7 @@ class AudioChunk:
     final: bool = False
     stop_reason: str | None = None
     codes: np.ndarray | None = None  # (n_frames, 16) codes behind this audio (cacheable, re-decodable)
+    segment: int = 0  # long text: which segment (same voice, new talker context) the chunk's last frame is from
 
 
 @dataclass
@@ -88,6 +95,9 @@ class StreamStats:
     predictor_ms: float = 0.0
     decoder_ms: float = 0.0
     stop_reason: str | None = None
+    segments: int = 0
+    segment_stops: list[str] = field(default_factory=list)
+    prompt_positions_reused: int = 0  # prompt KV positions kept from the previous request (prefix cache)
     devices: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -144,30 +154,39 @@ def _pick(bundle: Bundle, role: str, wanted: str | None, preference: Sequence[st
     return next((p for p in preference if p in have), have[0])
 
 
-def _produce(loop: FrameLoop, frames: queue.Queue, stop: threading.Event) -> None:
-    """Worker: run the frame loop into ``frames`` until it ends, fails or ``stop`` is set."""
-    gen = iter(loop)
+def _produce(loops: Iterator[tuple[int, FrameLoop]], frames: queue.Queue, stop: threading.Event,
+             stats: StreamStats) -> None:
+    """Worker: run the segments' frame loops into ``frames`` until done, failed or ``stop`` is set."""
+
+    def put(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                frames.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    item: object = _END
     try:
-        for frame in gen:
-            while not stop.is_set():
-                try:
-                    frames.put(frame, timeout=0.05)
-                    break
-                except queue.Full:
-                    continue
+        for index, loop in loops:
+            stats.segments = index + 1
+            gen = iter(loop)
+            try:
+                for frame in gen:
+                    if not put(frame):
+                        return
+            finally:
+                gen.close()  # stops an incremental text feed as well
+            stats.prefill_ms += loop.prefill_ms
+            stats.segment_stops.append(loop.stop_reason or STOP_CANCELLED)
+            reused = getattr(loop.talker, "reused_positions", 0)
+            stats.prompt_positions_reused += reused
             if stop.is_set():
                 return
-        item: object = _END
     except BaseException as exc:  # handed to the consumer, who re-raises it
         item = exc
-    finally:
-        gen.close()  # stops an incremental text feed as well
-    while not stop.is_set():
-        try:
-            frames.put(item, timeout=0.05)
-            return
-        except queue.Full:
-            continue
+    put(item)
 
 
 class TTS:
@@ -176,7 +195,8 @@ class TTS:
     def __init__(self, bundle: str | Path, *, talker_precision: str | None = None,
                  decoder_precision: str | None = None, threads: int | None = None,
                  providers: Sequence[str] | None = None, n_gpu_layers: int = 0, verify: bool = True,
-                 max_queued_frames: int = 64, backends: Backends | None = None):
+                 max_queued_frames: int = 64, backends: Backends | None = None, n_ctx: int = 4096,
+                 prefix_cache: bool = True):
         self.bundle = load_bundle(Path(bundle), verify=verify)
         m = self.bundle.manifest
         path = self.bundle.path
@@ -189,7 +209,7 @@ class TTS:
             from .predictor import CodePredictor
             from .talker import Talker
 
-            talker = Talker(path(m.component("talker", self.talker_precision)), n_threads=threads,
+            talker = Talker(path(m.component("talker", self.talker_precision)), n_ctx=n_ctx, n_threads=threads,
                             n_gpu_layers=n_gpu_layers)
             predictor = CodePredictor(path(m.component("predictor", self.talker_precision)),
                                       path(m.component("predictor_tables", self.talker_precision)),
@@ -200,6 +220,10 @@ class TTS:
         from .decoder import StreamingDecoder
 
         self.talker, self.predictor, self.tables = backends.talker, backends.predictor, backends.tables
+        if prefix_cache and hasattr(self.talker, "rewind"):
+            self.talker = PrefixReusingTalker(self.talker)
+        ctx = getattr(getattr(self.talker, "ctx", None), "n_ctx", None)
+        self.n_ctx: int | None = int(ctx) if ctx else None
         self.decoder = StreamingDecoder(path(m.component("decoder", self.decoder_precision)), providers=providers,
                                         threads=threads)
         self.tokenizer = TextTokenizer.from_folder(self.bundle.root / "tokenizer")
@@ -248,15 +272,48 @@ class TTS:
         if overrides:
             o = SpeakOptions(**{**o.__dict__, **overrides})
         t0 = time.perf_counter()
-        prompt = build_prompt(self.ids, self.tokenizer, self.tables, text, language=o.language, speaker=o.speaker,
-                              instruct=o.instruct, voice=o.voice, streaming_text=o.streaming_text)
+        voice = dict(language=o.language, speaker=o.speaker, instruct=o.instruct, voice=o.voice,
+                     streaming_text=o.streaming_text)
+        segments: list[str | Iterable[str]] = [text]
+        if isinstance(text, str):
+            budget = self._segment_budget(o)
+            if budget is not None:
+                segments = list(split_segments(text, self.tokenizer, budget))
+        first = build_prompt(self.ids, self.tokenizer, self.tables, segments[0], **voice)  # validates now
         max_frames = o.max_frames or int(self.bundle.manifest.sampling.get("max_new_tokens", 8192))
-        loop = FrameLoop(self.talker, self.predictor, self.tables, prompt, self._sampler(o),
-                         Guards(max_frames=max_frames, frames_per_text_token=o.frames_per_text_token))
-        ref_codes = None if o.voice is None or o.voice.ref_codes is None else np.asarray(o.voice.ref_codes)
-        return self._run(loop, o.chunk_frames, ref_codes, time.perf_counter() - t0)
+        sampler = self._sampler(o)
 
-    def _run(self, loop: FrameLoop, schedule: Sequence[int], ref_codes: np.ndarray | None,
+        def loops() -> Iterator[tuple[int, FrameLoop]]:
+            remaining = max_frames
+            for i, segment in enumerate(segments):
+                prompt = first if i == 0 else build_prompt(self.ids, self.tokenizer, self.tables, segment, **voice)
+                limit, reason = remaining, STOP_MAX_FRAMES
+                if self.n_ctx is not None and self.n_ctx - len(prompt.embeds) < limit:
+                    limit, reason = max(1, self.n_ctx - len(prompt.embeds)), STOP_CONTEXT
+                sampler.generated.clear()  # each segment is a fresh generation (repetition penalty history)
+                loop = FrameLoop(self.talker, self.predictor, self.tables, prompt, sampler,
+                                 Guards(max_frames=limit, frames_per_text_token=o.frames_per_text_token,
+                                        max_frames_reason=reason))
+                yield i, loop
+                remaining -= loop.frames
+                if remaining <= 0:
+                    return
+
+        ref_codes = None if o.voice is None or o.voice.ref_codes is None else np.asarray(o.voice.ref_codes)
+        return self._run(loops(), o.chunk_frames, ref_codes, time.perf_counter() - t0)
+
+    def _segment_budget(self, o: SpeakOptions) -> int | None:
+        """Text tokens per segment so that a segment's prompt and frames fit the talker's context."""
+        if o.segment_tokens is not None:
+            return o.segment_tokens
+        if self.n_ctx is None:
+            return None
+        per_token = o.frames_per_text_token or 8.0
+        room = self.n_ctx - 64 - Guards.text_ceiling_slack - len(self.tokenizer.encode(o.instruct or ""))
+        per_token += 0 if o.streaming_text else 1  # the full-text layout also puts every token in the prompt
+        return max(8, int(room / per_token))
+
+    def _run(self, loops: Iterator[tuple[int, FrameLoop]], schedule: Sequence[int], ref_codes: np.ndarray | None,
              prompt_s: float) -> Iterator[AudioChunk]:
         """Generation on a worker thread, decoding on the consumer's thread, a bounded queue between them.
 
@@ -273,7 +330,7 @@ class TTS:
             self.decoder.reset()
         frames: queue.Queue = queue.Queue(maxsize=self.max_queued_frames)
         stop = threading.Event()
-        worker = threading.Thread(target=_produce, args=(loop, frames, stop), name="qwen3-tts-edge-frames",
+        worker = threading.Thread(target=_produce, args=(loops, frames, stop, stats), name="qwen3-tts-edge-frames",
                                   daemon=True)
         worker.start()
         pending: list[np.ndarray] = []
@@ -289,8 +346,8 @@ class TTS:
             if stats.ttfa_s is None and len(pcm):
                 stats.ttfa_s = elapsed
             chunk = AudioChunk(pcm=pcm, sample_rate=self.sample_rate, first_frame=first, n_frames=len(codes),
-                               elapsed_s=elapsed, final=final, stop_reason=loop.stop_reason if final else None,
-                               codes=codes)
+                               elapsed_s=elapsed, final=final, stop_reason=stats.stop_reason if final else None,
+                               codes=codes, segment=max(0, stats.segments - 1))
             first += len(codes)
             chunk_index += 1
             pending.clear()
@@ -308,9 +365,8 @@ class TTS:
                 pending.append(item.codes)
                 if len(pending) >= schedule[min(chunk_index, len(schedule) - 1)]:
                     yield flush(final=False)
-            stats.prefill_ms = loop.prefill_ms
-            stats.talker_ms -= loop.prefill_ms  # frame 0's talker time is the prefill; keep per-frame cost clean
-            stats.stop_reason = loop.stop_reason
+            stats.talker_ms -= stats.prefill_ms  # each segment's frame 0 talker time is its prefill
+            stats.stop_reason = stats.segment_stops[-1] if stats.segment_stops else None
             yield flush(final=True)
         finally:
             stop.set()
@@ -320,7 +376,7 @@ class TTS:
                 except queue.Empty:
                     worker.join(timeout=0.05)
             if stats.stop_reason is None:
-                stats.stop_reason = loop.stop_reason or STOP_CANCELLED
+                stats.stop_reason = STOP_CANCELLED
 
     def synthesize(self, text: str | Iterable[str], options: SpeakOptions | None = None,
                    **overrides) -> tuple[np.ndarray, int]:
