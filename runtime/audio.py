@@ -7,6 +7,7 @@ and explains what is missing (PortAudio, an output device) instead of failing de
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import sys
@@ -74,7 +75,8 @@ class RawSink:
         self.stream.flush()
 
     def abort(self) -> None:
-        self.close()
+        with contextlib.suppress(OSError):  # e.g. the reader closed the pipe
+            self.stream.flush()
 
 
 class PlaybackSink:

@@ -156,11 +156,18 @@ def _cmd_speak(args: argparse.Namespace) -> int:
             if args.stats:
                 print(f"{PROG}: {_format_stats(tts.last_stats)}", file=sys.stderr)
         sink.close()
+    except BrokenPipeError as exc:  # the reader of --raw went away: stop generating, say so once
+        sink.abort()
+        sys.stdout = None  # the interpreter must not try to flush the dead pipe again at exit
+        raise CliError("output pipe closed by the reader; stopped") from exc
     except BaseException as exc:
         sink.abort()
-        if isinstance(exc, AudioError | ValueError):
+        if isinstance(exc, AudioError | ValueError | OSError):
             raise CliError(str(exc)) from exc
         raise
+    finally:
+        for stream in streams:
+            stream.close()  # stops generation threads promptly on errors and interrupts
     if args.output:
         print(f"{PROG}: wrote {args.output}", file=sys.stderr)
     return 0

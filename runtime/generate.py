@@ -21,6 +21,7 @@ STOP_EOS = "eos"
 STOP_MAX_FRAMES = "max_frames"
 STOP_TEXT_CEILING = "frames_per_text_token"
 STOP_CONTEXT = "context_limit"
+STOP_REPEAT = "repeated_frames"
 
 
 class StepResult(Protocol):
@@ -56,10 +57,16 @@ class Guards:
     frames_per_text_token: float | None = 8.0
     text_ceiling_slack: int = 40
     max_frames_reason: str = STOP_MAX_FRAMES  # e.g. STOP_CONTEXT when the cap is the KV room left
+    # Stop when codebook 0 has not changed for this many frames (a stuck loop; None disables). 100 frames
+    # is 8 s of one code: longer than any pause, so real speech never trips it.
+    repeat_frames: int | None = 100
 
     def __post_init__(self) -> None:
         if isinstance(self.max_frames, bool) or not isinstance(self.max_frames, int) or self.max_frames < 1:
             raise ValueError(f"max_frames must be a positive integer, got {self.max_frames!r}")
+        if self.repeat_frames is not None and (isinstance(self.repeat_frames, bool)
+                                               or not isinstance(self.repeat_frames, int) or self.repeat_frames < 2):
+            raise ValueError(f"repeat_frames must be an integer >= 2 or None, got {self.repeat_frames!r}")
         if self.frames_per_text_token is not None and not self.frames_per_text_token > 0:
             raise ValueError(f"frames_per_text_token must be positive or None, got {self.frames_per_text_token!r}")
 
@@ -95,7 +102,8 @@ class FrameLoop:
             out = self.talker.prefill(self.prompt.embeds)
             self.prefill_ms = (time.perf_counter() - t0) * 1e3
             talker_ms = self.prefill_ms
-            k = 0
+            k = run = 0
+            last_c0 = -1
             while True:
                 c0 = self.sampler.choose_c0(out.logits, k, allow_eos=self.prompt.text_finished())
                 if c0 == eos:
@@ -107,6 +115,11 @@ class FrameLoop:
                 codes = np.concatenate([[c0], np.asarray(residual, dtype=np.int64)])
                 self.frames = k + 1
                 yield Frame(index=k, codes=codes, talker_ms=talker_ms, predictor_ms=(t2 - t1) * 1e3)
+                run = run + 1 if c0 == last_c0 else 1
+                last_c0 = c0
+                if self.guards.repeat_frames is not None and run >= self.guards.repeat_frames:
+                    self.stop_reason = STOP_REPEAT
+                    return
                 limit, reason = self.guards.limit(self.prompt.text_tokens())
                 if k + 1 >= limit:
                     self.stop_reason = reason

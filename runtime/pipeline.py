@@ -11,6 +11,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -215,6 +216,11 @@ class TTS:
                                       path(m.component("predictor_tables", self.talker_precision)),
                                       n_threads=threads, n_gpu_layers=n_gpu_layers)
             backends = Backends(talker, predictor, BundleTables(talker, predictor))
+            for name, engine in (("talker", talker), ("predictor", predictor)):
+                if n_gpu_layers and engine.placement.device != "gpu":
+                    warnings.warn(f"{name}: {n_gpu_layers} GPU layers requested but it runs on the CPU "
+                                  f"({engine.placement.note or 'this llama-cpp-python build has no GPU backend'})",
+                                  RuntimeWarning, stacklevel=2)
         else:
             self.talker_precision = backends.name
         from .decoder import StreamingDecoder

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import needs_export
 from qwen3_tts_edge.runtime.bundle import load_bundle
-from qwen3_tts_edge.runtime.generate import STOP_MAX_FRAMES, STOP_TEXT_CEILING, FrameLoop, Guards
+from qwen3_tts_edge.runtime.generate import STOP_MAX_FRAMES, STOP_REPEAT, STOP_TEXT_CEILING, FrameLoop, Guards
 from qwen3_tts_edge.runtime.prompt import ModelIds, build_prompt
 from qwen3_tts_edge.runtime.sampler import CodeSampler, SamplingParams
 from qwen3_tts_edge.runtime.text import TextTokenizer
@@ -78,7 +78,39 @@ def test_text_ceiling_stops_runaway_and_reports_it(ref):
     assert len(frames) == int(0.5 * loop.prompt.n_text_tokens) + 3
 
 
-@pytest.mark.parametrize("bad", [dict(max_frames=0), dict(max_frames=2.5), dict(frames_per_text_token=0)])
+@pytest.mark.parametrize("bad", [dict(max_frames=0), dict(max_frames=2.5), dict(frames_per_text_token=0),
+                                 dict(repeat_frames=1)])
 def test_bad_guards(bad):
     with pytest.raises(ValueError):
         Guards(**bad)
+
+
+class _StuckTalker:
+    """Test double around the real talker that makes codebook 0 stick to one code (a runaway loop)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def reset(self):
+        self.inner.reset()
+
+    def _stuck(self, out):
+        logits = np.full_like(out.logits, -10.0)
+        logits[7] = 10.0
+        return type(out)(logits=logits, hidden=out.hidden)
+
+    def prefill(self, embeds):
+        return self._stuck(self.inner.prefill(embeds))
+
+    def step(self, embed):
+        return self._stuck(self.inner.step(embed))
+
+
+def test_repeated_frames_detector_stops_a_stuck_loop(ref):
+    prompt = build_prompt(ref["ids"], ref["tok"], ref["tables"], TEXT, language="english", speaker="ryan")
+    sampler = CodeSampler(SamplingParams().greedy(), vocab_size=3072, eos_id=2150)
+    loop = FrameLoop(_StuckTalker(ref["talker"]), ref["predictor"], ref["tables"], prompt, sampler,
+                     Guards(max_frames=500, repeat_frames=30))
+    frames = list(loop)
+    assert loop.stop_reason == STOP_REPEAT and len(frames) == 30
+    assert all(f.codes[0] == 7 for f in frames)
