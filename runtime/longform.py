@@ -24,48 +24,34 @@ def split_sentences(text: str) -> list[str]:
     return [m.group(0) for m in _SENTENCE.finditer(text) if m.group(0)]
 
 
-def _fit(word: str, tokenizer: TextTokenizer, max_tokens: int) -> list[str]:
-    """A word (e.g. an unspaced CJK run) longer than the budget, cut into character runs that fit."""
-    if len(tokenizer.encode(word)) <= max_tokens:
-        return [word]
-    parts, current = [], ""
-    for ch in word:
-        if current and len(tokenizer.encode(current + ch)) > max_tokens:
-            parts.append(current)
+def _pack(units: list[str], tokenizer: TextTokenizer, max_tokens: int) -> list[str]:
+    """Greedily join consecutive units into runs of at most ``max_tokens`` tokens (a unit over it stays alone)."""
+    runs, current = [], ""
+    for unit in units:
+        if current and len(tokenizer.encode(current + unit)) > max_tokens:
+            runs.append(current)
             current = ""
-        current += ch
-    return parts + [current] if current else parts
+        current += unit
+    return runs + [current] if current else runs
+
+
+def _units(sentence: str, tokenizer: TextTokenizer, max_tokens: int) -> list[str]:
+    """A sentence as pieces that each fit: itself, else its words, else (unspaced CJK runs) characters."""
+    if len(tokenizer.encode(sentence)) <= max_tokens:
+        return [sentence]
+    out = []
+    for word in re.findall(r"\S+\s*", sentence) or [sentence]:
+        fits = len(tokenizer.encode(word)) <= max_tokens
+        out.extend([word] if fits else _pack(list(word), tokenizer, max_tokens))
+    return _pack(out, tokenizer, max_tokens)
 
 
 def split_segments(text: str, tokenizer: TextTokenizer, max_tokens: int) -> list[str]:
     """Pack sentences into segments of at most ``max_tokens`` text tokens (a longer sentence is cut at words)."""
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be positive, got {max_tokens}")
-    pieces: list[str] = []
-    for sentence in split_sentences(text):
-        if len(tokenizer.encode(sentence)) <= max_tokens:
-            pieces.append(sentence)
-            continue
-        words = [w for word in (re.findall(r"\S+\s*", sentence) or [sentence])
-                 for w in _fit(word, tokenizer, max_tokens)]
-        current = ""
-        for word in words:
-            if current and len(tokenizer.encode(current + word)) > max_tokens:
-                pieces.append(current)
-                current = ""
-            current += word
-        if current:
-            pieces.append(current)
-    segments: list[str] = []
-    current = ""
-    for piece in pieces:
-        if current and len(tokenizer.encode(current + piece)) > max_tokens:
-            segments.append(current)
-            current = ""
-        current += piece
-    if current.strip():
-        segments.append(current)
-    return [s for s in segments if s.strip()] or [text]
+    pieces = [u for sentence in split_sentences(text) for u in _units(sentence, tokenizer, max_tokens)]
+    return [s for s in _pack(pieces, tokenizer, max_tokens) if s.strip()] or [text]
 
 
 class PrefixReusingTalker:

@@ -11,17 +11,13 @@ import numpy as np
 import pytest
 
 from conftest import needs_export
+from qwen3_tts_edge.bench.parity import official_prompt
 from qwen3_tts_edge.runtime.prompt import ModelIds, PromptError, VoicePrompt, build_prompt
 from qwen3_tts_edge.runtime.text import TextTokenizer
 
 pytestmark = needs_export
 
 TEXTS = ["Hello world, this is a test of the prompt builder.", "你好，世界！今天天气很好。", "Hi"]
-
-
-class _Captured(Exception):
-    def __init__(self, kwargs):
-        self.kwargs = kwargs
 
 
 class NumpyTables:
@@ -84,31 +80,8 @@ def setup(request):
 
 
 def _official(model, tok, text, *, language, speaker=None, instruct=None, voice=None, streaming=True):
-    import torch
-
-    def capture(**kwargs):
-        raise _Captured(kwargs)
-
-    model.talker.generate = capture
-    ids = torch.tensor([tok.encode(f"<|im_start|>assistant\n{text}<|im_end|>\n<|im_start|>assistant\n")])
-    kwargs = dict(input_ids=[ids], languages=[language], non_streaming_mode=not streaming)
-    if instruct:
-        kwargs["instruct_ids"] = [torch.tensor([tok.encode(f"<|im_start|>user\n{instruct}<|im_end|>\n")])]
-    if speaker:
-        kwargs["speakers"] = [speaker]
-    if voice is not None:
-        icl = voice.ref_codes is not None
-        kwargs["voice_clone_prompt"] = {
-            "ref_code": [torch.from_numpy(voice.ref_codes)] if icl else None,
-            "ref_spk_embedding": [torch.from_numpy(voice.speaker_embedding)],
-            "x_vector_only_mode": [not icl], "icl_mode": [icl],
-        }
-        if icl:
-            kwargs["ref_ids"] = [torch.tensor([tok.encode(f"<|im_start|>assistant\n{voice.ref_text}<|im_end|>\n")])]
-    with pytest.raises(_Captured) as cap:
-        model.generate(**kwargs)
-    k = cap.value.kwargs
-    return (k["inputs_embeds"][0].numpy(), k["trailing_text_hidden"][0].numpy(), k["tts_pad_embed"].reshape(-1).numpy())
+    return official_prompt(model, tok, text, language=language, speaker=speaker, instruct=instruct, voice=voice,
+                           streaming=streaming)
 
 
 def _cases(model_type, hidden):
