@@ -193,10 +193,6 @@ def _cmd_parity(args: argparse.Namespace) -> int:
     return 0
 
 
-def _not_yet(what: str) -> int:
-    raise NotImplementedYet(f"`{what}` is not implemented yet in this release (see README, 'Status')")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Qwen3-TTS 12 Hz on edge hardware: export, speak, "
                                      "inspect and benchmark artifact bundles.")
@@ -255,11 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=int, default=200, help="greedy free-running frames to compare (default 200)")
     p.set_defaults(func=_cmd_parity)
 
+    from ..bench.run import add_bench_arguments, cmd_bench  # light: torch loads only for --vs-reference
+
     p = sub.add_parser("bench", help="time to first audio, real-time factor, memory, fidelity per precision")
-    p.add_argument("-b", "--bundle", required=True, type=Path)
-    p.add_argument("--json", type=Path, metavar="FILE")
-    p.add_argument("--plot", type=Path, metavar="FILE")
-    p.set_defaults(func=lambda a: _not_yet("bench"))
+    add_bench_arguments(p)
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

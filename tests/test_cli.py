@@ -36,8 +36,7 @@ def test_subcommand_help(name, capsys):
     assert "usage: qwen3-tts-edge " + name in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv", [["bench", "-b", "x"],
-                                  ["speak", "hi", "-b", "x", "-o", "x.wav", "--voice", "v.npz"]])
+@pytest.mark.parametrize("argv", [["speak", "hi", "-b", "x", "-o", "x.wav", "--voice", "v.npz"]])
 def test_unimplemented_subcommands_say_so_and_fail(argv, capsys):
     assert cli.main(argv) == cli.EXIT_NOT_IMPLEMENTED
     assert "not implemented yet" in capsys.readouterr().err

@@ -1,0 +1,373 @@
+"""``qwen3-tts-edge bench``: time to first audio, real-time factor, per-stage cost, memory and fidelity per precision.
+
+Every configuration (talker precision x decoder precision x execution provider) runs the real runtime path —
+``TTS.stream``, what ``speak`` uses — on a fixed set of texts with a fixed seed, each round in a fresh process
+(``bench/timing.py``) so that its peak RSS is its own. Rounds are interleaved across configurations (round 1 of
+every configuration, then round 2, ...), so slow drifts of the machine's background load hit all of them alike;
+figures are medians over rounds x texts with their spread. ``--frames N`` forces exactly N frames per request
+(equal work whatever the sampler does); ``--vs-reference MODEL`` adds the official PyTorch fp32 model through the
+same loop as the baseline of every ratio and the fidelity section against it. See bench/README.md for the JSON
+schema.
+
+Torch-free unless ``--vs-reference`` is given; matplotlib only with ``--plot``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..runtime.bundle import Bundle, BundleError, load_bundle
+from ..runtime.cli import CliError
+from ..runtime.prompt import ModelIds
+from . import machine
+from . import report as rep
+
+PROG = "qwen3-tts-edge bench"
+TALKER_ORDER = ("f32", "f16", "bf16", "q8_0", "q5_k_m", "q4_k_m")
+DECODER_ORDER = ("fp32", "fp16", "int8")
+CPU = "CPUExecutionProvider"
+DEFAULT_INSTRUCT = "A calm, clear voice."
+WARMUP_FRAMES = 16  # enough for every chunk size of the default schedule (1+2+4+8) and to page the weights in
+
+
+@dataclass(frozen=True)
+class BenchText:
+    id: str
+    language: str
+    text: str
+
+
+TEXTS: tuple[BenchText, ...] = (
+    BenchText("en-short", "english", "Hello! Thanks for calling, how can I help you today?"),
+    BenchText("zh-medium", "chinese", "今天的天气非常好，我们一起去公园散步吧。路边的花都开了，空气里有淡淡的清香，"
+                                      "孩子们在草地上放风筝。"),
+    BenchText("de-long", "german", "Die Bahn nach Hamburg fährt heute mit etwa zwanzig Minuten Verspätung ab. Bitte "
+                                   "achten Sie auf die Durchsagen am Bahnsteig, denn der Zug hält ausnahmsweise an "
+                                   "Gleis sieben statt an Gleis drei. Reisende mit Anschlussverbindungen wenden sich "
+                                   "bitte an das Servicepersonal im Zug. Wir bitten um Entschuldigung."),
+)
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``bench`` subcommand's options (shared by ``qwen3-tts-edge bench`` and ``python -m ...bench.run``)."""
+    p.add_argument("-b", "--bundle", required=True, type=Path)
+    p.add_argument("--json", type=Path, metavar="FILE", help="write the report as JSON (schema: bench/README.md)")
+    p.add_argument("--plot", type=Path, metavar="FILE", help="write the plots as one PNG (needs matplotlib)")
+    p.add_argument("--markdown", type=Path, metavar="FILE", help="write the result tables as markdown")
+    p.add_argument("--vs-reference", metavar="MODEL",
+                   help="also time the official PyTorch fp32 model (the checkpoint the bundle came from) and measure "
+                        "fidelity against it; needs the export extras")
+    p.add_argument("--frames", type=int, help="force exactly N frames per request (equal work across configurations)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="rounds; each configuration runs once per round in a fresh process (default 3)")
+    p.add_argument("--threads", type=int, default=2, help="llama.cpp / onnxruntime / torch threads (default 2)")
+    p.add_argument("--talker", type=_csv, metavar="PRECISIONS", help="talker precisions to run (default: all)")
+    p.add_argument("--decoder", type=_csv, metavar="PRECISIONS", help="decoder precisions to run (default: all)")
+    p.add_argument("--provider", action="append", metavar="EP",
+                   help=f"onnxruntime execution provider for the decoder (repeatable; default {CPU})")
+    p.add_argument("--n-gpu-layers", type=int, default=0, help="llama.cpp layers to offload (CUDA builds)")
+    p.add_argument("--texts", type=_csv, metavar="IDS", help=f"bench texts to use (default all: "
+                   f"{','.join(t.id for t in TEXTS)})")
+    p.add_argument("--speaker", help="preset speaker (CustomVoice; default: the first in the bundle)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chunk-frames", type=_csv, default=["1", "2", "4", "8"], metavar="SCHEDULE",
+                   help="decode schedule: frames per chunk, last repeats (default 1,2,4,8)")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# plan
+
+
+def _ordered(have: Sequence[str], order: Sequence[str]) -> list[str]:
+    return [p for p in order if p in have] + sorted(p for p in have if p not in order)
+
+
+def _select(bundle: Bundle, role: str, wanted: list[str] | None, order: Sequence[str],
+            refused: list[dict[str, str]]) -> tuple[list[str], list[str]]:
+    have = _ordered({c.precision for c in bundle.manifest.find(role)}, order)
+    if not wanted:
+        return have, []
+    why = {r["precision"]: r["reason"] for r in refused if r["role"] == role}
+    missing = [p for p in wanted if p not in have]
+    unknown = [p for p in missing if p not in why]
+    if unknown:
+        raise CliError(f"bundle has no {role} in precision {', '.join(unknown)}; available: {', '.join(have)}")
+    return [p for p in have if p in wanted], [f"{role} {p}: refused at export ({why[p]})" for p in missing]
+
+
+def _request(ids: ModelIds, speaker: str | None) -> dict[str, Any]:
+    if ids.model_type == "custom_voice":
+        speakers = sorted(ids.speakers)
+        if speaker is not None and speaker not in speakers:
+            raise CliError(f"unknown speaker {speaker!r}; this bundle has {', '.join(speakers)}")
+        return {"speaker": speaker or speakers[0]}
+    if ids.model_type == "voice_design":
+        return {"instruct": DEFAULT_INSTRUCT}
+    raise CliError("bench needs a CustomVoice or VoiceDesign bundle: Base models speak from a voice prompt "
+                   "(speaker-encoder stage), which bench cannot supply yet")
+
+
+def _reference_checkpoint(model: str, bundle: Bundle) -> Path:
+    try:
+        from ..export.official import qwen_tts
+        from ..export.sources import ModelSourceError, resolve_model, source_file_hashes
+
+        qwen_tts()
+    except ImportError as exc:
+        raise CliError(f"--vs-reference needs the export extras (torch, qwen-tts): {exc}") from exc
+    try:
+        source = resolve_model(model)
+    except ModelSourceError as exc:
+        raise CliError(str(exc)) from exc
+    hashes = source_file_hashes(source.path)
+    exported_from = bundle.manifest.source.get("files", {})
+    for name in ("config.json", "model.safetensors"):
+        if name in exported_from and hashes.get(name) != exported_from[name]:
+            raise CliError(f"{model} is not the checkpoint this bundle was exported from ({name} differs); the "
+                           f"bundle came from {bundle.manifest.source.get('model')}")
+    return Path(source.path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# workers
+
+
+def _spawn(spec: dict[str, Any], workdir: Path, tag: str) -> dict[str, Any]:
+    """Run one configuration in a fresh interpreter; its result record."""
+    spec_path, out_path = workdir / f"{tag}.spec.json", workdir / f"{tag}.result.json"
+    spec_path.write_text(json.dumps(spec), encoding="utf-8")
+    out_path.unlink(missing_ok=True)
+    proc = subprocess.run([sys.executable, "-m", "qwen3_tts_edge.bench.timing", str(spec_path), str(out_path)],
+                          capture_output=True, text=True, errors="replace", check=False)
+    if proc.returncode != 0 or not out_path.is_file():
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+        raise CliError(f"bench worker for {tag} failed (exit {proc.returncode}):\n{tail}")
+    return json.loads(out_path.read_text(encoding="utf-8"))
+
+
+def _say(progress, tag: str, res: dict[str, Any]) -> None:
+    s = res["samples"]
+    ttfa = np.median([x["ttfa_ms"] for x in s if x["ttfa_ms"] is not None]) if s else float("nan")
+    rtf = np.median([x["rtf"] for x in s if x["rtf"] is not None]) if s else float("nan")
+    progress(f"{tag}: load {res['load_s']:.1f} s, TTFA {ttfa:.0f} ms, RTF {rtf:.2f}, peak RSS "
+             f"{res['peak_rss_mb']:.0f} MB")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the command
+
+
+def run_bench(args: argparse.Namespace, progress=lambda msg: None) -> dict[str, Any]:
+    """Run the benchmark described by parsed ``args``; the report (schema in bench/README.md)."""
+    if args.frames is not None and args.frames < 1:
+        raise CliError("--frames must be at least 1")
+    if args.repeats < 1:
+        raise CliError("--repeats must be at least 1")
+    if args.threads < 1:
+        raise CliError("--threads must be at least 1")
+    try:
+        schedule = [int(v) for v in args.chunk_frames]
+    except ValueError as exc:
+        raise CliError(f"--chunk-frames must be positive integers: {exc}") from exc
+    if not schedule or min(schedule) < 1:
+        raise CliError("--chunk-frames must be positive integers")
+    by_id = {t.id: t for t in TEXTS}
+    unknown = [t for t in args.texts or [] if t not in by_id]
+    if unknown:
+        raise CliError(f"unknown bench texts {', '.join(unknown)}; choose from {', '.join(by_id)}")
+    texts = [by_id[t] for t in args.texts] if args.texts else list(TEXTS)
+    if args.plot is not None:
+        from .plots import require_matplotlib
+
+        require_matplotlib()
+    try:
+        bundle = load_bundle(args.bundle)
+    except BundleError as exc:
+        raise CliError(str(exc)) from exc
+    m = bundle.manifest
+    ids = ModelIds.from_manifest(m)
+    request = _request(ids, args.speaker)
+    refused = rep.refused(bundle)
+    talkers, skipped = _select(bundle, "talker", args.talker, TALKER_ORDER, refused)
+    decoders, skipped_dec = _select(bundle, "decoder", args.decoder, DECODER_ORDER, refused)
+    skipped += skipped_dec
+    if not talkers or not decoders:
+        raise CliError(f"bundle {bundle.root} needs a talker and a decoder to bench; export it with "
+                       f"`qwen3-tts-edge export MODEL -o {bundle.root} --force --talker q8_0 --decoder fp32`")
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    providers = []
+    for p in args.provider or [CPU]:
+        if p in available:
+            providers.append(p)
+        else:
+            skipped.append(f"provider {p}: not available in this onnxruntime build ({', '.join(available)})")
+    if not providers:
+        raise CliError(f"none of the requested providers is available (this onnxruntime has {', '.join(available)})")
+    checkpoint = _reference_checkpoint(args.vs_reference, bundle) if args.vs_reference else None
+
+    start_load = os.getloadavg()
+    progress("measuring memory bandwidth")
+    bw = [machine.memory_bandwidth_gbs()]
+    frames = args.frames
+    warm = min(frames, WARMUP_FRAMES) if frames else WARMUP_FRAMES
+    base = {"bundle": str(bundle.root), "threads": args.threads, "n_gpu_layers": args.n_gpu_layers,
+            "frames": frames, "texts": [asdict(t) for t in texts], "seed": args.seed, "chunk_frames": schedule,
+            "warmup_frames": warm, **request}
+    configs = [(t, d, p) for p in providers for t in talkers for d in decoders]
+    results: dict[tuple[str, str, str], list[dict[str, Any]]] = {c: [] for c in configs}
+    ref_results: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="qwen3-tts-edge-bench-") as tmp:
+        work = Path(tmp)
+        for r in range(args.repeats):
+            if checkpoint is not None:
+                tag = f"round {r + 1}/{args.repeats} reference torch-fp32"
+                spec = {**base, "reference": str(checkpoint), "return_codes": r == 0}
+                ref_results.append(_spawn(spec, work, f"ref{r}"))
+                _say(progress, tag, ref_results[-1])
+            for t, d, p in configs:
+                tag = f"round {r + 1}/{args.repeats} talker {t} x decoder {d} ({p})"
+                res = _spawn({**base, "talker": t, "decoder": d, "provider": p}, work, f"{t}.{d}.{len(results)}.{r}")
+                results[(t, d, p)].append(res)
+                _say(progress, tag, res)
+    bw.append(machine.memory_bandwidth_gbs())
+    end_load = os.getloadavg()
+
+    reference = None
+    if ref_results:
+        agg = rep.aggregate(ref_results)
+        reference = {"talker": "torch-fp32", "predictor": "torch-fp32", "decoder": "torch-fp32",
+                     "model": args.vs_reference, "how": _reference_how(),
+                     "offline_decode_ms_per_frame": rep.stat(x.get("offline_decode_ms_per_frame")
+                                                             for x in ref_results)["median"],
+                     **agg}
+    fid = None
+    if checkpoint is not None:
+        codes = ref_results[0].get("codes") if ref_results else None
+        fid = rep.fidelity_section(checkpoint, bundle, talkers, decoders, None if codes is None else np.asarray(codes),
+                                   schedule, args.threads, args.seed, progress)
+    aggs = {c: rep.aggregate(res) for c, res in results.items()}
+    n_frames = frames or max(1, int(np.median([a["frames"] for a in aggs.values()])))
+    floor = rep.floor_section(bundle, talkers, decoders, max(bw), n_frames, schedule)
+    runs = []
+    for (t, d, p), agg in aggs.items():
+        tp = _tp(agg)
+        fl = floor["talker"][t]["floor_ms_per_frame"]
+        run = {"talker": t, "predictor": t, "decoder": d, "provider": p, **agg,
+               "bundle_mb": rep.bundle_bytes(bundle, t, d) / 1e6,
+               "floor_ms_per_frame": fl, "floor_ratio": tp / fl if fl else None,
+               "vs_reference": rep.vs_reference(agg, reference) if reference else None,
+               "fidelity": rep.run_fidelity(fid, t, d) if fid else rep.manifest_fidelity(bundle, t, d)}
+        runs.append(run)
+    if reference is not None:
+        reference["bundle_mb"] = None
+    report = {
+        "schema": rep.SCHEMA,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {**machine.describe(args.threads), "bandwidth_gbs": max(bw), "bandwidth_samples_gbs": bw,
+                    "bandwidth_how": "bench/machine.memory_bandwidth_gbs: best of 5 single-stream numpy reductions "
+                                     "over 512 MiB, measured before and after the timed runs",
+                    "load_average": {"start": list(start_load), "end": list(end_load)}},
+        "bundle": {"path": str(bundle.root), "model": m.source.get("model"),
+                   "model_type": m.model.get("tts_model_type"), "model_size": m.model.get("tts_model_size"),
+                   "total_mb": sum(c.size for c in m.components) / 1e6},
+        "settings": {"frames": frames, "repeats": args.repeats, "threads": args.threads, "seed": args.seed,
+                     "chunk_frames": schedule, "providers": providers, "n_gpu_layers": args.n_gpu_layers,
+                     "texts": [asdict(t) for t in texts], "request": request,
+                     "warmup": f"one {warm}-frame request of {texts[0].id} per process, not timed",
+                     "process": "every configuration x round in a fresh interpreter (bench/timing.py); rounds "
+                                "interleaved across configurations"},
+        "reference": reference,
+        "floor_ms_per_frame": {t: f["floor_ms_per_frame"] for t, f in floor["talker"].items()},
+        "floor": floor,
+        "measured_talker_predictor_ms": {t: float(np.median([_tp(r) for r in runs if r["talker"] == t]))
+                                         for t in talkers},
+        "measured_decoder_ms": {d: float(np.median([r["ms_per_frame"]["decoder"] for r in runs if r["decoder"] == d]))
+                                for d in decoders},
+        "runs": runs,
+        "refused": refused,
+        "skipped": skipped,
+        "fidelity": fid,
+    }
+    return report
+
+
+def _tp(run: dict[str, Any]) -> float:
+    """Talker + code predictor ms per frame: the part the bandwidth floor bounds."""
+    return run["ms_per_frame"]["talker"] + run["ms_per_frame"]["predictor"]
+
+
+def _reference_how() -> str:
+    from .timing import REFERENCE_HOW
+
+    return REFERENCE_HOW
+
+
+def write_outputs(report: dict[str, Any], args: argparse.Namespace) -> None:
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=1, allow_nan=False) + "\n",
+                                   encoding="utf-8")
+    if args.markdown:
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        text = "\n\n".join([rep.markdown_table(report), rep.TABLE_NOTE, rep.floor_table(report)])
+        Path(args.markdown).write_text(text + "\n", encoding="utf-8")
+    if args.plot:
+        from .plots import plot_report
+
+        plot_report(report, args.plot)
+
+
+def _plain(o: Any) -> Any:
+    """JSON-ready copy: numpy scalars as Python numbers, non-finite floats (e.g. an identical signal's SNR) as None."""
+    if isinstance(o, dict):
+        return {str(k): _plain(v) for k, v in o.items()}
+    if isinstance(o, list | tuple):
+        return [_plain(v) for v in o]
+    if isinstance(o, np.generic):
+        o = o.item()
+    if isinstance(o, float) and not np.isfinite(o):
+        return None
+    return o
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Entry point of ``qwen3-tts-edge bench``."""
+    report = run_bench(args, progress=lambda msg: print(f"qwen3-tts-edge: bench: {msg}", file=sys.stderr, flush=True))
+    report = _plain(report)
+    print(rep.format_summary(report))
+    write_outputs(report, args)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m qwen3_tts_edge.bench.run ...``: the same command outside the main CLI."""
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    add_bench_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return cmd_bench(args)
+    except CliError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""``bench``: the report on the tiny bundle (schema, ratios, floor, fidelity, plots) and its error paths.
+
+Speed is never asserted here (shared CI machines); only that every figure exists, is consistent and positive.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import needs_export
+from qwen3_tts_edge.bench import report as rep
+from qwen3_tts_edge.bench.run import TEXTS, main
+from qwen3_tts_edge.runtime.bundle import load_bundle
+
+STAGES = ("talker", "predictor", "decoder", "overhead")
+
+
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def bench_run(tiny_bundle, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    argv = ["-b", str(tiny_bundle), "--vs-reference", "random:tiny-custom_voice", "--frames", "8", "--repeats", "1",
+            "--threads", "1", "--json", str(out / "out.json"), "--markdown", str(out / "out.md")]
+    if _has_matplotlib():
+        argv += ["--plot", str(out / "out.png")]
+    rc = main(argv)
+    assert rc == 0
+    return out, json.loads((out / "out.json").read_text(encoding="utf-8"))
+
+
+def _positive(x) -> bool:
+    return isinstance(x, int | float) and x > 0
+
+
+@needs_export
+def test_report_schema(bench_run):
+    _, r = bench_run
+    assert r["schema"] == rep.SCHEMA == 1
+    assert r["machine"]["cpu"] and _positive(r["machine"]["bandwidth_gbs"])
+    assert r["settings"]["frames"] == 8 and r["settings"]["repeats"] == 1 and r["settings"]["threads"] == 1
+    assert "not timed" in r["settings"]["warmup"]
+    assert {(x["talker"], x["decoder"], x["provider"]) for x in r["runs"]} == {
+        ("f32", "fp32", "CPUExecutionProvider"), ("q8_0", "fp32", "CPUExecutionProvider")}
+    assert r["refused"] == [] and r["skipped"] == []
+    for run in r["runs"] + [r["reference"]]:
+        assert _positive(run["ttfa_ms"]) and _positive(run["rtf"]) and _positive(run["peak_rss_mb"])
+        assert set(run["ms_per_frame"]) == set(STAGES)
+        assert all(run["ms_per_frame"][k] >= 0 for k in STAGES)
+        assert len(run["samples"]) == len(TEXTS)
+        assert all(s["frames"] == 8 and s["stop_reason"] == "max_frames" for s in run["samples"])
+        assert run["spread"]["rtf"]["min"] <= run["rtf"] <= run["spread"]["rtf"]["max"]
+    for run in r["runs"]:
+        assert run["predictor"] == run["talker"] and _positive(run["bundle_mb"])
+        assert run["devices"]["decoder"] == "CPUExecutionProvider"
+
+
+@needs_export
+def test_reference_ratios_and_floor(bench_run):
+    _, r = bench_run
+    ref = r["reference"]
+    assert ref["talker"] == "torch-fp32" and ref["model"] == "random:tiny-custom_voice" and "TTS.stream" in ref["how"]
+    assert _positive(ref["offline_decode_ms_per_frame"])
+    for run in r["runs"]:
+        vs = run["vs_reference"]
+        assert vs["ttfa"] == pytest.approx(run["ttfa_ms"] / ref["ttfa_ms"])
+        assert vs["rtf"] == pytest.approx(run["rtf"] / ref["rtf"])
+        for k in ("talker", "predictor", "decoder"):
+            assert vs["ms_per_frame"][k] == pytest.approx(run["ms_per_frame"][k] / ref["ms_per_frame"][k])
+        assert vs["peak_rss"] == pytest.approx(run["peak_rss_mb"] / ref["peak_rss_mb"])
+        floor = r["floor_ms_per_frame"][run["talker"]]
+        measured = run["ms_per_frame"]["talker"] + run["ms_per_frame"]["predictor"]
+        assert run["floor_ratio"] == pytest.approx(measured / floor)
+    assert set(r["floor_ms_per_frame"]) == {"f32", "q8_0"}
+    f32, q8 = r["floor"]["talker"]["f32"], r["floor"]["talker"]["q8_0"]
+    assert q8["talker_bytes"] < f32["talker_bytes"]  # q8_0 streams fewer bytes per frame than f32
+    assert f32["predictor_bytes"] == 15 * f32["predictor_per_call_bytes"]
+    assert r["floor"]["decoder"]["fp32"]["calls"] == rep.decoder_calls(8, r["settings"]["chunk_frames"])
+
+
+@needs_export
+def test_fidelity_per_precision(bench_run):
+    _, r = bench_run
+    by = {x["talker"]: x["fidelity"] for x in r["runs"]}
+    for p in ("f32", "q8_0"):
+        for stage in ("talker", "predictor"):
+            assert 0.9 < by[p][stage]["logit_cos"] <= 1.0 + 1e-9 and 0.0 <= by[p][stage]["top1"] <= 1.0
+        assert by[p]["e2e"]["logmel_dist"] >= 0.0 and by[p]["decoder"]["logmel_dist"] >= 0.0
+    assert by["f32"]["talker"]["kl"] < by["q8_0"]["talker"]["kl"]
+    assert "reference's own codes" in r["fidelity"]["e2e_codes"]
+
+
+@needs_export
+def test_tables_and_plot(bench_run):
+    out, r = bench_run
+    md = (out / "out.md").read_text(encoding="utf-8")
+    assert "| torch-fp32 | torch-fp32 |" in md and "| q8_0 | fp32 | CPUExecutionProvider |" in md
+    assert "floor ms/frame" in md
+    if not _has_matplotlib():
+        pytest.skip("matplotlib not installed")
+    png = (out / "out.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+@needs_export
+def test_without_reference_uses_manifest_fidelity(tiny_bundle, tmp_path, capsys):
+    rc = main(["-b", str(tiny_bundle), "--frames", "4", "--repeats", "1", "--threads", "1", "--talker", "q8_0",
+               "--texts", "en-short", "--json", str(tmp_path / "r.json")])
+    assert rc == 0
+    r = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))
+    assert r["reference"] is None and r["fidelity"] is None
+    (run,) = r["runs"]
+    assert run["vs_reference"] is None and run["fidelity"]["source"].startswith("manifest")
+    assert "kl" in run["fidelity"]["talker"]
+    assert "q8_0" in capsys.readouterr().out
+
+
+def test_missing_bundle(tmp_path, capsys):
+    assert main(["-b", str(tmp_path / "nope"), "--frames", "8"]) == 1
+    err = capsys.readouterr().err
+    assert "error" in err and "nope" in err
+
+
+@pytest.mark.parametrize("frames", ["0", "-3"])
+def test_bad_frames(tmp_path, capsys, frames):
+    assert main(["-b", str(tmp_path), "--frames", frames]) == 1
+    assert "--frames must be at least 1" in capsys.readouterr().err
+
+
+def test_bad_repeats_and_texts(tmp_path, capsys):
+    assert main(["-b", str(tmp_path), "--repeats", "0"]) == 1
+    assert "--repeats" in capsys.readouterr().err
+    assert main(["-b", str(tmp_path), "--texts", "xx-none"]) == 1
+    assert "unknown bench texts" in capsys.readouterr().err
+
+
+@needs_export
+def test_unknown_precision(tiny_bundle, capsys):
+    assert main(["-b", str(tiny_bundle), "--talker", "q4_k_m"]) == 1
+    assert "no talker in precision q4_k_m" in capsys.readouterr().err
+
+
+def test_plot_needs_matplotlib(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    assert main(["-b", str(tmp_path), "--plot", str(tmp_path / "x.png")]) == 1
+    assert "--plot needs matplotlib" in capsys.readouterr().err
+
+
+def test_pure_helpers():
+    assert rep.decoder_calls(50, (1, 2, 4, 8)) == 9  # 1+2+4+8, then 5 chunks of 8 (the last one partial)
+    assert rep.decoder_calls(1, (1, 2, 4, 8)) == 1
+    s = rep.stat([3.0, 1.0, 2.0, None, float("nan")])
+    assert s == {"median": 2.0, "min": 1.0, "max": 3.0, "rel_spread": 1.0, "n": 3}
+    assert rep.stat([])["median"] is None
+
+
+@needs_export
+def test_weight_bytes(tiny_bundle):
+    b = load_bundle(Path(tiny_bundle), verify=False)
+    f32 = rep.weight_bytes_per_frame(b, "f32")
+    talker_file = b.manifest.component("talker", "f32").size
+    assert 0 < f32["talker"] < talker_file  # token_embd (host lookups only) is not streamed
+    assert f32["total"] == f32["talker"] + f32["predictor"] + f32["heads"]
