@@ -142,10 +142,8 @@ def check_request(ids: ModelIds, speaker: str | None, instruct: str | None, voic
     if mode not in MODES:
         raise PromptError(f"unknown model type {mode!r} in the bundle; expected one of {', '.join(MODES)}")
     if mode == "custom_voice":
-        if not speaker:
-            choices = ", ".join(sorted(ids.speakers))
-            raise PromptError(f"this CustomVoice model needs a speaker; choose one of {choices}")
-        if speaker.lower() not in ids.speakers:
+        # No speaker is allowed, as in the official code: the prompt then carries no speaker row.
+        if speaker and speaker.lower() not in ids.speakers:
             raise PromptError(f"unknown speaker {speaker!r}; choose one of {', '.join(sorted(ids.speakers))}")
         if instruct and ids.model_size == "0b6":
             raise PromptError("the 0.6B CustomVoice model does not support instruct (the 1.7B one does)")
@@ -233,7 +231,7 @@ def build_prompt(
     else:
         tags = [cod["codec_think_id"], cod["codec_think_bos_id"], lang_id, cod["codec_think_eos_id"]]
     codec_rows = [tables.codec_embeds(_ids(tags))]
-    if ids.model_type == "custom_voice":
+    if ids.model_type == "custom_voice" and speaker:
         codec_rows.append(tables.codec_embeds(_ids([ids.speakers[speaker.lower()]])))
     elif voice is not None:
         codec_rows.append(np.asarray(voice.speaker_embedding, dtype=np.float32)[None, :])

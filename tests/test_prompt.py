@@ -92,7 +92,8 @@ def _cases(model_type, hidden):
     if model_type == "custom_voice":
         return [dict(language="english", speaker="vivian"), dict(language="auto", speaker="eric"),
                 dict(language="chinese", speaker="dylan"), dict(language="auto", speaker="aiden"),
-                dict(language="japanese", speaker="ono_anna", instruct="Speak slowly and warmly.")]
+                dict(language="japanese", speaker="ono_anna", instruct="Speak slowly and warmly."),
+                dict(language="english")]  # no speaker: allowed, as in the official code
     if model_type == "voice_design":
         return [dict(language="english", instruct="A calm, deep male voice."), dict(language="auto", instruct=None),
                 dict(language="chinese", instruct="温柔的女声")]
@@ -140,8 +141,6 @@ def test_mode_errors_list_valid_choices(setup):
     if ids.model_type == "custom_voice":
         with pytest.raises(PromptError, match="unknown speaker 'bob'; choose one of aiden, dylan"):
             build_prompt(ids, tok, tables, "hi", speaker="bob")
-        with pytest.raises(PromptError, match="needs a speaker"):
-            build_prompt(ids, tok, tables, "hi")
         small = ModelIds(**{**ids.__dict__, "model_size": "0b6"})
         with pytest.raises(PromptError, match="0.6B CustomVoice model does not support instruct"):
             build_prompt(small, tok, tables, "hi", speaker="vivian", instruct="whisper")
