@@ -172,14 +172,10 @@ def prompt_max_abs(model: Any, bundle: Bundle, precision: str) -> float:
     return worst
 
 
-def parity_report(bundle_dir: Path, model: str, *, frames: int = 200, progress=lambda msg: None) -> dict[str, Any]:
-    """The full parity report of a bundle against MODEL (which must be the checkpoint it was exported from)."""
-    from ..export.decoder_onnx import parity_report as decoder_parity
+def source_checkpoint(model: str, bundle: Bundle) -> Path:
+    """MODEL's checkpoint folder, refusing one the bundle was not exported from (a reference must be the same)."""
     from ..export.sources import resolve_model, source_file_hashes
-    from ..export.torch_reference import load_official
-    from .parity_llama import parity as llama_parity
 
-    bundle = load_bundle(bundle_dir)
     source = resolve_model(model)
     hashes = source_file_hashes(source.path)
     exported_from = bundle.manifest.source.get("files", {})
@@ -187,14 +183,25 @@ def parity_report(bundle_dir: Path, model: str, *, frames: int = 200, progress=l
         if name in exported_from and hashes.get(name) != exported_from[name]:
             raise BundleError(f"{model} is not the checkpoint this bundle was exported from ({name} differs); "
                               f"the bundle came from {bundle.manifest.source.get('model')}")
+    return Path(source.path)
+
+
+def parity_report(bundle_dir: Path, model: str, *, frames: int = 200, progress=lambda msg: None) -> dict[str, Any]:
+    """The full parity report of a bundle against MODEL (which must be the checkpoint it was exported from)."""
+    from ..export.decoder_onnx import parity_report as decoder_parity
+    from ..export.torch_reference import load_official
+    from .parity_llama import parity as llama_parity
+
+    bundle = load_bundle(bundle_dir)
+    checkpoint = source_checkpoint(model, bundle)
     precisions = sorted(c.precision for c in bundle.manifest.find("talker"))
     report: dict[str, Any] = {"bundle": str(bundle_dir), "model": model, "frames": frames}
     if precisions:
         progress(f"talker/predictor logits along a teacher-forced trajectory: {', '.join(precisions)}")
-        llama = llama_parity(source.path, bundle.root, precisions)
+        llama = llama_parity(checkpoint, bundle.root, precisions)
         report["talker"] = {p: llama[p]["talker"] for p in precisions}
         report["predictor"] = {p: llama[p]["predictor"] for p in precisions}
-        official = load_official(source.path)
+        official = load_official(checkpoint)
         report["greedy_identical_frames"], report["greedy"] = {}, {}
         for p in precisions:
             progress(f"greedy decisions vs the official modules ({p}, {frames} frames)")
@@ -206,7 +213,7 @@ def parity_report(bundle_dir: Path, model: str, *, frames: int = 200, progress=l
         report["prompt_precision"] = best
     if bundle.manifest.find("decoder"):
         progress("decoder: streaming vs offline, SNR, log-mel")
-        report.update(decoder_parity(source.path, bundle.root))
+        report.update(decoder_parity(checkpoint, bundle.root))
     return report
 
 

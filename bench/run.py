@@ -126,22 +126,17 @@ def _request(ids: ModelIds, speaker: str | None) -> dict[str, Any]:
 def _reference_checkpoint(model: str, bundle: Bundle) -> Path:
     try:
         from ..export.official import qwen_tts
-        from ..export.sources import ModelSourceError, resolve_model, source_file_hashes
+        from ..export.sources import ModelSourceError
 
         qwen_tts()
     except ImportError as exc:
         raise CliError(f"--vs-reference needs the export extras (torch, qwen-tts): {exc}") from exc
+    from .parity import source_checkpoint
+
     try:
-        source = resolve_model(model)
-    except ModelSourceError as exc:
+        return source_checkpoint(model, bundle)
+    except (ModelSourceError, BundleError) as exc:
         raise CliError(str(exc)) from exc
-    hashes = source_file_hashes(source.path)
-    exported_from = bundle.manifest.source.get("files", {})
-    for name in ("config.json", "model.safetensors"):
-        if name in exported_from and hashes.get(name) != exported_from[name]:
-            raise CliError(f"{model} is not the checkpoint this bundle was exported from ({name} differs); the "
-                           f"bundle came from {bundle.manifest.source.get('model')}")
-    return Path(source.path)
 
 
 # ----------------------------------------------------------------------------------------------------------
