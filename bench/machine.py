@@ -6,41 +6,11 @@ is reported next to its bandwidth floor: bytes of weights read per frame / measu
 
 from __future__ import annotations
 
-import os
-import platform
 import time
-from importlib import metadata
 
 import numpy as np
 
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _mem_total_gb() -> float | None:
-    try:
-        with open("/proc/meminfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return round(int(line.split()[1]) / 2**20, 1)
-    except OSError:
-        pass
-    return None
-
-
-def _version(pkg: str) -> str:
-    try:
-        return metadata.version(pkg)
-    except metadata.PackageNotFoundError:
-        return "not installed"
+from ..runtime import machine as runtime_machine
 
 
 def memory_bandwidth_gbs(size_mb: int = 512, repeats: int = 5) -> float:
@@ -60,15 +30,5 @@ def memory_bandwidth_gbs(size_mb: int = 512, repeats: int = 5) -> float:
 
 
 def describe(threads: int | None = None) -> dict:
-    """The machine fields of a benchmark report."""
-    return {
-        "cpu": _cpu_model(),
-        "cores": os.cpu_count(),
-        "threads_used": threads,
-        "memory_gb": _mem_total_gb(),
-        "os": f"{platform.system()} {platform.release()}",
-        "python": platform.python_version(),
-        "onnxruntime": _version("onnxruntime"),
-        "llama_cpp_python": _version("llama-cpp-python"),
-        "numpy": _version("numpy"),
-    }
+    """The machine fields of a benchmark report (with llama.cpp's system-info line: which kernels ran)."""
+    return {**runtime_machine.describe(), "threads_used": threads}

@@ -342,7 +342,8 @@ def format_summary(report: dict[str, Any]) -> str:
     s = report["settings"]
     frames = f"exactly {s['frames']} frames" if s["frames"] else "natural lengths"
     lines = [f"bench of {report['bundle']['path']}: {frames}, {s['repeats']} round(s) x {len(s['texts'])} texts, "
-             f"{s['threads']} thread(s), seed {s['seed']}; warm-up excluded ({s['warmup']})", "",
+             f"{s['threads']} thread(s), seed {s['seed']}; warm-up excluded ({s['warmup']})",
+             f"llama.cpp: {report.get('machine', {}).get('llama_cpp_system_info', 'n/a')}", "",
              markdown_table(report), "", TABLE_NOTE, "", floor_table(report)]
     for item in report.get("refused", []):
         lines.append(f"refused at export: {item['role']} {item['precision']}: {item['reason']}")

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import datetime as _dt
 import importlib
+import importlib.util
 import json
 import platform
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -21,9 +21,19 @@ from pathlib import Path
 from typing import Any
 
 from ..runtime.bundle import FORMAT_VERSION, MANIFEST_NAME, Component, Manifest, validate_components, write_manifest
+from ..runtime.errors import Qwen3TTSEdgeError
+from .progress import ExportProgress, null_step
 from .sources import ModelSource, resolve_model, source_file_hashes
 
 Progress = Callable[[str], None]
+
+# What `export` writes when no precision is named: a bundle `speak` can use at once on any CPU (q8_0 is
+# within 4e-4 KL of f32 at half the size; the fp32 decoder is the reference every other decoder is gated on).
+DEFAULT_TALKER = ("q8_0",)
+DEFAULT_DECODER = ("fp32",)
+# Modules the export side imports (the [export] extra plus qwen-tts installed with --no-deps).
+EXPORT_MODULES = ("torch", "transformers", "qwen_tts", "onnx", "onnxscript", "safetensors", "sentencepiece",
+                  "tqdm")
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json")
 OPTIONAL_TOKENIZER_FILES = ("tokenizer.json",)
@@ -38,12 +48,29 @@ STAGES: dict[str, tuple[str, str, tuple[str, ...]]] = {
 }
 
 
-class ExportError(Exception):
+class ExportError(Qwen3TTSEdgeError):
     """The export cannot proceed; nothing was written."""
 
 
-def _stderr(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+def missing_export_modules() -> list[str]:
+    """The export-side modules this environment lacks (empty when ``export`` can run)."""
+    missing = []
+    for name in EXPORT_MODULES:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):  # a blocked or half-installed package
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
+
+
+def _speakable(requested: dict[str, tuple[str, ...]]) -> None:
+    """Refuse, before any work, a request for a bundle that `speak` could not use."""
+    for stage, flag, default in (("talker", "--talker", DEFAULT_TALKER), ("decoder", "--decoder", DEFAULT_DECODER)):
+        if not requested[stage]:
+            raise ExportError(f"a bundle without a {stage} cannot speak; name at least one {stage} precision "
+                              f"({flag} {','.join(default)}, or leave {flag} out for that default)")
 
 
 def _tool_versions() -> dict[str, str]:
@@ -177,14 +204,39 @@ def _install(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def export_bundle(model: str, out: Path, *, talker: Sequence[str] = (), decoder: Sequence[str] = (),
-                  force: bool = False, progress: Progress = _stderr) -> Manifest:
-    """Export MODEL into the bundle folder ``out`` and return its manifest."""
-    out = Path(out)
-    requested = {"talker": tuple(talker), "decoder": tuple(decoder)}
-    exporters = {stage: _stage_exporter(stage, precs) for stage, precs in requested.items() if precs}
-    _prepare_target(out, force)
+def _planned_steps(requested: dict[str, tuple[str, ...]]) -> int:
+    """Progress steps: the checkpoint, then per stage its shared work and one step per precision."""
+    talker, decoder = requested["talker"], requested["decoder"]
+    return 1 + (2 + len(talker) if talker else 0) + (1 + len([p for p in decoder if p != "fp32"]) if decoder else 0)
 
+
+def export_bundle(model: str, out: Path, *, talker: Sequence[str] | None = None,
+                  decoder: Sequence[str] | None = None, force: bool = False,
+                  progress: Progress | None = None) -> Manifest:
+    """Export MODEL into the bundle folder ``out`` and return its manifest.
+
+    ``talker`` / ``decoder`` name the precisions to write; None means the defaults (``DEFAULT_TALKER``,
+    ``DEFAULT_DECODER``), so a plain export can speak. ``progress`` receives messages; without one, a
+    progress bar (plain lines off a terminal) goes to stderr.
+    """
+    out = Path(out)
+    requested = {"talker": DEFAULT_TALKER if talker is None else tuple(talker),
+                 "decoder": DEFAULT_DECODER if decoder is None else tuple(decoder)}
+    exporters = {stage: _stage_exporter(stage, precs) for stage, precs in requested.items() if precs}
+    _speakable(requested)
+    _prepare_target(out, force)
+    bar = ExportProgress(_planned_steps(requested), desc=f"export {out.name}") if progress is None else None
+    try:
+        return _export(model, out, requested, exporters, bar or progress, getattr(bar or progress, "step", None))
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _export(model: str, out: Path, requested: dict[str, tuple[str, ...]],
+            exporters: dict[str, Callable[..., list[dict[str, Any]]]], progress: Progress,
+            step: Callable[[str], None] | None) -> Manifest:
+    step = step or null_step
     t0 = time.perf_counter()
     progress(f"resolving {model} ...")
     source: ModelSource = resolve_model(model)
@@ -194,6 +246,7 @@ def export_bundle(model: str, out: Path, *, talker: Sequence[str] = (), decoder:
              f"in {time.perf_counter() - t0:.1f} s; hashing source files ...")
     source_info = {"model": source.spec, "kind": source.kind, "path": str(folder), "variant": source.variant,
                    "shape": source.shape, "seed": source.seed, "files": source_file_hashes(folder)}
+    step("checkpoint")
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -202,7 +255,7 @@ def export_bundle(model: str, out: Path, *, talker: Sequence[str] = (), decoder:
         for stage, fn in exporters.items():
             ts = time.perf_counter()
             progress(f"exporting {stage} ({', '.join(requested[stage])}) ...")
-            for entry in fn(folder, tmp, requested[stage], progress=progress):
+            for entry in fn(folder, tmp, requested[stage], progress=progress, step=step):
                 # An exporter's "meta" dict and any other extra keys (e.g. "fidelity") become component meta.
                 meta = dict(entry.get("meta") or {})
                 skip = ("file", "role", "format", "precision", "meta")

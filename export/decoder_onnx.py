@@ -718,6 +718,7 @@ def export_decoder(
     validation_frames: int = 100,
     seed: int = 1234,
     calibration: dict[str, np.ndarray] | None = None,
+    step: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Export the streaming decoder variants into ``out_dir``; return one manifest entry per shipped file.
 
@@ -729,6 +730,7 @@ def export_decoder(
     checkpoint's own codec encoder produced from real speech.
     """
     say = progress or (lambda _msg: None)
+    done = step or (lambda _label: None)  # one call per finished step, for the export progress bar
     unknown = [p for p in precisions if p not in DEFAULT_PRECISIONS]
     if unknown:
         raise ValueError(f"unsupported decoder precisions {unknown}; choose from {DEFAULT_PRECISIONS}")
@@ -760,6 +762,7 @@ def export_decoder(
         raise RuntimeError(f"fp32 streaming decoder does not match the offline decode: {'; '.join(failures)}")
     say(f"decoder: fp32 ok, stream vs offline max |Δ| = {fid['stream_vs_offline_max_abs']:.2e} "
         f"({time.perf_counter() - t0:.0f} s)")
+    done("decoder fp32")
     rejected: dict[str, str] = {}
     fp32_entry = _entry("decoder", fp32_path.name, "onnx", "fp32", fid,
                         {**_entry_meta(meta, "fp32"), "rejected": rejected})
@@ -788,6 +791,7 @@ def export_decoder(
                     if vfid.get("snr_db") is not None and "logmel_dist" in vfid else "")
         verdict = "REFUSED, " + "; ".join(failures) if failures else "passes its gate"
         say(f"decoder: {precision} {measured}{verdict} ({time.perf_counter() - t0:.0f} s)")
+        done(f"decoder {precision}")
         if failures:
             rejected[precision] = "; ".join(failures)
             fp32_entry["meta"].setdefault("rejected_fidelity", {})[precision] = vfid

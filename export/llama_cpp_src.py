@@ -21,6 +21,7 @@ import tarfile
 import tempfile
 from pathlib import Path, PurePosixPath
 
+from ..runtime.errors import Qwen3TTSEdgeError
 from .cache import cache_root
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
@@ -30,7 +31,7 @@ _NEEDED = ("convert_hf_to_gguf.py", "conversion", "gguf-py", "LICENSE")
 _MARKERS = ("convert_hf_to_gguf.py", "conversion/qwen3tts.py", "gguf-py/gguf/constants.py")
 
 
-class LlamaCppSourceError(Exception):
+class LlamaCppSourceError(Qwen3TTSEdgeError):
     """The converter source could not be found or fetched; the message says how to provide it."""
 
 

@@ -31,6 +31,7 @@ import numpy as np
 
 from ..quant.gguf_policy import PRECISIONS, policy
 from ..runtime import llama as llm
+from ..runtime.errors import Qwen3TTSEdgeError
 from .llama_cpp_src import run_converter
 
 Progress = Callable[[str], None]
@@ -54,7 +55,7 @@ _PRED_LAYER_MAP = {
 }
 
 
-class GGUFExportError(Exception):
+class GGUFExportError(Qwen3TTSEdgeError):
     """The checkpoint or the converter output is not what the llama.cpp engines expect."""
 
 
@@ -376,13 +377,15 @@ def _mb(path: Path) -> str:
 
 
 def export_llama(checkpoint_dir: Path, out_dir: Path, precisions: Sequence[str],
-                 progress: Progress | None = None, *, check: bool = True) -> list[dict[str, Any]]:
+                 progress: Progress | None = None, *, check: bool = True,
+                 step: Progress | None = None) -> list[dict[str, Any]]:
     """Stage exporter: talker + predictor GGUFs and predictor tables for each precision (see module doc).
 
     With ``check`` every non-F32 variant is compared with the F32 files by :func:`self_check` and the result is
     recorded as the talker entry's ``fidelity`` meta (a few seconds per variant on 0.6B).
     """
     say = progress or (lambda _msg: None)
+    done = step or (lambda _label: None)  # one call per finished step, for the export progress bar
     bad = [p for p in precisions if p not in PRECISIONS]
     if bad:
         raise ValueError(f"unsupported llama.cpp precisions {bad}; choose from {', '.join(PRECISIONS)}")
@@ -402,6 +405,7 @@ def export_llama(checkpoint_dir: Path, out_dir: Path, precisions: Sequence[str],
                 f"set to {talker_info['eos_token_id']} from config.json")
         t_conv = time.perf_counter() - t0
         say(f"talker: F32 GGUF {_mb(talker_f32)} in {t_conv:.1f} s")
+        done("talker GGUF conversion")
 
         t0 = time.perf_counter()
         sd = _read_tensors(checkpoint_dir, "talker.code_predictor.")
@@ -411,6 +415,7 @@ def export_llama(checkpoint_dir: Path, out_dir: Path, precisions: Sequence[str],
         write_predictor_gguf(cfg, sd, pred_f32, "f32")
         t_pred = time.perf_counter() - t0
         say(f"predictor: F32 GGUF {_mb(pred_f32)} in {t_pred:.1f} s")
+        done("predictor GGUF")
 
         for p in precisions:
             t0 = time.perf_counter()
@@ -435,6 +440,7 @@ def export_llama(checkpoint_dir: Path, out_dir: Path, precisions: Sequence[str],
                                       (out_dir / talker_file, out_dir / pred_file, out_dir / tab_file))
                 say(f"{p}: vs F32 talker logit cos {fidelity['talker_logit_cos']:.6f}, predictor "
                     f"{fidelity['predictor_logit_cos']:.6f} ({time.perf_counter() - t2:.1f} s)")
+            done(f"talker {p}")
             entries.append({
                 "role": "talker", "file": talker_file, "format": "gguf", "precision": p,
                 "arch": "qwen3tts", "engine": "llama.cpp", **{k: v for k, v in talker_info.items()

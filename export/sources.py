@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..runtime.bundle import sha256_file
+from ..runtime.errors import Qwen3TTSEdgeError
 from . import shapes
 from .random_checkpoint import cached_random_checkpoint
 
@@ -23,7 +24,7 @@ REQUIRED_FILES = ("config.json", "generation_config.json", "vocab.json", "merges
                   "tokenizer_config.json", "speech_tokenizer/config.json")
 
 
-class ModelSourceError(Exception):
+class ModelSourceError(Qwen3TTSEdgeError):
     """MODEL could not be resolved; the message says what was expected."""
 
 

@@ -18,10 +18,12 @@ from typing import BinaryIO
 
 import numpy as np
 
+from .errors import Qwen3TTSEdgeError
+
 FILE_FORMATS = {".wav": ("WAV", "PCM_16"), ".flac": ("FLAC", "PCM_16"), ".ogg": ("OGG", "VORBIS")}
 
 
-class AudioError(Exception):
+class AudioError(Qwen3TTSEdgeError):
     """An output cannot be opened or written; the message says why."""
 
 

@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import Qwen3TTSEdgeError
+
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 
@@ -30,7 +32,7 @@ KNOWN_ROLES = frozenset(
 _HASH_CHUNK = 1 << 22
 
 
-class BundleError(Exception):
+class BundleError(Qwen3TTSEdgeError):
     """A bundle is missing, malformed, stale or corrupted; the message says how to fix it."""
 
 

@@ -14,13 +14,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .bundle import BundleError, Manifest, load_bundle
+from .errors import Qwen3TTSEdgeError
 
 PROG = "qwen3-tts-edge"
 EXIT_ERROR = 1
 EXIT_NOT_IMPLEMENTED = 2
 
 
-class CliError(Exception):
+class CliError(Qwen3TTSEdgeError):
     """A user-facing error: printed as one line, exit status 1."""
 
 
@@ -35,16 +36,20 @@ def _csv(value: str) -> list[str]:
     return items
 
 
+EXPORT_EXTRA_HINT = ("pip install 'qwen3-tts-edge[export]' && pip install --no-deps qwen-tts==0.1.1 "
+                     "(or `make setup` in a checkout)")
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     try:
-        from ..export.build import ExportError, export_bundle
-        from ..export.sources import ModelSourceError
+        from ..export.build import export_bundle, missing_export_modules
     except ImportError as exc:
-        raise CliError(f"export needs the export extras ({exc}); see the README's setup section") from exc
-    try:
-        export_bundle(args.model, args.output, talker=args.talker, decoder=args.decoder, force=args.force)
-    except (ExportError, ModelSourceError, BundleError) as exc:
-        raise CliError(str(exc)) from exc
+        raise CliError(f"export needs the [export] extra ({exc}): {EXPORT_EXTRA_HINT}") from exc
+    missing = missing_export_modules()
+    if missing:
+        raise CliError(f"export needs the [export] extra, and this environment lacks {', '.join(missing)}: "
+                       f"{EXPORT_EXTRA_HINT}")
+    export_bundle(args.model, args.output, talker=args.talker, decoder=args.decoder, force=args.force)
     return 0
 
 
@@ -92,10 +97,24 @@ def _cmd_info(args: argparse.Namespace) -> int:
     except BundleError as exc:
         raise CliError(str(exc)) from exc
     if args.json:
-        print(json.dumps(bundle.manifest.to_dict(), indent=2, ensure_ascii=False))
+        from .machine import describe
+
+        # The manifest, plus the machine reading it: which llama.cpp kernels would run this bundle here.
+        print(json.dumps({**bundle.manifest.to_dict(), "machine": describe()}, indent=2, ensure_ascii=False))
     else:
         print(format_manifest(bundle.manifest))
     return 0
+
+
+def _read_stdin_utf8() -> str:
+    """Standard input as UTF-8. Invalid bytes are an error naming their offset, never replaced silently:
+    speaking U+FFFD where a word was would hide the mistake."""
+    raw = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode("utf-8")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CliError(f"stdin is not valid UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start}); convert it "
+                       "first, e.g. `iconv -f latin1 -t utf-8`") from None
 
 
 def _texts(args: argparse.Namespace) -> list[str]:
@@ -103,7 +122,7 @@ def _texts(args: argparse.Namespace) -> list[str]:
         if args.lines:
             raise CliError("--lines needs TEXT to be - (stdin)")
         return [args.text]
-    data = sys.stdin.read()
+    data = _read_stdin_utf8()
     texts = [line.strip() for line in data.splitlines() if line.strip()] if args.lines else [data.strip()]
     if not texts or not texts[0]:
         raise CliError("no text on stdin")
@@ -202,10 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL", help="Hugging Face id, local checkpoint folder, or "
                    "random:<tiny|0.6b|1.7b>-<base|custom_voice|voice_design>[@seed]")
     p.add_argument("-o", "--output", required=True, type=Path, metavar="BUNDLE", help="bundle folder to write")
-    p.add_argument("--talker", type=_csv, default=[], metavar="PRECISIONS",
-                   help="talker GGUF precisions, comma-separated (f16,bf16,q8_0,q5_k_m,q4_k_m)")
-    p.add_argument("--decoder", type=_csv, default=[], metavar="PRECISIONS",
-                   help="codec decoder ONNX precisions, comma-separated (fp32,fp16,int8)")
+    p.add_argument("--talker", type=_csv, default=None, metavar="PRECISIONS",
+                   help="talker GGUF precisions, comma-separated (f32,f16,bf16,q8_0,q5_k_m,q4_k_m; default q8_0)")
+    p.add_argument("--decoder", type=_csv, default=None, metavar="PRECISIONS",
+                   help="codec decoder ONNX precisions, comma-separated (fp32,fp16,int8; default fp32)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle at BUNDLE")
     p.set_defaults(func=_cmd_export)
 
@@ -264,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except CliError as exc:
+    except Qwen3TTSEdgeError as exc:  # every user-facing error; anything else is a bug and keeps its traceback
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except NotImplementedYet as exc:

@@ -16,12 +16,14 @@ import numpy as np
 
 from .prompt import EmbeddingSource, Prompt
 from .sampler import CodeSampler
+from .text_feed import TextStalled
 
 STOP_EOS = "eos"
 STOP_MAX_FRAMES = "max_frames"
 STOP_TEXT_CEILING = "frames_per_text_token"
 STOP_CONTEXT = "context_limit"
 STOP_REPEAT = "repeated_frames"
+STOP_TEXT_STALLED = "text_stalled"  # incremental text: no new token within the per-step wait limit
 
 
 class StepResult(Protocol):
@@ -47,6 +49,7 @@ class Frame:
     codes: np.ndarray  # (16,) int64: codebook 0, then the 15 residual codebooks
     talker_ms: float
     predictor_ms: float
+    text_wait_ms: float = 0.0  # incremental text: time this frame's input waited for its text token
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,7 @@ class FrameLoop:
     guards: Guards = field(default_factory=Guards)
     stop_reason: str | None = None
     prefill_ms: float = 0.0
+    text_wait_ms: float = 0.0  # incremental text: all waits for text, the one that stalled included
     frames: int = 0  # frames yielded so far
 
     def __iter__(self) -> Iterator[Frame]:
@@ -104,6 +108,7 @@ class FrameLoop:
             talker_ms = self.prefill_ms
             k = run = 0
             last_c0 = -1
+            text_wait_ms = 0.0
             while True:
                 c0 = self.sampler.choose_c0(out.logits, k, allow_eos=self.prompt.text_finished())
                 if c0 == eos:
@@ -114,7 +119,8 @@ class FrameLoop:
                 t2 = time.perf_counter()
                 codes = np.concatenate([[c0], np.asarray(residual, dtype=np.int64)])
                 self.frames = k + 1
-                yield Frame(index=k, codes=codes, talker_ms=talker_ms, predictor_ms=(t2 - t1) * 1e3)
+                yield Frame(index=k, codes=codes, talker_ms=talker_ms, predictor_ms=(t2 - t1) * 1e3,
+                            text_wait_ms=text_wait_ms)
                 run = run + 1 if c0 == last_c0 else 1
                 last_c0 = c0
                 if self.guards.repeat_frames is not None and run >= self.guards.repeat_frames:
@@ -124,7 +130,16 @@ class FrameLoop:
                 if k + 1 >= limit:
                     self.stop_reason = reason
                     return
-                embed = self.tables.frame_embeds(codes[None])[0] + self.prompt.text_track(k)
+                t_wait = time.perf_counter()
+                try:
+                    text_vec = self.prompt.text_track(k)  # incremental text may wait here for its next token
+                except TextStalled:
+                    self.stop_reason = STOP_TEXT_STALLED
+                    return
+                finally:
+                    text_wait_ms = (time.perf_counter() - t_wait) * 1e3 if self.prompt.live is not None else 0.0
+                    self.text_wait_ms += text_wait_ms
+                embed = self.tables.frame_embeds(codes[None])[0] + text_vec
                 t3 = time.perf_counter()
                 out = self.talker.step(embed.astype(np.float32))
                 talker_ms = (time.perf_counter() - t3) * 1e3

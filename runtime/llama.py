@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import sys
 import threading
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -29,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .errors import Qwen3TTSEdgeError
 
 # ggml tensor types by name (values from ggml.h) and llama ftypes by precision name (llama.h).
 GGML_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "q2_k": 10,
@@ -39,7 +42,7 @@ _MULTI_POS_ROPE = {8: 4, 24: 4, 40: 4}  # MROPE, VISION, IMROPE -> 4 sections
 _LOG_LEVELS = {0: "none", 1: "debug", 2: "info", 3: "warn", 4: "error"}
 
 
-class LlamaError(RuntimeError):
+class LlamaError(Qwen3TTSEdgeError, RuntimeError):
     """llama.cpp refused a model, a context or a batch; the message carries its last log lines."""
 
 
@@ -59,7 +62,7 @@ def _log_callback_impl(level: int, text: bytes | None, _user: Any) -> None:
     if level >= 3:  # warnings and errors are kept for error messages
         _recent_log.append(line.rstrip("\n"))
     if os.environ.get("QWEN3_TTS_EDGE_LLAMA_LOG"):
-        print(line, end="", flush=True, file=__import__("sys").stderr)
+        print(line, end="", flush=True, file=sys.stderr)
 
 
 def api() -> Any:
@@ -74,12 +77,28 @@ def api() -> Any:
                 import llama_cpp.llama_cpp as lc
             except ImportError as exc:  # pragma: no cover - a base dependency
                 raise LlamaError(f"cannot import llama_cpp ({exc}); pip install llama-cpp-python==0.3.36") from exc
+            check_build(lc)
             cb = lc.llama_log_callback(_log_callback_impl)
             lc.llama_log_set(cb, ctypes.c_void_p(0))
             lc.llama_backend_init()
             _state["log_cb"] = cb  # keep the C callback alive for the life of the process
             _state["api"] = lc
         return _state["api"]
+
+
+def check_build(lc: Any) -> None:
+    """Refuse a llama.cpp build that would crash on this CPU (AMX in the pinned release) before any decode."""
+    from importlib import metadata
+
+    from .llama_build import unsafe_build_reason
+
+    try:
+        version = metadata.version("llama-cpp-python")
+    except metadata.PackageNotFoundError:  # pragma: no cover - imported from a source tree
+        version = getattr(sys.modules.get("llama_cpp"), "__version__", "unknown")
+    reason = unsafe_build_reason(lc.llama_print_system_info().decode("utf-8", "replace"), version)
+    if reason:
+        raise LlamaError(reason)
 
 
 def recent_log(n: int = 8) -> str:

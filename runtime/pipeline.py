@@ -21,9 +21,10 @@ import numpy as np
 from .bundle import Bundle, BundleError, load_bundle
 from .generate import STOP_CONTEXT, STOP_MAX_FRAMES, FrameLoop, Guards
 from .longform import PrefixReusingTalker, split_segments
-from .prompt import ModelIds, PromptError, VoicePrompt, build_prompt
+from .prompt import ModelIds, PromptError, VoicePrompt, build_prompt, validate_text
 from .sampler import CodeSampler, SamplingParams
 from .text import TextTokenizer
+from .text_feed import DEFAULT_TEXT_TIMEOUT_S
 
 STOP_CANCELLED = "cancelled"
 _END = object()
@@ -56,6 +57,9 @@ class SpeakOptions:
     min_frames: int = 2
     # Long text: at most this many text tokens per segment (None: as many as the talker's context allows).
     segment_tokens: int | None = None
+    # Incremental text: how long one frame may wait for its next text token before the utterance stops
+    # (stop reason "text_stalled"); None waits forever.
+    text_timeout_s: float | None = DEFAULT_TEXT_TIMEOUT_S
 
     def __post_init__(self) -> None:
         sched = self.chunk_frames
@@ -66,6 +70,8 @@ class SpeakOptions:
             raise ValueError(f"segment_tokens must be a positive integer or None, got {self.segment_tokens!r}")
         if isinstance(self.min_frames, bool) or not isinstance(self.min_frames, int) or self.min_frames < 0:
             raise ValueError(f"min_frames must be a non-negative integer, got {self.min_frames!r}")
+        if self.text_timeout_s is not None and not self.text_timeout_s > 0:
+            raise ValueError(f"text_timeout_s must be positive seconds or None, got {self.text_timeout_s!r}")
 
 
 @dataclass(frozen=True)
@@ -95,6 +101,7 @@ class StreamStats:
     talker_ms: float = 0.0
     predictor_ms: float = 0.0
     decoder_ms: float = 0.0
+    text_wait_ms: float = 0.0  # incremental text: generation waited this long for text still arriving
     stop_reason: str | None = None
     segments: int = 0
     segment_stops: list[str] = field(default_factory=list)
@@ -108,6 +115,8 @@ class StreamStats:
     def per_frame_ms(self) -> dict[str, float]:
         n = max(self.frames, 1)
         stages = {"talker": self.talker_ms / n, "predictor": self.predictor_ms / n, "decoder": self.decoder_ms / n}
+        if self.text_wait_ms:
+            stages["text_wait"] = self.text_wait_ms / n
         stages["overhead"] = max(0.0, self.total_s * 1e3 / n - sum(stages.values()))
         return stages
 
@@ -180,6 +189,7 @@ def _produce(loops: Iterator[tuple[int, FrameLoop]], frames: queue.Queue, stop: 
             finally:
                 gen.close()  # stops an incremental text feed as well
             stats.prefill_ms += loop.prefill_ms
+            stats.text_wait_ms += loop.text_wait_ms
             stats.segment_stops.append(loop.stop_reason or STOP_CANCELLED)
             reused = getattr(loop.talker, "reused_positions", 0)
             stats.prompt_positions_reused += reused
@@ -279,9 +289,10 @@ class TTS:
             o = SpeakOptions(**{**o.__dict__, **overrides})
         t0 = time.perf_counter()
         voice = dict(language=o.language, speaker=o.speaker, instruct=o.instruct, voice=o.voice,
-                     streaming_text=o.streaming_text)
+                     streaming_text=o.streaming_text, text_timeout_s=o.text_timeout_s)
         segments: list[str | Iterable[str]] = [text]
         if isinstance(text, str):
+            validate_text(text)
             budget = self._segment_budget(o)
             if budget is not None:
                 segments = list(split_segments(text, self.tokenizer, budget))

@@ -16,13 +16,17 @@ from typing import Protocol
 
 import numpy as np
 
+from .errors import Qwen3TTSEdgeError
 from .text import TextTokenizer
-from .text_feed import StreamingTextTrack, TextFeed
+from .text_feed import DEFAULT_TEXT_TIMEOUT_S, StreamingTextTrack, TextError, TextFeed, check_text
 
 MODES = ("custom_voice", "voice_design", "base")
 
 
-class PromptError(ValueError):
+EMPTY_TEXT = "text to speak must be non-empty (it is empty or only whitespace)"
+
+
+class PromptError(Qwen3TTSEdgeError, ValueError):
     """The request does not fit the model (wrong mode option, unknown speaker/language, bad voice)."""
 
 
@@ -173,6 +177,16 @@ def _check_voice(voice: VoicePrompt, hidden: int, groups: int) -> None:
             raise PromptError("ICL cloning needs the reference text (what is said in the reference audio)")
 
 
+def validate_text(text: str) -> None:
+    """The rule for whole text (incremental text follows it as it arrives): valid Unicode, not blank."""
+    if not text.strip():
+        raise PromptError(EMPTY_TEXT)
+    try:
+        check_text(text)
+    except TextError as exc:
+        raise PromptError(str(exc)) from None
+
+
 def build_prompt(
     ids: ModelIds,
     tokenizer: TextTokenizer,
@@ -185,11 +199,13 @@ def build_prompt(
     voice: VoicePrompt | None = None,
     streaming_text: bool = True,
     num_code_groups: int = 16,
+    text_timeout_s: float | None = DEFAULT_TEXT_TIMEOUT_S,
 ) -> Prompt:
     """Prefill embeddings + trailing text track for one utterance, position by position like the official code.
 
     ``text`` may be an iterable of pieces still arriving (incremental text, streaming-text layout only): the
-    prompt waits for the first token, and the rest is fed frame by frame as it becomes final.
+    prompt waits for the first token, and the rest is fed frame by frame as it becomes final (each frame waits
+    up to ``text_timeout_s`` for its token). Text must hold a non-whitespace character, whole or incremental.
     """
     incremental = not isinstance(text, str)
     if incremental:
@@ -198,8 +214,8 @@ def build_prompt(
         if voice is not None and voice.icl:
             raise PromptError("incremental text is not supported with ICL voice prompts (reference codes); "
                               "use an x-vector voice or pass the whole text")
-    elif not text.strip():
-        raise PromptError("text to speak must be a non-empty string")
+    else:
+        validate_text(text)
     check_request(ids, speaker, instruct, voice)
     if voice is not None:
         _check_voice(voice, tables.hidden_size, num_code_groups)
@@ -209,8 +225,12 @@ def build_prompt(
     feed = None
     if incremental:
         feed = TextFeed(text, tokenizer)
-        if not feed.wait_for(1):
-            raise PromptError("the text iterator ended without any text to speak")
+        has_text = feed.wait_for_content(timeout=text_timeout_s)
+        if has_text is None:
+            feed.close()
+            raise PromptError(f"the text iterator gave no text within {text_timeout_s:g} s")
+        if not has_text:
+            raise PromptError(EMPTY_TEXT)
         text_ids = _ids(tokenizer.encode(assistant_text("")))  # role prefix only; content comes from the feed
         content = _ids(feed.available()[0][:1])
     else:
@@ -249,7 +269,8 @@ def build_prompt(
     elif feed is not None:
         parts.append(tables.text_embeds(content[:1]) + codec_bos)
         embeds = np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
-        live = StreamingTextTrack(feed, tables, consumed=1, eos_vec=eos_vec, pad_vec=pad_vec)
+        live = StreamingTextTrack(feed, tables, consumed=1, eos_vec=eos_vec, pad_vec=pad_vec,
+                                  timeout_s=text_timeout_s)
         return Prompt(embeds=embeds, trailing=np.zeros((0, tables.hidden_size), np.float32),
                       tts_pad=pad_vec.astype(np.float32), n_text_tokens=1, live=live)
     elif streaming_text:

@@ -3,21 +3,45 @@
 The talker reads one text token per frame in the streaming-text layout, so text that is still arriving can
 be fed as it comes: tokens are committed only once they can no longer change (BPE runs per pre-token, and
 only the last pre-token of the text so far can still grow or split), giving exactly the ids the whole text
-would give. While the generation is ahead of the text, the text track carries ``tts_pad``; when the
-iterator ends, the end-of-text vector follows the last token. Torch-free.
+would give. When the generation catches up with the text, the frame loop *waits* for the next committed
+token: the model was trained with one text token per frame until the text ends and ``tts_pad`` only after
+it, so a pad mid-sentence would read as "text over". Any arrival timing therefore gives exactly the
+whole-text input sequence. When the iterator ends, the end-of-text vector follows the last token. Torch-free.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterable
 
 import numpy as np
 
+from .errors import Qwen3TTSEdgeError
 from .text import TextTokenizer
 
 # Same template as the official code; content = ids[3:-5].
 _PREFIX, _SUFFIX = "<|im_start|>assistant\n", "<|im_end|>\n<|im_start|>assistant\n"
+
+
+# How long one frame waits for the next piece of text before the utterance stops (``STOP_TEXT_STALLED``).
+DEFAULT_TEXT_TIMEOUT_S = 30.0
+
+
+class TextError(Qwen3TTSEdgeError, ValueError):
+    """Text the tokenizer cannot take (raised while incremental text arrives, or by whole-text validation)."""
+
+
+class TextStalled(Exception):
+    """The text iterator gave no new token within the per-step limit; the frame loop stops with a reason."""
+
+
+def check_text(text: str) -> None:
+    """Refuse text the tokenizer cannot take: lone surrogates (undecodable bytes smuggled in as str)."""
+    for i, ch in enumerate(text):
+        if "\ud800" <= ch <= "\udfff":
+            raise TextError(f"text is not valid Unicode: a lone surrogate {ch!r} at character {i} (undecodable "
+                             "bytes?); pass UTF-8 text")
 
 
 class IncrementalText:
@@ -44,6 +68,7 @@ class IncrementalText:
         """Add a piece of text; return the ids that became final because of it."""
         if not isinstance(piece, str):
             raise TypeError(f"text pieces must be str, got {type(piece).__name__}")
+        check_text(piece)
         self.buffer += piece
         ids, words = self._content()
         if not ids:
@@ -95,6 +120,8 @@ class TextFeed:
             self._cond.notify_all()
 
     def _raise(self) -> None:
+        if isinstance(self._error, Qwen3TTSEdgeError):
+            raise self._error  # a user mistake in the text: its own clear message
         if self._error is not None:
             raise RuntimeError(f"the text iterator failed: {self._error!r}") from self._error
 
@@ -104,6 +131,25 @@ class TextFeed:
             self._cond.wait_for(lambda: len(self._ids) >= n or self._done, timeout=timeout)
             self._raise()
             return len(self._ids) >= n
+
+    def wait_for_content(self, timeout: float | None = None) -> bool | None:
+        """Block until a token exists and the text so far holds a non-whitespace character, or the text ends.
+
+        True: there is something to speak; False: the text ended empty or whitespace only (the same rule as
+        for a whole string); None: nothing arrived within ``timeout``.
+        """
+        with self._cond:
+            ready = self._cond.wait_for(lambda: (self._ids and self._inc.buffer.strip()) or self._done,
+                                        timeout=timeout)
+            self._raise()
+            if not ready:
+                return None
+            return bool(self._ids) and bool(self._inc.buffer.strip())
+
+    @property
+    def ended(self) -> bool:
+        with self._cond:
+            return self._done
 
     def available(self) -> tuple[list[int], bool]:
         """Snapshot of (committed ids so far, whether the text has ended)."""
@@ -117,27 +163,38 @@ class TextFeed:
 
 
 class StreamingTextTrack:
-    """Text-track vectors for decode steps from a live feed: next token, else tts_pad, then tts_eos once."""
+    """Text-track vectors for decode steps from a live feed: next token (waiting for it), tts_eos once, then pads.
 
-    def __init__(self, feed: TextFeed, tables, consumed: int, eos_vec: np.ndarray, pad_vec: np.ndarray):
+    ``wait_ms`` is the time spent waiting for text so far.
+    """
+
+    def __init__(self, feed: TextFeed, tables, consumed: int, eos_vec: np.ndarray, pad_vec: np.ndarray,
+                 timeout_s: float | None = DEFAULT_TEXT_TIMEOUT_S):
         self.feed = feed
         self.tables = tables
         self.consumed = consumed  # tokens already placed in the prompt
         self.eos_vec, self.pad_vec = eos_vec, pad_vec
+        self.timeout_s = timeout_s
         self.eos_fed = False
-        self.pad_while_waiting = 0
+        self.wait_ms = 0.0
 
     def vector(self, step: int) -> np.ndarray:
+        """The text-track vector of decode step ``step``; raises :class:`TextStalled` past the wait limit."""
         ids, done = self.feed.available()
+        if self.consumed >= len(ids) and not done:
+            t0 = time.perf_counter()
+            arrived = self.feed.wait_for(self.consumed + 1, timeout=self.timeout_s)
+            self.wait_ms += (time.perf_counter() - t0) * 1e3
+            ids, done = self.feed.available()
+            if not arrived and not done:
+                raise TextStalled(f"no new text within {self.timeout_s:g} s")
         if self.consumed < len(ids):
             vec = self.tables.text_embeds(np.asarray([ids[self.consumed]], dtype=np.int64))[0]
             self.consumed += 1
             return vec
-        if done and not self.eos_fed:
+        if not self.eos_fed:  # the text has ended (the wait above guarantees it here)
             self.eos_fed = True
             return self.eos_vec
-        if not done:
-            self.pad_while_waiting += 1
         return self.pad_vec
 
     @property

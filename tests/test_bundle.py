@@ -139,14 +139,17 @@ def test_component_lookup_errors_list_what_exists():
 
 
 @needs_export
-def test_failed_export_leaves_nothing_and_keeps_the_old_bundle(tiny_checkpoint, tmp_path, monkeypatch):
+def test_failed_export_leaves_nothing_and_keeps_the_old_bundle(tiny_bundle, tmp_path, monkeypatch):
+    import shutil
+
     from qwen3_tts_edge.export import build
 
     out = tmp_path / "bundle"
-    build.export_bundle("random:tiny-custom_voice", out, progress=lambda m: None)
+    shutil.copytree(tiny_bundle, out)  # a complete exported bundle
     before = (out / MANIFEST_NAME).read_bytes()
+    files_before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
 
-    def exploding_exporter(folder, dest, precisions, progress):
+    def exploding_exporter(folder, dest, precisions, progress, step):
         (dest / "decoder.fp32.onnx").write_bytes(b"half written")
         raise RuntimeError("simulated crash in the middle of a stage")
 
@@ -154,7 +157,7 @@ def test_failed_export_leaves_nothing_and_keeps_the_old_bundle(tiny_checkpoint, 
     with pytest.raises(RuntimeError, match="simulated crash"):
         build.export_bundle("random:tiny-custom_voice", out, decoder=["fp32"], force=True, progress=lambda m: None)
     assert (out / MANIFEST_NAME).read_bytes() == before  # the old bundle is untouched
-    assert not (out / "decoder.fp32.onnx").exists()
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == files_before  # no half-written file
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # no partial/backup folders left
     load_bundle(out)
 

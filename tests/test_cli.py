@@ -69,6 +69,24 @@ def test_export_then_info_through_the_console_script(tmp_path):
         assert text in info.stdout
     raw = _run("info", str(out), "--json")
     assert '"format_version": 1' in raw.stdout
+    # The default export speaks at once: talker q8_0 + decoder fp32.
+    for text in ("talker           q8_0", "predictor        q8_0", "decoder          fp32"):
+        assert text in info.stdout
+    assert "[1/" in res.stderr and "checkpoint" in res.stderr  # progress as plain lines off a terminal
+    wav = tmp_path / "x.wav"
+    spoke = _run("speak", "Hi", "-b", str(out), "--speaker", "ryan", "-o", str(wav), "--max-frames", "8")
+    assert spoke.returncode == 0, spoke.stderr
+    assert wav.stat().st_size > 44
+
+
+@needs_export
+@pytest.mark.parametrize("flags,missing", [(["--decoder", ""], "decoder"), (["--talker", ""], "talker")])
+def test_export_refuses_a_bundle_that_cannot_speak(tmp_path, flags, missing):
+    out = tmp_path / "b"
+    res = _run("export", "random:tiny-custom_voice", "-o", str(out), *flags)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert f"a bundle without a {missing} cannot speak" in res.stderr
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("argv,message", [

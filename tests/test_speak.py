@@ -163,3 +163,17 @@ def test_reader_that_stops_reading(tiny_bundle):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) != 0
     assert "output pipe closed" in err and "Traceback" not in err
+
+
+def test_invalid_utf8_on_stdin_is_one_line_with_the_offset(tiny_bundle, tmp_path):
+    out = tmp_path / "x.wav"
+    _one_line_error(_speak(tiny_bundle, "-", "-o", str(out), *BASE, stdin=b"Hello \xff world"), "offset 6")
+    assert not list(tmp_path.iterdir())
+
+
+def test_invalid_utf8_in_argv_is_one_line(tiny_bundle, tmp_path):
+    out = tmp_path / "x.wav"
+    res = subprocess.run([EXE.encode(), b"speak", b"caf\xe9", b"-b", str(tiny_bundle).encode(), b"-o",
+                          str(out).encode(), *(a.encode() for a in BASE)], capture_output=True, timeout=300)
+    _one_line_error(res, "not valid Unicode")
+    assert not list(tmp_path.iterdir())

@@ -111,16 +111,87 @@ def test_live_text_equals_whole_text_when_it_arrives_in_time(tiny_checkpoint, ti
                                                       for i in range(9)), speaker="ryan")
     live_prompt.live.feed.wait_for(10**6, timeout=10)  # all pieces arrived before generation starts
     assert np.array_equal(run(live_prompt), whole)
-    assert live_prompt.live.finished and live_prompt.live.pad_while_waiting == 0
+    assert live_prompt.live.finished and live_prompt.live.wait_ms == 0
 
     def slow_words():
-        for word in text.split(" "):
-            time.sleep(0.15)  # slower than the frame loop: the track pads while it waits
-            yield word + " "
+        for i, word in enumerate(text.split(" ")):
+            time.sleep(0.15)  # slower than the frame loop: the loop waits for each token, never pads
+            yield word + (" " if i < 8 else "")
 
     prompt = build_prompt(ids, tok, tables, slow_words(), speaker="ryan")
-    frames = run(prompt, frames=120)
-    assert len(frames) == 120
-    assert prompt.live.pad_while_waiting > 0
-    assert prompt.live.consumed == len(_whole(tok, text + " "))  # every token was fed, in order
+    frames = run(prompt, frames=40)
+    assert np.array_equal(frames, whole)  # the same input sequence as the whole text, whatever the timing
+    assert prompt.live.wait_ms > 0
+    assert prompt.live.consumed == len(_whole(tok, text))  # every token was fed, in order
     assert prompt.live.finished
+
+
+def _char_by_char(text: str, seed: int, max_delay_s: float = 0.02):
+    """Text one character at a time with random delays: slower and faster than the frame loop by turns."""
+    rng = random.Random(seed)
+    for ch in text:
+        if rng.random() < 0.5:
+            time.sleep(rng.uniform(0.0, max_delay_s))
+        yield ch
+
+
+@needs_export
+@pytest.mark.parametrize("mode", [{"greedy": True}, {"seed": 7}], ids=["greedy", "sampled"])
+def test_char_by_char_with_random_delays_equals_whole_text(tiny_bundle, mode):
+    """The llama.cpp runtime: any arrival timing gives the whole text's codes (never a pad mid-sentence)."""
+    from qwen3_tts_edge.runtime.pipeline import TTS
+
+    text = "Streaming text, one character at a time: it must sound like the whole sentence."
+    tts = TTS(tiny_bundle, talker_precision="f32")
+    opts = dict(speaker="ryan", max_frames=90, chunk_frames=(4,), **mode)
+    whole = np.concatenate([c.codes for c in tts.stream(text, **opts)])
+    whole_stop = tts.last_stats.stop_reason
+    live = np.concatenate([c.codes for c in tts.stream(_char_by_char(text, seed=3), **opts)])
+    stats = tts.last_stats
+    assert live.shape == whole.shape and np.array_equal(live, whole)
+    assert stats.stop_reason == whole_stop
+    assert stats.text_wait_ms > 0  # generation did catch up with the text and waited instead of padding
+    assert "text_wait" in stats.per_frame_ms()
+
+
+@needs_export
+def test_a_stalled_text_iterator_stops_with_a_reason(tiny_bundle):
+    from qwen3_tts_edge.runtime.pipeline import TTS
+
+    def stalls():
+        yield "Hello there, "
+        time.sleep(3.0)  # far beyond the limit below
+        yield "world."
+
+    tts = TTS(tiny_bundle, talker_precision="f32")
+    t0 = time.perf_counter()
+    chunks = list(tts.stream(stalls(), speaker="ryan", seed=1, max_frames=200, text_timeout_s=0.3))
+    assert time.perf_counter() - t0 < 2.5
+    assert chunks[-1].final and chunks[-1].stop_reason == "text_stalled"
+    assert tts.last_stats.stop_reason == "text_stalled" and tts.last_stats.text_wait_ms >= 300
+
+
+@needs_export
+def test_blank_text_is_refused_alike_whole_or_incremental(tiny_bundle):
+    from qwen3_tts_edge.runtime.pipeline import TTS, PromptError
+
+    tts = TTS(tiny_bundle, talker_precision="f32")
+    for text in ("   ", ["   "], iter([" ", "\n", "\t"]), []):
+        with pytest.raises(PromptError, match="non-empty"):
+            tts.stream(text, speaker="ryan")
+    # Leading whitespace before the words is kept, like in a whole string.
+    chunks = list(tts.stream(iter(["  ", "Hi."]), speaker="ryan", seed=1, max_frames=4))
+    assert sum(c.n_frames for c in chunks) >= 1
+
+
+@needs_export
+def test_invalid_unicode_is_a_clear_error(tiny_bundle):
+    from qwen3_tts_edge.runtime.errors import Qwen3TTSEdgeError
+    from qwen3_tts_edge.runtime.pipeline import TTS, PromptError
+
+    tts = TTS(tiny_bundle, talker_precision="f32")
+    bad = b"caf\xe9".decode("utf-8", "surrogateescape")  # what Python makes of a latin-1 byte in argv
+    with pytest.raises(PromptError, match="lone surrogate"):
+        tts.stream(bad, speaker="ryan")
+    with pytest.raises(Qwen3TTSEdgeError, match="lone surrogate"):  # found while the text arrives
+        list(tts.stream(iter(["Hello ", bad]), speaker="ryan", max_frames=40))
