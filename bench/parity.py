@@ -8,13 +8,16 @@ official ``generate``, prompt vectors against the official ``inputs_embeds``, an
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..runtime.bundle import Bundle, BundleError, load_bundle
+from ..runtime.errors import Qwen3TTSEdgeError
 from ..runtime.prompt import ModelIds, build_prompt
 from ..runtime.sampler import CodeSampler, SamplingParams
 from ..runtime.text import TextTokenizer
@@ -240,3 +243,31 @@ def format_report(report: dict[str, Any]) -> str:
 
 def write_report(report: dict[str, Any], path: Path) -> None:
     Path(path).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+
+
+class ParityError(Qwen3TTSEdgeError):
+    """A parity request that cannot run as asked."""
+
+
+def add_parity_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-b", "--bundle", required=True, type=Path)
+    p.add_argument("--model", required=True, metavar="MODEL")
+    p.add_argument("--json", type=Path, metavar="FILE", help="also write the report as JSON")
+    p.add_argument("--frames", type=int, default=200, help="greedy free-running frames to compare (default 200)")
+
+
+def cmd_parity(args: argparse.Namespace) -> int:
+    """``qwen3-tts-edge parity``: needs the export side (the official PyTorch model)."""
+    from ..export.build import missing_export_modules
+
+    missing = missing_export_modules()
+    if missing:
+        raise ParityError(f"parity needs the [export] extra (missing: {', '.join(missing)}); see the README's setup")
+    if args.frames < 1:
+        raise ParityError("--frames must be at least 1")
+    report = parity_report(args.bundle, args.model, frames=args.frames,
+                           progress=lambda msg: print(f"qwen3-tts-edge: {msg}", file=sys.stderr, flush=True))
+    print(format_report(report))
+    if args.json:
+        write_report(report, args.json)
+    return 0

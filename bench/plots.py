@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..runtime.cli import CliError
+from ..runtime.errors import Qwen3TTSEdgeError
 from .report import STAGES
 
 COLOURS = {"f32": "#555555", "f16": "#1f77b4", "bf16": "#17becf", "q8_0": "#2ca02c", "q5_k_m": "#bcbd22",
@@ -28,8 +28,8 @@ def require_matplotlib() -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError as exc:
-        raise CliError("--plot needs matplotlib: pip install 'qwen3-tts-edge[plot]' (or pip install matplotlib)"
-                       ) from exc
+        raise Qwen3TTSEdgeError("--plot needs matplotlib: pip install 'qwen3-tts-edge[plot]' "
+                                "(or pip install matplotlib)") from exc
 
 
 def _label(r: dict[str, Any]) -> str:

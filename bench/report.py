@@ -4,7 +4,7 @@ Everything here is numpy + the runtime's own readers except :func:`fidelity_sect
 extras (torch, qwen-tts) for the official reference and imports them lazily. Fidelity reuses the one
 implementation of every metric: ``bench/parity_llama.parity`` (talker and code-predictor logits under teacher
 forcing), ``export/decoder_onnx.parity_report`` (decoder SNR / log-mel against the fp32 stream) and
-``export/decoder_onnx.fidelity_metrics`` over ``bench/fidelity`` (end-to-end against the official decode).
+``export/decoder_onnx.fidelity_metrics`` over ``quant/metrics`` (end-to-end against the official decode).
 """
 
 from __future__ import annotations

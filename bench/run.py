@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from ..runtime.bundle import Bundle, BundleError, load_bundle
-from ..runtime.cli import CliError
+from ..runtime.errors import Qwen3TTSEdgeError
 from ..runtime.prompt import ModelIds
 from . import machine
 from . import report as rep
@@ -59,6 +59,9 @@ TEXTS: tuple[BenchText, ...] = (
                                    "bitte an das Servicepersonal im Zug. Wir bitten um Entschuldigung."),
 )
 
+
+class BenchError(Qwen3TTSEdgeError):
+    """A bench request that cannot run as asked; the message says what to change."""
 
 def _csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
@@ -107,7 +110,7 @@ def _select(bundle: Bundle, role: str, wanted: list[str] | None, order: Sequence
     missing = [p for p in wanted if p not in have]
     unknown = [p for p in missing if p not in why]
     if unknown:
-        raise CliError(f"bundle has no {role} in precision {', '.join(unknown)}; available: {', '.join(have)}")
+        raise BenchError(f"bundle has no {role} in precision {', '.join(unknown)}; available: {', '.join(have)}")
     return [p for p in have if p in wanted], [f"{role} {p}: refused at export ({why[p]})" for p in missing]
 
 
@@ -115,11 +118,11 @@ def _request(ids: ModelIds, speaker: str | None) -> dict[str, Any]:
     if ids.model_type == "custom_voice":
         speakers = sorted(ids.speakers)
         if speaker is not None and speaker not in speakers:
-            raise CliError(f"unknown speaker {speaker!r}; this bundle has {', '.join(speakers)}")
+            raise BenchError(f"unknown speaker {speaker!r}; this bundle has {', '.join(speakers)}")
         return {"speaker": speaker or speakers[0]}
     if ids.model_type == "voice_design":
         return {"instruct": DEFAULT_INSTRUCT}
-    raise CliError("bench needs a CustomVoice or VoiceDesign bundle: Base models speak from a voice prompt "
+    raise BenchError("bench needs a CustomVoice or VoiceDesign bundle: Base models speak from a voice prompt "
                    "(speaker-encoder stage), which bench cannot supply yet")
 
 
@@ -130,13 +133,13 @@ def _reference_checkpoint(model: str, bundle: Bundle) -> Path:
 
         qwen_tts()
     except ImportError as exc:
-        raise CliError(f"--vs-reference needs the export extras (torch, qwen-tts): {exc}") from exc
+        raise BenchError(f"--vs-reference needs the export extras (torch, qwen-tts): {exc}") from exc
     from .parity import source_checkpoint
 
     try:
         return source_checkpoint(model, bundle)
     except (ModelSourceError, BundleError) as exc:
-        raise CliError(str(exc)) from exc
+        raise BenchError(str(exc)) from exc
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -152,7 +155,7 @@ def _spawn(spec: dict[str, Any], workdir: Path, tag: str) -> dict[str, Any]:
                           capture_output=True, text=True, errors="replace", check=False)
     if proc.returncode != 0 or not out_path.is_file():
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
-        raise CliError(f"bench worker for {tag} failed (exit {proc.returncode}):\n{tail}")
+        raise BenchError(f"bench worker for {tag} failed (exit {proc.returncode}):\n{tail}")
     return json.loads(out_path.read_text(encoding="utf-8"))
 
 
@@ -171,21 +174,21 @@ def _say(progress, tag: str, res: dict[str, Any]) -> None:
 def run_bench(args: argparse.Namespace, progress=lambda msg: None) -> dict[str, Any]:
     """Run the benchmark described by parsed ``args``; the report (schema in bench/README.md)."""
     if args.frames is not None and args.frames < 1:
-        raise CliError("--frames must be at least 1")
+        raise BenchError("--frames must be at least 1")
     if args.repeats < 1:
-        raise CliError("--repeats must be at least 1")
+        raise BenchError("--repeats must be at least 1")
     if args.threads < 1:
-        raise CliError("--threads must be at least 1")
+        raise BenchError("--threads must be at least 1")
     try:
         schedule = [int(v) for v in args.chunk_frames]
     except ValueError as exc:
-        raise CliError(f"--chunk-frames must be positive integers: {exc}") from exc
+        raise BenchError(f"--chunk-frames must be positive integers: {exc}") from exc
     if not schedule or min(schedule) < 1:
-        raise CliError("--chunk-frames must be positive integers")
+        raise BenchError("--chunk-frames must be positive integers")
     by_id = {t.id: t for t in TEXTS}
     unknown = [t for t in args.texts or [] if t not in by_id]
     if unknown:
-        raise CliError(f"unknown bench texts {', '.join(unknown)}; choose from {', '.join(by_id)}")
+        raise BenchError(f"unknown bench texts {', '.join(unknown)}; choose from {', '.join(by_id)}")
     texts = [by_id[t] for t in args.texts] if args.texts else list(TEXTS)
     if args.plot is not None:
         from .plots import require_matplotlib
@@ -194,7 +197,7 @@ def run_bench(args: argparse.Namespace, progress=lambda msg: None) -> dict[str, 
     try:
         bundle = load_bundle(args.bundle)
     except BundleError as exc:
-        raise CliError(str(exc)) from exc
+        raise BenchError(str(exc)) from exc
     m = bundle.manifest
     ids = ModelIds.from_manifest(m)
     request = _request(ids, args.speaker)
@@ -203,7 +206,7 @@ def run_bench(args: argparse.Namespace, progress=lambda msg: None) -> dict[str, 
     decoders, skipped_dec = _select(bundle, "decoder", args.decoder, DECODER_ORDER, refused)
     skipped += skipped_dec
     if not talkers or not decoders:
-        raise CliError(f"bundle {bundle.root} needs a talker and a decoder to bench; export it with "
+        raise BenchError(f"bundle {bundle.root} needs a talker and a decoder to bench; export it with "
                        f"`qwen3-tts-edge export MODEL -o {bundle.root} --force --talker q8_0 --decoder fp32`")
     import onnxruntime as ort
 
@@ -215,7 +218,7 @@ def run_bench(args: argparse.Namespace, progress=lambda msg: None) -> dict[str, 
         else:
             skipped.append(f"provider {p}: not available in this onnxruntime build ({', '.join(available)})")
     if not providers:
-        raise CliError(f"none of the requested providers is available (this onnxruntime has {', '.join(available)})")
+        raise BenchError(f"none of the requested providers is available (this onnxruntime has {', '.join(available)})")
     checkpoint = _reference_checkpoint(args.vs_reference, bundle) if args.vs_reference else None
 
     start_load = os.getloadavg()
@@ -359,7 +362,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return cmd_bench(args)
-    except CliError as exc:
+    except Qwen3TTSEdgeError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
 

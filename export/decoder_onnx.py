@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..bench import fidelity
 from ..quant import gates, policies
+from ..quant import metrics as fidelity
 from .official import qwen_tts
 
 METADATA_KEY = "qwen3_tts_edge.decoder"

@@ -19,6 +19,7 @@ All sizes, layer counts and ids come from the checkpoint's config.json.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import shutil
 import tempfile
@@ -29,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from ..quant import metrics
 from ..quant.gguf_policy import PRECISIONS, policy
 from ..runtime import llama as llm
 from ..runtime.errors import Qwen3TTSEdgeError
@@ -202,7 +204,7 @@ def quantize_talker(f32_path: Path, dst: Path, precision: str) -> None:
     if precision == "f32":
         shutil.copyfile(f32_path, dst)
         return
-    llm.quantize(f32_path, dst, pol.ftype or precision, token_embd=pol.token_embd, output=pol.output,
+    quantize_gguf(f32_path, dst, pol.ftype or precision, token_embd=pol.token_embd, output=pol.output,
                  overrides=pol.overrides())
 
 
@@ -258,7 +260,7 @@ def write_predictor_gguf(cfg: dict[str, Any], sd: dict[str, np.ndarray], path: P
 
 def quantize_predictor(f32_path: Path, dst: Path, precision: str) -> None:
     pol = policy("predictor", precision)
-    llm.quantize(f32_path, dst, pol.ftype or precision, overrides=pol.overrides())
+    quantize_gguf(f32_path, dst, pol.ftype or precision, overrides=pol.overrides())
 
 
 def predictor_tables(cfg: dict[str, Any], sd: dict[str, np.ndarray], codec_embedding: np.ndarray
@@ -309,16 +311,8 @@ def write_tables_gguf(cfg: dict[str, Any], tables: dict[str, np.ndarray], path: 
 
 
 def _cos_kl(ref: np.ndarray, test: np.ndarray) -> tuple[float, float, float]:
-    ref, test = ref.astype(np.float64), test.astype(np.float64)
-    cos = np.sum(ref * test, -1) / (np.linalg.norm(ref, axis=-1) * np.linalg.norm(test, axis=-1))
-
-    def logp(x: np.ndarray) -> np.ndarray:
-        m = x.max(-1, keepdims=True)
-        return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
-
-    lp, lq = logp(ref), logp(test)
-    kl = np.sum(np.exp(lp) * (lp - lq), -1)
-    return float(cos.mean()), float(kl.mean()), float(np.mean(ref.argmax(-1) == test.argmax(-1)))
+    m = metrics.logit_metrics(ref, test)
+    return m["logit_cos"], m["kl"], m["top1"]
 
 
 def _engine_run(talker_path: Path, pred_path: Path, tab_path: Path, prompt: np.ndarray, steps: np.ndarray,
@@ -467,3 +461,39 @@ def export_llama(checkpoint_dir: Path, out_dir: Path, precisions: Sequence[str],
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return entries
+
+
+# ----------------------------------------------------------------------------------------------------------
+# llama_model_quantize with per-tensor overrides (export-only; shares the runtime's one llama.cpp setup)
+
+
+def quantize_gguf(src: Path | str, dst: Path | str, precision: str, *, token_embd: str | None = None,
+             output: str | None = None, overrides: Sequence[tuple[str, str]] = (), threads: int = 0) -> None:
+    """``llama_model_quantize`` ``src`` (an F32/F16 GGUF) into ``dst`` with llama ftype ``precision``.
+
+    ``token_embd``/``output`` force those tensors' types; ``overrides`` are (regex over tensor names, type)
+    pairs applied to the remaining tensors (llama.cpp honours them for quantized ftypes only).
+    """
+    lc = llm.api()
+    if precision not in llm.FTYPES:
+        raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(llm.FTYPES)}")
+    params = lc.llama_model_quantize_default_params()
+    params.nthread = int(threads)
+    params.ftype = llm.FTYPES[precision]
+    if token_embd is not None:
+        params.token_embedding_type = llm.GGML_TYPES[token_embd]
+    if output is not None:
+        params.output_tensor_type = llm.GGML_TYPES[output]
+    keep: list[Any] = []
+    if overrides:
+        arr = (lc.llama_model_tensor_override * (len(overrides) + 1))()
+        for i, (pattern, typ) in enumerate(overrides):
+            arr[i].pattern = pattern.encode()  # ctypes keeps the bytes alive with the array
+            arr[i].type = llm.GGML_TYPES[typ]
+        arr[len(overrides)].pattern = None
+        params.tt_overrides = ctypes.cast(arr, ctypes.POINTER(lc.llama_model_tensor_override))
+        keep.append(arr)
+    rc = lc.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    del keep
+    if rc != 0:
+        raise llm.LlamaError(f"llama_model_quantize {src} -> {dst} ({precision}) failed ({rc}):\n{llm.recent_log()}")

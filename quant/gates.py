@@ -1,6 +1,6 @@
 """Fidelity (and speed) gates a precision variant must pass before it ships, as data.
 
-Metrics are those of ``bench.fidelity`` (``snr_db``, ``logmel_dist`` in dB, ``max_abs``); the reference
+Metrics are those of ``quant.metrics`` (``snr_db``, ``logmel_dist`` in dB, ``max_abs``); the reference
 is named per gate. A variant that fails is not shipped and the reason is recorded in the manifest.
 The GGUF side adds its own rows (e.g. logits cosine / KL for ("talker", "q8_0")).
 """

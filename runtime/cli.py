@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from importlib import import_module
 from pathlib import Path
 
 from .bundle import BundleError, Manifest, load_bundle
@@ -29,28 +30,12 @@ class NotImplementedYet(Exception):
     """A subcommand or option that a later release fills in: exit status 2."""
 
 
-def _csv(value: str) -> list[str]:
+def csv_list(value: str) -> list[str]:
+    """A comma-separated command-line list (blank items dropped; a list of only commas is an error)."""
     items = [v.strip() for v in value.split(",") if v.strip()]
     if not items and value.strip():
         raise argparse.ArgumentTypeError(f"empty list {value!r}")
     return items
-
-
-EXPORT_EXTRA_HINT = ("pip install 'qwen3-tts-edge[export]' && pip install --no-deps qwen-tts==0.1.1 "
-                     "(or `make setup` in a checkout)")
-
-
-def _cmd_export(args: argparse.Namespace) -> int:
-    try:
-        from ..export.build import export_bundle, missing_export_modules
-    except ImportError as exc:
-        raise CliError(f"export needs the [export] extra ({exc}): {EXPORT_EXTRA_HINT}") from exc
-    missing = missing_export_modules()
-    if missing:
-        raise CliError(f"export needs the [export] extra, and this environment lacks {', '.join(missing)}: "
-                       f"{EXPORT_EXTRA_HINT}")
-    export_bundle(args.model, args.output, talker=args.talker, decoder=args.decoder, force=args.force)
-    return 0
 
 
 def _format_size(n: int) -> str:
@@ -151,7 +136,7 @@ def _cmd_speak(args: argparse.Namespace) -> int:
                                "speaker-encoder stage")
     texts = _texts(args)
     try:
-        schedule = tuple(int(v) for v in _csv(args.chunk_frames))
+        schedule = tuple(int(v) for v in csv_list(args.chunk_frames))
         options = SpeakOptions(language=args.language, speaker=args.speaker, instruct=args.instruct,
                                streaming_text=not args.full_text, seed=args.seed, greedy=args.greedy,
                                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -192,41 +177,27 @@ def _cmd_speak(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_parity(args: argparse.Namespace) -> int:
-    try:
-        from ..bench.parity import format_report, parity_report, write_report
-        from ..export.build import ExportError
-        from ..export.sources import ModelSourceError
-    except ImportError as exc:
-        raise CliError(f"parity needs the export extras ({exc}); see the README's setup section") from exc
-    if args.frames < 1:
-        raise CliError("--frames must be at least 1")
-    try:
-        report = parity_report(args.bundle, args.model, frames=args.frames,
-                               progress=lambda msg: print(f"{PROG}: {msg}", file=sys.stderr, flush=True))
-    except (BundleError, ModelSourceError, ExportError) as exc:
-        raise CliError(str(exc)) from exc
-    print(format_report(report))
-    if args.json:
-        write_report(report, args.json)
-    return 0
+# Subcommands that live in the layers above the runtime (export/, bench/): module, argument adder, runner, help.
+# Named by string and imported only when chosen, so the runtime never imports upward and `speak` stays light.
+PLUGGED: dict[str, tuple[str, str, str, str]] = {
+    "export": ("qwen3_tts_edge.export.cli", "add_arguments", "run", "export a checkpoint into an artifact bundle"),
+    "parity": ("qwen3_tts_edge.bench.parity", "add_parity_arguments", "cmd_parity",
+               "compare a bundle's stages with the official PyTorch model"),
+    "bench": ("qwen3_tts_edge.bench.run", "add_bench_arguments", "cmd_bench",
+              "time to first audio, real-time factor, memory, fidelity per precision"),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _plugged(name: str):
+    module, _add, run, _help = PLUGGED[name]
+    return lambda args: getattr(import_module(module), run)(args)
+
+
+def build_parser(wanted: str | None = None) -> argparse.ArgumentParser:
+    """The parser; of the plugged subcommands only ``wanted`` gets (and imports) its arguments."""
     parser = argparse.ArgumentParser(prog=PROG, description="Qwen3-TTS 12 Hz on edge hardware: export, speak, "
                                      "inspect and benchmark artifact bundles.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("export", help="export a checkpoint into an artifact bundle")
-    p.add_argument("model", metavar="MODEL", help="Hugging Face id, local checkpoint folder, or "
-                   "random:<tiny|0.6b|1.7b>-<base|custom_voice|voice_design>[@seed]")
-    p.add_argument("-o", "--output", required=True, type=Path, metavar="BUNDLE", help="bundle folder to write")
-    p.add_argument("--talker", type=_csv, default=None, metavar="PRECISIONS",
-                   help="talker GGUF precisions, comma-separated (f32,f16,bf16,q8_0,q5_k_m,q4_k_m; default q8_0)")
-    p.add_argument("--decoder", type=_csv, default=None, metavar="PRECISIONS",
-                   help="codec decoder ONNX precisions, comma-separated (fp32,fp16,int8; default fp32)")
-    p.add_argument("--force", action="store_true", help="replace an existing bundle at BUNDLE")
-    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("speak", help="synthesize speech from text with a bundle")
     p.add_argument("text", metavar="TEXT", help="text to speak, or - to read stdin")
@@ -263,23 +234,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 pass (sizes are still checked)")
     p.set_defaults(func=_cmd_info)
 
-    p = sub.add_parser("parity", help="compare a bundle's stages with the official PyTorch model")
-    p.add_argument("-b", "--bundle", required=True, type=Path)
-    p.add_argument("--model", required=True, metavar="MODEL")
-    p.add_argument("--json", type=Path, metavar="FILE", help="also write the report as JSON")
-    p.add_argument("--frames", type=int, default=200, help="greedy free-running frames to compare (default 200)")
-    p.set_defaults(func=_cmd_parity)
-
-    from ..bench.run import add_bench_arguments, cmd_bench  # light: torch loads only for --vs-reference
-
-    p = sub.add_parser("bench", help="time to first audio, real-time factor, memory, fidelity per precision")
-    add_bench_arguments(p)
-    p.set_defaults(func=cmd_bench)
+    for name, (module, add, _run, help_) in PLUGGED.items():
+        p = sub.add_parser(name, help=help_)
+        if name == wanted:
+            getattr(import_module(module), add)(p)
+            p.set_defaults(func=_plugged(name))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    wanted = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(wanted if wanted in PLUGGED else None)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

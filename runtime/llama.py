@@ -9,8 +9,8 @@ Memory ownership: the ``llama_batch`` handed to ``llama_decode`` is built here f
 used, so positions can be 4 per token (M-RoPE/IMROPE models read ``n_tokens × 4`` section-major positions
 while ``llama_batch_init`` allocates only ``n_tokens``) without swapping pointers inside a C-allocated batch.
 
-Also here: :class:`GGUFTables` (memory-mapped host-side tensors of a GGUF, own header parser) and
-:func:`quantize` (``llama_model_quantize`` with per-tensor overrides, used by the exporter).
+Also here: :class:`GGUFTables` (memory-mapped host-side tensors of a GGUF, own header parser). Quantisation
+(``llama_model_quantize``) is export-only and lives in ``export/llama_gguf.py``.
 
 Torch-free: numpy and llama_cpp; gguf (PyPI) for quantized-row dequantization and type names; threadpoolctl
 optional, for pinning BLAS threads.
@@ -24,7 +24,7 @@ import os
 import sys
 import threading
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -609,39 +609,3 @@ class GGUFTables:
         if mm is not None and getattr(mm, "_mmap", None) is not None:
             with contextlib.suppress(BufferError, ValueError):  # still-referenced views keep it open
                 mm._mmap.close()
-
-
-# ----------------------------------------------------------------------------------------------------------
-# quantization (used by the exporter; lives here so it shares the one llama.cpp setup)
-
-
-def quantize(src: Path | str, dst: Path | str, precision: str, *, token_embd: str | None = None,
-             output: str | None = None, overrides: Sequence[tuple[str, str]] = (), threads: int = 0) -> None:
-    """``llama_model_quantize`` ``src`` (an F32/F16 GGUF) into ``dst`` with llama ftype ``precision``.
-
-    ``token_embd``/``output`` force those tensors' types; ``overrides`` are (regex over tensor names, type)
-    pairs applied to the remaining tensors (llama.cpp honours them for quantized ftypes only).
-    """
-    lc = api()
-    if precision not in FTYPES:
-        raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(FTYPES)}")
-    params = lc.llama_model_quantize_default_params()
-    params.nthread = int(threads)
-    params.ftype = FTYPES[precision]
-    if token_embd is not None:
-        params.token_embedding_type = GGML_TYPES[token_embd]
-    if output is not None:
-        params.output_tensor_type = GGML_TYPES[output]
-    keep: list[Any] = []
-    if overrides:
-        arr = (lc.llama_model_tensor_override * (len(overrides) + 1))()
-        for i, (pattern, typ) in enumerate(overrides):
-            arr[i].pattern = pattern.encode()  # ctypes keeps the bytes alive with the array
-            arr[i].type = GGML_TYPES[typ]
-        arr[len(overrides)].pattern = None
-        params.tt_overrides = ctypes.cast(arr, ctypes.POINTER(lc.llama_model_tensor_override))
-        keep.append(arr)
-    rc = lc.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
-    del keep
-    if rc != 0:
-        raise LlamaError(f"llama_model_quantize {src} -> {dst} ({precision}) failed ({rc}):\n{recent_log()}")

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from conftest import needs_export
-from qwen3_tts_edge.bench import fidelity
 from qwen3_tts_edge.quant import gates, policies
+from qwen3_tts_edge.quant import metrics as fidelity
 
 pytestmark = needs_export
 

@@ -1,4 +1,7 @@
-"""Audio fidelity metrics, numpy only: one implementation for tests, parity reports and benchmarks.
+"""Fidelity metrics, numpy only: one implementation for export gates, parity reports, benchmarks and tests.
+
+Logit metrics (cosine, KL, top-1 agreement) compare talker/predictor logits of a precision with the fp32
+reference; waveform metrics compare decoders.
 
 Waveform metrics (``max_abs``, ``snr_db``, ``cosine``) catch export bugs; ``logmel_distance`` catches what
 they under-weight — the spectral shape a listener hears (a "robotic" decoder passed ASR and speaker gates
@@ -110,3 +113,23 @@ def compare(reference: np.ndarray, test: np.ndarray, sample_rate: int = SAMPLE_R
         "snr_db": snr_db(reference, test),
         "logmel_dist": logmel_distance(reference, test, sample_rate),
     }
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+def logit_metrics(ref: np.ndarray, test: np.ndarray) -> dict[str, float]:
+    """Mean/min logit cosine, mean/max KL(softmax(ref) || softmax(test)) and top-1 agreement over rows."""
+    ref = np.atleast_2d(np.asarray(ref, dtype=np.float64))
+    test = np.atleast_2d(np.asarray(test, dtype=np.float64))
+    if ref.shape != test.shape:
+        raise ValueError(f"shape mismatch {ref.shape} vs {test.shape}")
+    cos = np.sum(ref * test, axis=-1) / (np.linalg.norm(ref, axis=-1) * np.linalg.norm(test, axis=-1))
+    lp, lq = _log_softmax(ref), _log_softmax(test)
+    kl = np.sum(np.exp(lp) * (lp - lq), axis=-1)
+    top1 = np.argmax(ref, axis=-1) == np.argmax(test, axis=-1)
+    return {"logit_cos": float(cos.mean()), "logit_cos_min": float(cos.min()), "kl": float(kl.mean()),
+            "kl_max": float(kl.max()), "top1": float(top1.mean()), "n": int(ref.shape[0])}

@@ -1,0 +1,49 @@
+"""``qwen3-tts-edge export``: its arguments and its run, loaded by the runtime CLI only when asked for.
+
+Light on purpose (argparse only at import): the lean install, which lacks the ``[export]`` extra, must still
+be able to say which extra to install instead of failing on an import.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..runtime.errors import Qwen3TTSEdgeError
+
+EXPORT_EXTRA_HINT = ("pip install 'qwen3-tts-edge[export]' && pip install --no-deps qwen-tts==0.1.1 "
+                     "(or `make setup` in a checkout)")
+
+
+class ExtraMissingError(Qwen3TTSEdgeError):
+    """The export side is not installed in this environment."""
+
+
+def _csv(value: str) -> list[str]:
+    from ..runtime.cli import csv_list
+
+    return csv_list(value)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL", help="Hugging Face id, local checkpoint folder, or "
+                   "random:<tiny|0.6b|1.7b>-<base|custom_voice|voice_design>[@seed]")
+    p.add_argument("-o", "--output", required=True, type=Path, metavar="BUNDLE", help="bundle folder to write")
+    p.add_argument("--talker", type=_csv, default=None, metavar="PRECISIONS",
+                   help="talker GGUF precisions, comma-separated (f32,f16,bf16,q8_0,q5_k_m,q4_k_m; default q8_0)")
+    p.add_argument("--decoder", type=_csv, default=None, metavar="PRECISIONS",
+                   help="codec decoder ONNX precisions, comma-separated (fp32,fp16,int8; default fp32)")
+    p.add_argument("--force", action="store_true", help="replace an existing bundle at BUNDLE")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        from .build import export_bundle, missing_export_modules
+    except ImportError as exc:
+        raise ExtraMissingError(f"export needs the [export] extra ({exc}): {EXPORT_EXTRA_HINT}") from exc
+    missing = missing_export_modules()
+    if missing:
+        raise ExtraMissingError(f"export needs the [export] extra, and this environment lacks "
+                                f"{', '.join(missing)}: {EXPORT_EXTRA_HINT}")
+    export_bundle(args.model, args.output, talker=args.talker, decoder=args.decoder, force=args.force)
+    return 0
