@@ -41,7 +41,9 @@ $(LLAMA_STAMP): $(VENV)/.venv-stamp
 	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) wheel -q --no-deps --no-cache-dir --no-binary llama-cpp-python \
 	    llama-cpp-python==$(LLAMA_VERSION) -w $(LLAMA_WHEELS).tmp && \
 	  rm -rf $(LLAMA_WHEELS) && mv $(LLAMA_WHEELS).tmp $(LLAMA_WHEELS); fi
-	$(PIP) install -q --force-reinstall --no-deps $(LLAMA_WHEELS)/llama_cpp_python-*.whl
+	@# Replace whatever llama-cpp-python is installed (same version, other flags) by this build, with its deps.
+	$(PIP) uninstall -q -y llama-cpp-python 2>/dev/null || true
+	$(PIP) install -q -c constraints.txt $(LLAMA_WHEELS)/llama_cpp_python-*.whl
 	rm -f $(VENV)/.llama-*
 	touch $@
 

@@ -28,15 +28,15 @@ from typing import Any
 
 import numpy as np
 
-from ..runtime.bundle import Bundle, BundleError, load_bundle
+from ..runtime.bundle import DECODER_PRECISIONS, TALKER_PRECISIONS, Bundle, BundleError, load_bundle
 from ..runtime.errors import Qwen3TTSEdgeError
 from ..runtime.prompt import ModelIds
 from . import machine
 from . import report as rep
 
 PROG = "qwen3-tts-edge bench"
-TALKER_ORDER = ("f32", "f16", "bf16", "q8_0", "q5_k_m", "q4_k_m")
-DECODER_ORDER = ("fp32", "fp16", "int8")
+TALKER_ORDER = TALKER_PRECISIONS
+DECODER_ORDER = DECODER_PRECISIONS
 CPU = "CPUExecutionProvider"
 DEFAULT_INSTRUCT = "A calm, clear voice."
 WARMUP_FRAMES = 16  # enough for every chunk size of the default schedule (1+2+4+8) and to page the weights in

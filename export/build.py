@@ -20,31 +20,39 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from ..runtime.bundle import FORMAT_VERSION, MANIFEST_NAME, Component, Manifest, validate_components, write_manifest
+from ..runtime.bundle import (
+    DECODER_PRECISIONS,
+    DEFAULT_EXPORT,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    OPTIONAL_TOKENIZER_FILES,
+    TALKER_PRECISIONS,
+    TOKENIZER_FILES,
+    Component,
+    Manifest,
+    validate_components,
+    write_manifest,
+)
 from ..runtime.errors import Qwen3TTSEdgeError
 from .progress import ExportProgress, null_step
 from .sources import ModelSource, resolve_model, source_file_hashes
 
 Progress = Callable[[str], None]
 
-# What `export` writes when no precision is named: a bundle `speak` can use at once on any CPU (q8_0 is
-# within 4e-4 KL of f32 at half the size; the fp32 decoder is the reference every other decoder is gated on).
-DEFAULT_TALKER = ("q8_0",)
-DEFAULT_DECODER = ("fp32",)
+DEFAULT_TALKER = DEFAULT_EXPORT["talker"]
+DEFAULT_DECODER = DEFAULT_EXPORT["decoder"]
 # Modules the export side imports (the [export] extra plus qwen-tts installed with --no-deps).
 EXPORT_MODULES = ("torch", "transformers", "qwen_tts", "onnx", "onnxscript", "safetensors", "sentencepiece",
                   "tqdm")
 
-TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json")
-OPTIONAL_TOKENIZER_FILES = ("tokenizer.json",)
 TOOL_PACKAGES = ("qwen3-tts-edge", "qwen-tts", "torch", "transformers", "onnx", "onnxruntime",
                  "llama-cpp-python", "gguf")
 
 # Stage exporters: stage -> (module, function, precisions it can produce), imported only when asked for.
 STAGES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     # One stage writes talker, predictor and predictor_tables GGUFs for each precision.
-    "talker": ("qwen3_tts_edge.export.llama_gguf", "export_llama", ("f32", "f16", "bf16", "q8_0", "q5_k_m", "q4_k_m")),
-    "decoder": ("qwen3_tts_edge.export.decoder_onnx", "export_decoder", ("fp32", "fp16", "int8")),
+    "talker": ("qwen3_tts_edge.export.llama_gguf", "export_llama", TALKER_PRECISIONS),
+    "decoder": ("qwen3_tts_edge.export.decoder_onnx", "export_decoder", DECODER_PRECISIONS),
 }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..runtime.bundle import DECODER_PRECISIONS, DEFAULT_EXPORT, TALKER_PRECISIONS
 from ..runtime.errors import Qwen3TTSEdgeError
 
 EXPORT_EXTRA_HINT = ("pip install 'qwen3-tts-edge[export]' && pip install --no-deps qwen-tts==0.1.1 "
@@ -29,10 +30,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help="Hugging Face id, local checkpoint folder, or "
                    "random:<tiny|0.6b|1.7b>-<base|custom_voice|voice_design>[@seed]")
     p.add_argument("-o", "--output", required=True, type=Path, metavar="BUNDLE", help="bundle folder to write")
-    p.add_argument("--talker", type=_csv, default=None, metavar="PRECISIONS",
-                   help="talker GGUF precisions, comma-separated (f32,f16,bf16,q8_0,q5_k_m,q4_k_m; default q8_0)")
-    p.add_argument("--decoder", type=_csv, default=None, metavar="PRECISIONS",
-                   help="codec decoder ONNX precisions, comma-separated (fp32,fp16,int8; default fp32)")
+    for stage, fmt, choices in (("talker", "GGUF", TALKER_PRECISIONS), ("decoder", "ONNX", DECODER_PRECISIONS)):
+        p.add_argument(f"--{stage}", type=_csv, default=None, metavar="PRECISIONS",
+                       help=f"{stage} {fmt} precisions, comma-separated ({','.join(choices)}; "
+                            f"default {','.join(DEFAULT_EXPORT[stage])})")
     p.add_argument("--force", action="store_true", help="replace an existing bundle at BUNDLE")
 
 

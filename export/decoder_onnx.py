@@ -33,16 +33,17 @@ from torch import nn
 
 from ..quant import gates, policies
 from ..quant import metrics as fidelity
+from ..runtime.bundle import DECODER_METADATA_KEY, DECODER_PRECISIONS
 from .official import qwen_tts
 
-METADATA_KEY = "qwen3_tts_edge.decoder"
+METADATA_KEY = DECODER_METADATA_KEY
 FORMAT_VERSION = 1
 OPSET = 18
 CODES_INPUT = "codes"
 PCM_OUTPUT = "pcm"
 STATE_FILE = "decoder.state.npz"
 CALIBRATION_FILE = "decoder.calibration.npz"
-DEFAULT_PRECISIONS = ("fp32", "fp16", "int8")
+DEFAULT_PRECISIONS = DECODER_PRECISIONS
 CALIBRATION_CHUNK = 4  # frames per calibration call
 OFFLINE_REFERENCE = "official offline forward of the whole sequence (torch fp32)"
 FP32_REFERENCE = "fp32 streaming ONNX decode of the same codes"

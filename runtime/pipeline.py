@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .bundle import Bundle, BundleError, load_bundle
+from .bundle import DECODER_PREFERENCE, TALKER_PREFERENCE, Bundle, BundleError, load_bundle
 from .generate import STOP_CONTEXT, STOP_MAX_FRAMES, FrameLoop, Guards
 from .longform import PrefixReusingTalker, split_segments
 from .prompt import ModelIds, PromptError, VoicePrompt, build_prompt, validate_text
@@ -29,9 +29,6 @@ from .text_feed import DEFAULT_TEXT_TIMEOUT_S
 STOP_CANCELLED = "cancelled"
 _END = object()
 
-# Preference order when the caller does not choose a precision.
-TALKER_PREFERENCE = ("q8_0", "f16", "bf16", "q5_k_m", "q4_k_m", "f32")
-DECODER_PREFERENCE = ("fp32", "int8", "fp16")
 
 
 @dataclass(frozen=True)

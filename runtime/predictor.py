@@ -16,9 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .bundle import PREDICTOR_TABLES_ARCH
 from .llama import GGUFTables, LlamaContext, LlamaError, LlamaModel, blas_single_thread
 
-TABLES_ARCH = "qwen3tts_predictor_tables"
+TABLES_ARCH = PREDICTOR_TABLES_ARCH
 Choose = Callable[[int, np.ndarray], int]
 
 
