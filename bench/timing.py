@@ -81,21 +81,15 @@ def _reference_tts(spec: dict[str, Any]):
     import torch
 
     from ..export import torch_reference as ref
-    from ..runtime import decoder as runtime_decoder
     from ..runtime.pipeline import TTS, Backends
 
     torch.set_num_threads(int(spec["threads"]))
     model = ref.load_official(spec["reference"])
     official_decoder = model.speech_tokenizer.model.decoder.float().eval()
-    backends = Backends(ref.TorchTalker(model), ref.TorchPredictor(model), ref.TorchTables(model), name=REFERENCE_NAME)
-    # TTS builds its decoder from the bundle; in this (throw-away) process the class it builds is swapped for the
-    # torch decoder, so the fp32 ONNX graph is never loaded and cannot inflate the reference's peak RSS.
-    original = runtime_decoder.StreamingDecoder
-    runtime_decoder.StreamingDecoder = lambda *a, **k: TorchStreamingDecoder(official_decoder)
-    try:
-        tts = TTS(spec["bundle"], decoder_precision="fp32", threads=spec["threads"], verify=False, backends=backends)
-    finally:
-        runtime_decoder.StreamingDecoder = original
+    # The decoder is handed in ready, so the fp32 ONNX graph is never loaded and cannot inflate the reference's RSS.
+    backends = Backends(ref.TorchTalker(model), ref.TorchPredictor(model), ref.TorchTables(model), name=REFERENCE_NAME,
+                        decoder=TorchStreamingDecoder(official_decoder))
+    tts = TTS(spec["bundle"], decoder_precision="fp32", threads=spec["threads"], verify=False, backends=backends)
     return tts, official_decoder
 
 
@@ -113,11 +107,12 @@ def _options(spec: dict[str, Any], text: dict[str, Any], frames: int | None):
 def _one(tts, text: dict[str, Any], options) -> tuple[dict[str, Any], np.ndarray]:
     cpu0 = time.process_time()
     codes = []
-    for chunk in tts.stream(text["text"], options):
+    stream = tts.stream(text["text"], options)
+    for chunk in stream:
         if chunk.codes is not None and len(chunk.codes):
             codes.append(chunk.codes)
     cpu = time.process_time() - cpu0
-    st = tts.last_stats
+    st = stream.stats
     n = max(st.frames, 1)
     sample = {
         "text": text["id"], "frames": st.frames, "audio_s": st.audio_s, "total_ms": st.total_s * 1e3,

@@ -15,7 +15,8 @@ except metadata.PackageNotFoundError:  # pragma: no cover - a source tree that i
     __version__ = "0+unknown"
 
 _EXPORTS = {
-    "TTS": "pipeline", "SpeakOptions": "pipeline", "AudioChunk": "pipeline", "StreamStats": "pipeline",
+    "TTS": "pipeline", "SpeakOptions": "pipeline", "AudioChunk": "pipeline", "AudioStream": "pipeline",
+    "StreamStats": "pipeline",
     "VoicePrompt": "prompt", "PromptError": "prompt", "BundleError": "bundle", "load_bundle": "bundle",
     "Qwen3TTSEdgeError": "errors",
 }

@@ -158,7 +158,7 @@ def _cmd_speak(args: argparse.Namespace) -> int:
             for chunk in stream:
                 sink.write(chunk.pcm)
             if args.stats:
-                print(f"{PROG}: {_format_stats(tts.last_stats)}", file=sys.stderr)
+                print(f"{PROG}: {_format_stats(stream.stats)}", file=sys.stderr)
         sink.close()
     except BrokenPipeError as exc:  # the reader of --raw went away: stop generating, say so once
         sink.abort()

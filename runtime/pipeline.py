@@ -118,6 +118,32 @@ class StreamStats:
         return stages
 
 
+class AudioStream:
+    """The chunks of one request, made lazily, with that request's own ``stats`` (filled in as it runs).
+
+    Iterate it (or ``list()`` it); ``close()`` (or leaving a ``with`` block) stops generation at once. Each
+    request has its own stats, so one process can serve several; ``TTS.last_stats`` is the latest request's.
+    """
+
+    def __init__(self, chunks: Iterator[AudioChunk], stats: StreamStats, sample_rate: int) -> None:
+        self._chunks, self.stats, self.sample_rate = chunks, stats, sample_rate
+
+    def __iter__(self) -> AudioStream:
+        return self
+
+    def __next__(self) -> AudioChunk:
+        return next(self._chunks)
+
+    def close(self) -> None:
+        self._chunks.close()
+
+    def __enter__(self) -> AudioStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class BundleTables:
     """EmbeddingSource over the engines' own tables (talker token_embd, predictor residual tables)."""
 
@@ -141,12 +167,14 @@ class BundleTables:
 
 @dataclass(frozen=True)
 class Backends:
-    """Talker + code predictor + their embedding tables: the llama.cpp engines, or e.g. the PyTorch reference."""
+    """Ready engines for a ``TTS``: talker + code predictor + their embedding tables (llama.cpp, or e.g. the
+    PyTorch reference), and optionally the decoder (else the bundle's ONNX decoder is loaded)."""
 
     talker: object
     predictor: object
     tables: object
     name: str = "custom"
+    decoder: object | None = None
 
 
 def _pick(bundle: Bundle, role: str, wanted: str | None, preference: Sequence[str]) -> str:
@@ -237,8 +265,11 @@ class TTS:
             self.talker = PrefixReusingTalker(self.talker)
         ctx = getattr(getattr(self.talker, "ctx", None), "n_ctx", None)
         self.n_ctx: int | None = int(ctx) if ctx else None
-        self.decoder = StreamingDecoder(path(m.component("decoder", self.decoder_precision)), providers=providers,
-                                        threads=threads)
+        if backends.decoder is not None:
+            self.decoder = backends.decoder
+        else:
+            self.decoder = StreamingDecoder(path(m.component("decoder", self.decoder_precision)),
+                                            providers=providers, threads=threads)
         self.tokenizer = TextTokenizer.from_folder(self.bundle.root / "tokenizer")
         self.ids = ModelIds.from_manifest(m)
         self.sample_rate = int(m.audio["sample_rate"])
@@ -275,7 +306,7 @@ class TTS:
                            min_new_frames=o.min_frames)
 
     def stream(self, text: str | Iterable[str], options: SpeakOptions | None = None,
-               **overrides) -> Iterator[AudioChunk]:
+               **overrides) -> AudioStream:
         """Yield audio chunks of ``text`` as they are generated (lazy: nothing runs until iterated).
 
         ``text`` is a string, or an iterable of pieces still arriving (e.g. a chat LLM's tokens) that are fed
@@ -314,7 +345,9 @@ class TTS:
                     return
 
         ref_codes = None if o.voice is None or o.voice.ref_codes is None else np.asarray(o.voice.ref_codes)
-        return self._run(loops(), o.chunk_frames, ref_codes, time.perf_counter() - t0)
+        stats = StreamStats(devices=self.devices())
+        return AudioStream(self._run(loops(), o.chunk_frames, ref_codes, time.perf_counter() - t0, stats), stats,
+                           self.sample_rate)
 
     def _segment_budget(self, o: SpeakOptions) -> int | None:
         """Text tokens per segment so that a segment's prompt and frames fit the talker's context."""
@@ -328,7 +361,7 @@ class TTS:
         return max(8, int(room / per_token))
 
     def _run(self, loops: Iterator[tuple[int, FrameLoop]], schedule: Sequence[int], ref_codes: np.ndarray | None,
-             prompt_s: float) -> Iterator[AudioChunk]:
+             prompt_s: float, stats: StreamStats) -> Iterator[AudioChunk]:
         """Generation on a worker thread, decoding on the consumer's thread, a bounded queue between them.
 
         Runs lazily: the decoder state belongs to this stream from its first chunk on. Timings count from the
@@ -336,8 +369,7 @@ class TTS:
         slow consumer blocks the generator once ``max_queued_frames`` wait; closing the iterator stops it.
         """
         t0 = time.perf_counter() - prompt_s
-        stats = StreamStats(devices=self.devices())
-        self.last_stats = stats
+        self.last_stats = stats  # the request that runs now
         if ref_codes is not None:
             self.decoder.prime(ref_codes)  # clone: continue seamlessly after the reference audio
         else:
@@ -399,4 +431,4 @@ class TTS:
         return np.concatenate(chunks) if chunks else np.zeros(0, np.float32), self.sample_rate
 
 
-__all__ = ["TTS", "SpeakOptions", "AudioChunk", "StreamStats", "PromptError", "VoicePrompt"]
+__all__ = ["TTS", "SpeakOptions", "AudioChunk", "AudioStream", "StreamStats", "PromptError", "VoicePrompt"]

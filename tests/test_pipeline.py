@@ -129,3 +129,17 @@ def test_bad_options_are_clear_errors(tiny_bundle, parts):
         _tts(tiny_bundle, parts, max_queued_frames=0)
     with pytest.raises(ValueError, match="temperature must be a positive number"):
         tts.stream(TEXT, speaker="vivian", temperature=-1.0)
+
+
+def test_each_request_carries_its_own_stats(tiny_bundle, parts):
+    """Two requests made before either runs: each stream's stats describe that request only."""
+    tts = _tts(tiny_bundle, parts)
+    a = tts.stream(TEXT, speaker="vivian", seed=1, max_frames=6)
+    b = tts.stream(TEXT, speaker="vivian", seed=1, max_frames=9)
+    assert a.stats is not b.stats and a.stats.frames == b.stats.frames == 0  # lazy: nothing ran yet
+    with b:
+        assert sum(c.n_frames for c in b) == 9
+    assert sum(c.n_frames for c in a) == 6
+    assert (a.stats.frames, b.stats.frames) == (6, 9)
+    assert a.stats.stop_reason == b.stats.stop_reason == "max_frames"
+    assert tts.last_stats is a.stats  # the request that ran last
