@@ -20,7 +20,7 @@ from ..runtime.bundle import Bundle, BundleError, load_bundle
 from ..runtime.errors import Qwen3TTSEdgeError
 from ..runtime.prompt import ModelIds, build_prompt
 from ..runtime.sampler import CodeSampler, SamplingParams
-from ..runtime.text import TextTokenizer
+from ..runtime.text import TextTokenizer, assistant_text, instruct_text, ref_text_template
 
 PARITY_TEXT = "The quick brown fox jumps over the lazy dog, again and again, until the sun goes down."
 
@@ -47,10 +47,10 @@ def official_prompt(model: Any, tok: TextTokenizer, text: str, *, language: str,
     original = model.talker.generate
     model.talker.generate = capture
     try:
-        ids = torch.tensor([tok.encode(f"<|im_start|>assistant\n{text}<|im_end|>\n<|im_start|>assistant\n")])
+        ids = torch.tensor([tok.encode(assistant_text(text))])
         kwargs: dict[str, Any] = dict(input_ids=[ids], languages=[language], non_streaming_mode=not streaming)
         if instruct:
-            kwargs["instruct_ids"] = [torch.tensor([tok.encode(f"<|im_start|>user\n{instruct}<|im_end|>\n")])]
+            kwargs["instruct_ids"] = [torch.tensor([tok.encode(instruct_text(instruct))])]
         if speaker:
             kwargs["speakers"] = [speaker]
         if voice is not None:
@@ -61,8 +61,7 @@ def official_prompt(model: Any, tok: TextTokenizer, text: str, *, language: str,
                 "x_vector_only_mode": [not icl], "icl_mode": [icl],
             }
             if icl:
-                ref = f"<|im_start|>assistant\n{voice.ref_text}<|im_end|>\n"
-                kwargs["ref_ids"] = [torch.tensor([tok.encode(ref)])]
+                kwargs["ref_ids"] = [torch.tensor([tok.encode(ref_text_template(voice.ref_text))])]
         try:
             model.generate(**kwargs)
         except _Captured as cap:

@@ -5,7 +5,8 @@ official ``talker.model`` + ``codec_head`` and to :class:`~qwen3_tts_edge.runtim
 the official code predictor (``forward_finetune`` on [past_hidden, E(c0), table_j(c_{j+1})...]) and
 :class:`~qwen3_tts_edge.runtime.predictor.CodePredictor` (with a chooser that returns the forced codes) get the
 same talker hidden state. Metrics per position, then averaged: logit cosine, KL(ref || test) of the softmax,
-top-1 agreement (numpy only). Needs the export extras (torch, qwen-tts) for the reference side.
+top-1 agreement (numpy only). Needs the export extras (torch, qwen-tts) for the reference side, which comes
+from :mod:`~qwen3_tts_edge.export.torch_reference` (loading and embeddings of the official model).
 
 Files are found by the bundle naming convention in a folder: ``talker.P.gguf``, ``predictor.P.gguf``,
 ``predictor_tables.P.gguf``.
@@ -15,13 +16,19 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..export.torch_reference import (
+    load_official_talker,
+    official_codec_embeds,
+    official_residual_embeds,
+    official_text_embeds,
+)
 from ..quant.metrics import logit_metrics
 
 # ----------------------------------------------------------------------------------------------------------
@@ -40,71 +47,6 @@ class Reference:
     hidden: np.ndarray  # (T, H) final-normed hidden states
     frames: np.ndarray  # (n_frames, 16) the forced codes of each generated frame
     pred_logits: np.ndarray  # (n_frames, 15, codebook) official predictor logits per frame
-
-
-def load_official_talker(checkpoint_dir: Path) -> tuple[Any, dict[str, Any]]:
-    """The official talker module in fp32 (eval), loaded from the checkpoint's ``talker.*`` tensors only."""
-    from safetensors import safe_open
-
-    from ..export.official import qwen_tts
-
-    qwen_tts()
-    from qwen_tts.core.models.configuration_qwen3_tts import Qwen3TTSConfig
-    from qwen_tts.core.models.modeling_qwen3_tts import Qwen3TTSTalkerForConditionalGeneration
-
-    folder = Path(checkpoint_dir)
-    cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    config = Qwen3TTSConfig(**cfg)
-    talker = Qwen3TTSTalkerForConditionalGeneration(config.talker_config)
-    index = folder / "model.safetensors.index.json"
-    files = (sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
-             if index.is_file() else [folder / "model.safetensors"])
-    # Copy tensor by tensor into the fp32 module: a full state dict would double peak memory (1.7B: 2 x 7.7 GB).
-    own = dict(talker.named_parameters())
-    own.update(talker.named_buffers())
-    seen = set()
-    for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            for k in f.keys():  # noqa: SIM118 - safe_open is not a dict
-                if not k.startswith("talker."):
-                    continue
-                name = k[len("talker."):]
-                if name not in own:
-                    raise KeyError(f"unexpected checkpoint tensor {k}")
-                own[name].data.copy_(f.get_tensor(k))
-                seen.add(name)
-    missing = set(dict(talker.named_parameters())) - seen
-    if missing:
-        raise KeyError(f"checkpoint lacks talker tensors {sorted(missing)[:5]}")
-    for prm in talker.parameters():
-        prm.requires_grad_(False)
-    return talker.float().eval(), cfg
-
-
-def official_text_embeds(talker: Any, ids: Iterable[int]) -> np.ndarray:
-    import torch
-
-    t = torch.as_tensor(list(ids), dtype=torch.long)
-    with torch.no_grad():
-        return talker.text_projection(talker.model.text_embedding(t)).float().numpy()
-
-
-def official_codec_embeds(talker: Any, ids: Iterable[int]) -> np.ndarray:
-    import torch
-
-    with torch.no_grad():
-        return talker.model.codec_embedding(torch.as_tensor(list(ids), dtype=torch.long)).float().numpy()
-
-
-def official_residual_embeds(talker: Any, codes15: Sequence[int]) -> np.ndarray:
-    import torch
-
-    tabs = talker.code_predictor.get_input_embeddings()
-    out = torch.zeros(talker.config.hidden_size)
-    with torch.no_grad():
-        for j, c in enumerate(codes15):
-            out += tabs[j](torch.tensor(int(c)))
-    return out.numpy()
 
 
 def prompt_ids(cfg: dict[str, Any], n_text: int = 8, seed: int = 0) -> tuple[list[int], list[int | None]]:

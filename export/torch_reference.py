@@ -3,13 +3,18 @@
 Wrapping the official talker and code predictor in the same ``TalkerBackend`` / ``PredictorBackend``
 interfaces as the llama.cpp engines lets one frame loop run on both, so tests can check our loop, prompt and
 sampler against the official ``generate`` and then swap in the exported engines; bench uses the same
-wrappers as its PyTorch baseline. Export side only (torch).
+wrappers as its PyTorch baseline. This is the one place that loads the official model (whole, or the talker
+alone) and computes its text / codec / residual embeddings, so export checks, bench parity and tests all
+compare against the same reference. Export side only (torch).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -31,6 +36,76 @@ def load_official(path, dtype: str = "float32"):
     return wrapper.model.eval()
 
 
+def load_official_talker(checkpoint_dir: Path) -> tuple[Any, dict[str, Any]]:
+    """The official talker module in fp32 (eval) and the checkpoint's config, from the ``talker.*`` tensors only.
+
+    Lighter than :func:`load_official` (no speech tokenizer, no full-model copy) for checks of the talker and
+    code predictor alone.
+    """
+    from safetensors import safe_open
+
+    qwen_tts()
+    from qwen_tts.core.models.configuration_qwen3_tts import Qwen3TTSConfig
+    from qwen_tts.core.models.modeling_qwen3_tts import Qwen3TTSTalkerForConditionalGeneration
+
+    folder = Path(checkpoint_dir)
+    cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    config = Qwen3TTSConfig(**cfg)
+    talker = Qwen3TTSTalkerForConditionalGeneration(config.talker_config)
+    index = folder / "model.safetensors.index.json"
+    files = (sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+             if index.is_file() else [folder / "model.safetensors"])
+    # Copy tensor by tensor into the fp32 module: a full state dict would double peak memory (1.7B: 2 x 7.7 GB).
+    own = dict(talker.named_parameters())
+    own.update(talker.named_buffers())
+    seen = set()
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for k in f.keys():  # noqa: SIM118 - safe_open is not a dict
+                if not k.startswith("talker."):
+                    continue
+                name = k[len("talker."):]
+                if name not in own:
+                    raise KeyError(f"unexpected checkpoint tensor {k}")
+                own[name].data.copy_(f.get_tensor(k))
+                seen.add(name)
+    missing = set(dict(talker.named_parameters())) - seen
+    if missing:
+        raise KeyError(f"checkpoint lacks talker tensors {sorted(missing)[:5]}")
+    for prm in talker.parameters():
+        prm.requires_grad_(False)
+    return talker.float().eval(), cfg
+
+
+def official_text_embeds(talker: Any, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Projected text-track vectors P(x) of ``ids``, (n, H) float32."""
+    import torch
+
+    t = torch.as_tensor(np.asarray(ids, dtype=np.int64))
+    with torch.no_grad():
+        return talker.text_projection(talker.get_text_embeddings()(t)).float().numpy()
+
+
+def official_codec_embeds(talker: Any, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Talker codec embedding rows E(c) of ``ids``, (n, H) float32."""
+    import torch
+
+    with torch.no_grad():
+        return talker.get_input_embeddings()(torch.as_tensor(np.asarray(ids, dtype=np.int64))).float().numpy()
+
+
+def official_residual_embeds(talker: Any, codes15: Sequence[int]) -> np.ndarray:
+    """Sum of the 15 residual-codebook rows of one frame, (H,), added in codebook order from zero."""
+    import torch
+
+    tabs = talker.code_predictor.get_input_embeddings()
+    out = torch.zeros(talker.config.hidden_size)
+    with torch.no_grad():
+        for j, c in enumerate(codes15):
+            out += tabs[j](torch.tensor(int(c)))
+    return out.numpy()
+
+
 class TorchTables:
     """EmbeddingSource computed by the official modules (text projection, codec and residual embeddings)."""
 
@@ -38,18 +113,11 @@ class TorchTables:
         self.talker = model.talker
         self.hidden_size = model.talker.config.hidden_size
 
-    def _run(self, fn, ids) -> np.ndarray:
-        import torch
-
-        with torch.no_grad():
-            return fn(torch.as_tensor(np.asarray(ids, dtype=np.int64))).float().numpy()
-
     def text_embeds(self, ids) -> np.ndarray:
-        t = self.talker
-        return self._run(lambda x: t.text_projection(t.get_text_embeddings()(x)), ids)
+        return official_text_embeds(self.talker, ids)
 
     def codec_embeds(self, ids) -> np.ndarray:
-        return self._run(self.talker.get_input_embeddings(), ids)
+        return official_codec_embeds(self.talker, ids)
 
     def frame_embeds(self, codes) -> np.ndarray:
         import torch

@@ -17,7 +17,7 @@ from typing import Protocol
 import numpy as np
 
 from .errors import Qwen3TTSEdgeError
-from .text import TextTokenizer
+from .text import CONTENT_SLICE, REF_CONTENT_SLICE, TextTokenizer, assistant_text, instruct_text, ref_text_template
 from .text_feed import DEFAULT_TEXT_TIMEOUT_S, StreamingTextTrack, TextError, TextFeed, check_text
 
 MODES = ("custom_voice", "voice_design", "base")
@@ -109,18 +109,6 @@ class Prompt:
         """Stop an incremental text feed (cancellation)."""
         if self.live is not None:
             self.live.feed.close()
-
-
-def assistant_text(text: str) -> str:
-    return f"<|im_start|>assistant\n{text}<|im_end|>\n<|im_start|>assistant\n"
-
-
-def ref_text_template(text: str) -> str:
-    return f"<|im_start|>assistant\n{text}<|im_end|>\n"
-
-
-def instruct_text(instruct: str) -> str:
-    return f"<|im_start|>user\n{instruct}<|im_end|>\n"
 
 
 def _ids(values) -> np.ndarray:
@@ -235,7 +223,7 @@ def build_prompt(
         content = _ids(feed.available()[0][:1])
     else:
         text_ids = _ids(tokenizer.encode(assistant_text(text)))
-        content = text_ids[3:-5]
+        content = text_ids[CONTENT_SLICE]
     if len(content) == 0:
         raise PromptError("text to speak tokenizes to nothing")
     bos_vec, eos_vec, pad_vec = tables.text_embeds(_ids([tok["tts_bos_token_id"], tok["tts_eos_token_id"],
@@ -262,7 +250,7 @@ def build_prompt(
     codec_bos = codec[-1]
 
     if voice is not None and voice.icl:
-        ref_ids = _ids(tokenizer.encode(ref_text_template(voice.ref_text)))[3:-2]
+        ref_ids = _ids(tokenizer.encode(ref_text_template(voice.ref_text)))[REF_CONTENT_SLICE]
         icl, trailing = _icl_block(ids, tables, ref_ids, content, np.asarray(voice.ref_codes, dtype=np.int64),
                                    eos_vec, pad_vec, streaming_text)
         parts.append(icl)

@@ -14,7 +14,9 @@ transformers. The runtime must not depend on torch or transformers, so this modu
 * the added tokens of ``added_tokens_decoder`` at their configured ids, matched before normalization, so
   ``<|im_start|>`` in the prompt template is one id (``split_special_tokens: false``).
 
-Only ``tokenizers`` and the standard library are used here.
+The official chat templates around the text (and the slices that cut the content ids back out) are here
+too, so that the prompt and the incremental text feed share one copy. Only ``tokenizers`` and the standard
+library are used here.
 """
 
 from __future__ import annotations
@@ -32,6 +34,29 @@ QWEN2_SPLIT_PATTERN = (
     r"""\s+(?!\S)|\s+"""
 )
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json")
+
+# The official chat templates the talker's text is wrapped in, and where the content sits in their ids
+# (architecture reference §5.1). They live here, beside the tokenizer, because both prompt.py and
+# text_feed.py need them and prompt.py imports text_feed.py (defining them in prompt.py would be a cycle).
+ASSISTANT_PREFIX = "<|im_start|>assistant\n"  # 3 ids: <|im_start|>, assistant, \n
+ASSISTANT_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n"  # 5 ids
+CONTENT_SLICE = slice(3, -5)  # content ids of ``assistant_text(text)``
+REF_CONTENT_SLICE = slice(3, -2)  # content ids of ``ref_text_template(text)``
+
+
+def assistant_text(text: str) -> str:
+    """The text to speak in the official template; its content ids are ``ids[CONTENT_SLICE]``."""
+    return f"{ASSISTANT_PREFIX}{text}{ASSISTANT_SUFFIX}"
+
+
+def ref_text_template(text: str) -> str:
+    """A Base ICL reference text in the official template; its content ids are ``ids[REF_CONTENT_SLICE]``."""
+    return f"{ASSISTANT_PREFIX}{text}<|im_end|>\n"
+
+
+def instruct_text(instruct: str) -> str:
+    """A voice instruction in the official template (all its ids go into the prompt)."""
+    return f"<|im_start|>user\n{instruct}<|im_end|>\n"
 
 
 def _required(folder: Path, name: str) -> Path:
@@ -109,8 +134,7 @@ class TextTokenizer:
     """The runtime's view of the text tokenizer: plain id lists, no special handling beyond the config.
 
     ``encode`` never adds BOS/EOS (Qwen2 has none); callers tokenize the full templated prompt (e.g.
-    ``<|im_start|>assistant\\n{text}<|im_end|>\\n<|im_start|>assistant\\n``) and slice it, as the official
-    code does.
+    :func:`assistant_text`) and slice it (:data:`CONTENT_SLICE`), as the official code does.
     """
 
     def __init__(self, tokenizer: Tokenizer):

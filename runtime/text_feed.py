@@ -18,11 +18,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from .errors import Qwen3TTSEdgeError
-from .text import TextTokenizer
-
-# Same template as the official code; content = ids[3:-5].
-_PREFIX, _SUFFIX = "<|im_start|>assistant\n", "<|im_end|>\n<|im_start|>assistant\n"
-
+from .text import CONTENT_SLICE, TextTokenizer, assistant_text
 
 # How long one frame waits for the next piece of text before the utterance stops (``STOP_TEXT_STALLED``).
 DEFAULT_TEXT_TIMEOUT_S = 30.0
@@ -53,8 +49,8 @@ class IncrementalText:
         self.committed: list[int] = []
 
     def _content(self) -> tuple[list[int], list[int | None]]:
-        enc = self.tokenizer.tokenizer.encode(_PREFIX + self.buffer + _SUFFIX)
-        return enc.ids[3:-5], enc.word_ids[3:-5]
+        enc = self.tokenizer.tokenizer.encode(assistant_text(self.buffer))
+        return enc.ids[CONTENT_SLICE], enc.word_ids[CONTENT_SLICE]
 
     def _take(self, upto: int, ids: list[int]) -> list[int]:
         if ids[: len(self.committed)] != self.committed:

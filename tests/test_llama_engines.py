@@ -113,7 +113,7 @@ def test_codec_eos_is_checked_and_repaired(llama_export, tiny_checkpoint, tmp_pa
 
 
 def test_lookups_equal_official_modules(llama_export, reference):
-    from qwen3_tts_edge.bench.parity_llama import (
+    from qwen3_tts_edge.export.torch_reference import (
         official_codec_embeds,
         official_residual_embeds,
         official_text_embeds,
