@@ -3,13 +3,13 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
-# llama-cpp-python compiles from source for this CPU. runtime/llama_build.py picks the CMake flags from
-# /proc/cpuinfo: native, except on AMX CPUs where the pinned llama.cpp crashes (every other extension is named
-# explicitly there). Override with `make setup LLAMA_CMAKE_ARGS="..."` or CMAKE_ARGS in the environment.
+# llama-cpp-python compiles from source for this CPU. runtime/backends/llama_cpp/build_flags.py picks the CMake
+# flags from /proc/cpuinfo: native, except on AMX CPUs where the pinned llama.cpp crashes (every other extension
+# is named explicitly there). Override with `make setup LLAMA_CMAKE_ARGS="..."` or CMAKE_ARGS in the environment.
 LLAMA_VERSION := 0.3.36
-LLAMA_CMAKE_ARGS ?= $(or $(CMAKE_ARGS),$(shell $(PYTHON) runtime/llama_build.py cmake-args))
+LLAMA_CMAKE_ARGS ?= $(or $(CMAKE_ARGS),$(shell $(PYTHON) runtime/backends/llama_cpp/build_flags.py cmake-args))
 # Built wheels are kept per flag set (pip's own cache keys on the sdist only and would reuse other flags).
-LLAMA_KEY := $(shell $(PYTHON) runtime/llama_build.py key "$(LLAMA_CMAKE_ARGS)")
+LLAMA_KEY := $(shell $(PYTHON) runtime/backends/llama_cpp/build_flags.py key "$(LLAMA_CMAKE_ARGS)")
 LLAMA_WHEELS := .cache/llama-cpp-python/$(LLAMA_KEY)
 LLAMA_STAMP := $(VENV)/.llama-$(LLAMA_KEY)
 MODEL ?= random:0.6b-custom_voice

@@ -83,16 +83,11 @@ def _request(ids: ModelIds) -> dict[str, Any]:
 
 
 def _engines(bundle: Bundle, precision: str, strict: bool):
-    from ..runtime.pipeline import BundleTables
-    from ..runtime.predictor import CodePredictor
-    from ..runtime.talker import Talker
+    from ..runtime.backends.llama_cpp import load_generation
 
-    m, path = bundle.manifest, bundle.path
     kw: dict[str, Any] = {"kv_type": "f32", "flash_attn": False} if strict else {}
-    talker = Talker(path(m.component("talker", precision)), n_ctx=8192, **kw)
-    predictor = CodePredictor(path(m.component("predictor", precision)),
-                              path(m.component("predictor_tables", precision)), **kw)
-    return talker, predictor, BundleTables(talker, predictor)
+    engines = load_generation(bundle, precision, n_ctx=8192, **kw)
+    return engines.talker, engines.predictor, engines.tables
 
 
 def _logits_of(predictor: Any, hidden: np.ndarray, c0: int, forced: np.ndarray | None = None) -> list[np.ndarray]:

@@ -1,12 +1,12 @@
 """Parity and speed of the llama.cpp talker/predictor engines against the official PyTorch model.
 
 A teacher-forced trajectory (a CustomVoice-style prompt, then frames of fixed random codes) is fed to the
-official ``talker.model`` + ``codec_head`` and to :class:`~qwen3_tts_edge.runtime.talker.Talker`; per frame,
-the official code predictor (``forward_finetune`` on [past_hidden, E(c0), table_j(c_{j+1})...]) and
-:class:`~qwen3_tts_edge.runtime.predictor.CodePredictor` (with a chooser that returns the forced codes) get the
-same talker hidden state. Metrics per position, then averaged: logit cosine, KL(ref || test) of the softmax,
-top-1 agreement (numpy only). Needs the export extras (torch, qwen-tts) for the reference side, which comes
-from :mod:`~qwen3_tts_edge.export.torch_reference` (loading and embeddings of the official model).
+official ``talker.model`` + ``codec_head`` and to the llama.cpp ``Talker``; per frame, the official code
+predictor (``forward_finetune`` on [past_hidden, E(c0), table_j(c_{j+1})...]) and the llama.cpp
+``CodePredictor`` (with a chooser that returns the forced codes) get the same talker hidden state. Metrics
+per position, then averaged: logit cosine, KL(ref || test) of the softmax, top-1 agreement (numpy only).
+Needs the export extras (torch, qwen-tts) for the reference side, which comes from
+:mod:`~qwen3_tts_edge.export.torch_reference` (loading and embeddings of the official model).
 
 Files are found by the bundle naming convention in a folder: ``talker.P.gguf``, ``predictor.P.gguf``,
 ``predictor_tables.P.gguf``.
@@ -130,7 +130,7 @@ def files_for(folder: Path, precision: str) -> tuple[Path, Path, Path]:
 def run_talker(ref: Reference, talker_path: Path, *, n_threads: int = 2, kv_type: str = "f32",
                flash_attn: bool | None = False) -> tuple[np.ndarray, np.ndarray]:
     """Engine logits/hidden at the last prompt position and every frame position: (1 + n_frames, ...)."""
-    from ..runtime.talker import Talker
+    from ..runtime.backends.llama_cpp.talker import Talker
 
     with Talker(talker_path, n_ctx=ref.embeds.shape[0] + 8, n_threads=n_threads, kv_type=kv_type,
                 flash_attn=flash_attn) as t:
@@ -142,7 +142,7 @@ def run_talker(ref: Reference, talker_path: Path, *, n_threads: int = 2, kv_type
 def run_predictor(ref: Reference, model_path: Path, tables_path: Path, *, n_threads: int = 2,
                   kv_type: str = "f32", flash_attn: bool | None = False) -> np.ndarray:
     """Engine logits (n_pred_frames, 15, codebook) with the reference's forced codes."""
-    from ..runtime.predictor import CodePredictor
+    from ..runtime.backends.llama_cpp.predictor import CodePredictor
 
     out = []
     with CodePredictor(model_path, tables_path, n_threads=n_threads, kv_type=kv_type, flash_attn=flash_attn) as p:
@@ -195,8 +195,8 @@ def speed(folder: Path, precisions: Sequence[str], *, n_threads: int = 2, n_prom
     Medians over steps/frames after a warm-up (the first calls page the mmapped weights in); the machine's
     other load shows up as outliers, which the median ignores.
     """
-    from ..runtime.predictor import CodePredictor
-    from ..runtime.talker import Talker
+    from ..runtime.backends.llama_cpp.predictor import CodePredictor
+    from ..runtime.backends.llama_cpp.talker import Talker
 
     rng = np.random.default_rng(seed)
     out: dict[str, dict[str, float]] = {}

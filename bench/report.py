@@ -43,7 +43,7 @@ def weight_bytes_per_frame(bundle: Bundle, precision: str) -> dict[str, int]:
     host-side heads, each applied once per frame, as the float32 arrays they are upcast to at load (plus the
     input projection where the model has one). Gathered table rows are not counted.
     """
-    from ..runtime.llama import GGUFTables
+    from ..runtime.backends.llama_cpp.gguf_tables import GGUFTables
 
     m = bundle.manifest
     out: dict[str, int] = {}

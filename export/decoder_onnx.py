@@ -382,7 +382,7 @@ def offline_decode(decoder: nn.Module, codes: np.ndarray) -> np.ndarray:
 def _runtime(model_path: Path, providers: Sequence[str] | None = ("CPUExecutionProvider",),
              threads: int | None = None) -> Any:
     """The runtime decoder, minus its "fp16 on CPU" advice (export measures fp16 on CPU on purpose)."""
-    from ..runtime.decoder import StreamingDecoder
+    from ..runtime.backends.onnxruntime.decoder import StreamingDecoder
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "the fp16 decoder is meant for GPU", RuntimeWarning)

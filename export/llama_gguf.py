@@ -32,7 +32,8 @@ import numpy as np
 
 from ..quant import metrics
 from ..quant.gguf_policy import PRECISIONS, policy
-from ..runtime import llama as llm
+from ..runtime.backends.llama_cpp import bindings as llm
+from ..runtime.backends.llama_cpp.gguf_tables import GGUFTables
 from ..runtime.bundle import PREDICTOR_TABLES_ARCH
 from ..runtime.errors import Qwen3TTSEdgeError
 from .llama_cpp_src import run_converter
@@ -130,7 +131,7 @@ def _add_tensor(writer: Any, name: str, arr: np.ndarray, typ: str) -> None:
 
 
 def _tensor_types(path: Path) -> dict[str, int]:
-    tables = llm.GGUFTables(path)
+    tables = GGUFTables(path)
     try:
         return tables.type_counts()
     finally:
@@ -153,7 +154,7 @@ def check_talker_gguf(path: Path, cfg: dict[str, Any], *, repair: bool = False) 
     tc = cfg["talker_config"]
     text_vocab, codec_vocab = int(tc["text_vocab_size"]), int(tc["vocab_size"])
     want_eos = text_vocab + int(tc["codec_eos_token_id"])
-    reader = llm.GGUFTables(path)
+    reader = GGUFTables(path)
     arch = reader.field("general.architecture")
     problems = []
     if arch != "qwen3tts":
@@ -318,8 +319,8 @@ def _cos_kl(ref: np.ndarray, test: np.ndarray) -> tuple[float, float, float]:
 
 def _engine_run(talker_path: Path, pred_path: Path, tab_path: Path, prompt: np.ndarray, steps: np.ndarray,
                 hiddens: np.ndarray | None, codes: np.ndarray, threads: int) -> tuple[np.ndarray, ...]:
-    from ..runtime.predictor import CodePredictor
-    from ..runtime.talker import Talker
+    from ..runtime.backends.llama_cpp.predictor import CodePredictor
+    from ..runtime.backends.llama_cpp.talker import Talker
 
     with Talker(talker_path, n_ctx=len(prompt) + len(steps) + 8, n_threads=threads) as t:
         outs = [t.prefill(prompt)] + [t.step(e) for e in steps]
@@ -347,7 +348,7 @@ def self_check(ref_files: tuple[Path, Path, Path], test_files: tuple[Path, Path,
     predictor of both runs gets the F32 talker's hidden states, so the two parts are measured separately.
     """
     rng = np.random.default_rng(seed)
-    ref_t = llm.GGUFTables(ref_files[0])
+    ref_t = GGUFTables(ref_files[0])
     n_text = ref_t.shape("token_embd.weight")[0] - ref_t.shape("output.weight")[0]
     prompt = ref_t.rows("token_embd.weight", rng.integers(0, n_text, n_prompt))
     prompt[-n_prompt // 2:] += ref_t.rows("token_embd.weight", n_text + rng.integers(0, 2048, n_prompt // 2))

@@ -12,19 +12,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..runtime.backends import StepOutput
 from .official import qwen_tts
-
-
-@dataclass(frozen=True)
-class TorchStep:
-    logits: np.ndarray
-    hidden: np.ndarray
 
 
 def load_official(path, dtype: str = "float32"):
@@ -107,7 +101,7 @@ def official_residual_embeds(talker: Any, codes15: Sequence[int]) -> np.ndarray:
 
 
 class TorchTables:
-    """EmbeddingSource computed by the official modules (text projection, codec and residual embeddings)."""
+    """EmbeddingTables computed by the official modules (text projection, codec and residual embeddings)."""
 
     def __init__(self, model):
         self.talker = model.talker
@@ -141,7 +135,7 @@ class TorchTalker:
     def reset(self) -> None:
         self.cache = None
 
-    def _forward(self, embeds: np.ndarray) -> TorchStep:
+    def _forward(self, embeds: np.ndarray) -> StepOutput:
         import torch
         from transformers import DynamicCache
 
@@ -152,13 +146,13 @@ class TorchTalker:
             out = self.talker.model(inputs_embeds=x.to(self.talker.dtype), past_key_values=self.cache, use_cache=True)
             hidden = out.last_hidden_state[:, -1]
             logits = self.talker.codec_head(hidden)
-        return TorchStep(logits=logits[0].float().numpy(), hidden=hidden[0].float().numpy())
+        return StepOutput(logits=logits[0].float().numpy(), hidden=hidden[0].float().numpy())
 
-    def prefill(self, embeds: np.ndarray) -> TorchStep:
+    def prefill(self, embeds: np.ndarray) -> StepOutput:
         self.reset()
         return self._forward(embeds)
 
-    def step(self, embed: np.ndarray) -> TorchStep:
+    def step(self, embed: np.ndarray) -> StepOutput:
         return self._forward(np.asarray(embed)[None])
 
 

@@ -1,20 +1,20 @@
 """The frame loop: talker step -> code predictor (15 residual codes) -> next talker input, frame by frame.
 
-Backends (llama.cpp engines in the runtime, the official PyTorch modules as a reference) implement the two
-small protocols below; the loop owns sampling, stop rules and runaway guards and yields each frame's 16
+Backends (llama.cpp engines in the runtime, the official PyTorch modules as a reference) implement the
+Protocols of ``runtime/backends``; the loop owns sampling, stop rules and runaway guards and yields each frame's 16
 codes as soon as they exist, so the decoder can stream them. Torch-free.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import numpy as np
 
-from .prompt import EmbeddingSource, Prompt
+from .backends import EmbeddingTables, PredictorBackend, TalkerBackend
+from .prompt import Prompt
 from .sampler import CodeSampler
 from .text_feed import TextStalled
 
@@ -24,21 +24,6 @@ STOP_TEXT_CEILING = "frames_per_text_token"
 STOP_CONTEXT = "context_limit"
 STOP_REPEAT = "repeated_frames"
 STOP_TEXT_STALLED = "text_stalled"  # incremental text: no new token within the per-step wait limit
-
-
-class StepResult(Protocol):
-    logits: np.ndarray  # codec-0 logits, (vocab,) float32
-    hidden: np.ndarray  # final-normed hidden state of the last position, (H,) float32
-
-
-class TalkerBackend(Protocol):
-    def reset(self) -> None: ...
-    def prefill(self, embeds: np.ndarray) -> StepResult: ...
-    def step(self, embed: np.ndarray) -> StepResult: ...
-
-
-class PredictorBackend(Protocol):
-    def predict(self, past_hidden: np.ndarray, c0: int, choose: Callable[[int, np.ndarray], int]) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)
@@ -89,7 +74,7 @@ class FrameLoop:
 
     talker: TalkerBackend
     predictor: PredictorBackend
-    tables: EmbeddingSource
+    tables: EmbeddingTables
     prompt: Prompt
     sampler: CodeSampler
     guards: Guards = field(default_factory=Guards)

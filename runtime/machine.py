@@ -11,7 +11,7 @@ import os
 import platform
 from importlib import metadata
 
-from .llama_build import cmake_args, cpu_flags
+from .backends.llama_cpp.build_flags import cmake_args, cpu_flags
 
 _PACKAGES = ("onnxruntime", "llama-cpp-python", "numpy")
 

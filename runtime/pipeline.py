@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .backends import load as load_engines
 from .bundle import DECODER_PREFERENCE, TALKER_PREFERENCE, Bundle, BundleError, load_bundle
 from .generate import STOP_CONTEXT, STOP_MAX_FRAMES, FrameLoop, Guards
 from .longform import PrefixReusingTalker, split_segments
@@ -144,27 +145,6 @@ class AudioStream:
         self.close()
 
 
-class BundleTables:
-    """EmbeddingSource over the engines' own tables (talker token_embd, predictor residual tables)."""
-
-    def __init__(self, talker, predictor):
-        self.talker, self.predictor = talker, predictor
-        self.hidden_size = talker.hidden_size
-
-    def text_embeds(self, ids) -> np.ndarray:
-        return self.talker.text_embeds(ids)
-
-    def codec_embeds(self, ids) -> np.ndarray:
-        return self.talker.codec_embeds(ids)
-
-    def frame_embeds(self, codes) -> np.ndarray:
-        codes = np.asarray(codes, dtype=np.int64)
-        out = self.talker.codec_embeds(codes[:, 0])
-        for i, row in enumerate(codes):
-            out[i] += self.predictor.residual_embeds(row[1:])
-        return out
-
-
 @dataclass(frozen=True)
 class Backends:
     """Ready engines for a ``TTS``: talker + code predictor + their embedding tables (llama.cpp, or e.g. the
@@ -235,41 +215,32 @@ class TTS:
                  prefix_cache: bool = True):
         self.bundle = load_bundle(Path(bundle), verify=verify)
         m = self.bundle.manifest
-        path = self.bundle.path
         if isinstance(max_queued_frames, bool) or not isinstance(max_queued_frames, int) or max_queued_frames < 1:
             raise ValueError(f"max_queued_frames must be a positive integer, got {max_queued_frames!r}")
         self.max_queued_frames = max_queued_frames
         self.decoder_precision = _pick(self.bundle, "decoder", decoder_precision, DECODER_PREFERENCE)
         if backends is None:
             self.talker_precision = _pick(self.bundle, "talker", talker_precision, TALKER_PREFERENCE)
-            from .predictor import CodePredictor
-            from .talker import Talker
-
-            talker = Talker(path(m.component("talker", self.talker_precision)), n_ctx=n_ctx, n_threads=threads,
-                            n_gpu_layers=n_gpu_layers)
-            predictor = CodePredictor(path(m.component("predictor", self.talker_precision)),
-                                      path(m.component("predictor_tables", self.talker_precision)),
-                                      n_threads=threads, n_gpu_layers=n_gpu_layers)
-            backends = Backends(talker, predictor, BundleTables(talker, predictor))
-            for name, engine in (("talker", talker), ("predictor", predictor)):
+            engines = load_engines("generation", self.bundle, self.talker_precision, n_ctx=n_ctx, threads=threads,
+                                   n_gpu_layers=n_gpu_layers)
+            backends = Backends(engines.talker, engines.predictor, engines.tables)
+            for name, engine in (("talker", engines.talker), ("predictor", engines.predictor)):
                 if n_gpu_layers and engine.placement.device != "gpu":
                     warnings.warn(f"{name}: {n_gpu_layers} GPU layers requested but it runs on the CPU "
                                   f"({engine.placement.note or 'this llama-cpp-python build has no GPU backend'})",
                                   RuntimeWarning, stacklevel=2)
         else:
             self.talker_precision = backends.name
-        from .decoder import StreamingDecoder
-
         self.talker, self.predictor, self.tables = backends.talker, backends.predictor, backends.tables
         if prefix_cache and hasattr(self.talker, "rewind"):
             self.talker = PrefixReusingTalker(self.talker)
-        ctx = getattr(getattr(self.talker, "ctx", None), "n_ctx", None)
+        ctx = getattr(self.talker, "n_ctx", None)
         self.n_ctx: int | None = int(ctx) if ctx else None
         if backends.decoder is not None:
             self.decoder = backends.decoder
         else:
-            self.decoder = StreamingDecoder(path(m.component("decoder", self.decoder_precision)),
-                                            providers=providers, threads=threads)
+            self.decoder = load_engines("decoder", self.bundle, self.decoder_precision, providers=providers,
+                                        threads=threads)
         self.tokenizer = TextTokenizer.from_folder(self.bundle.root / "tokenizer")
         self.ids = ModelIds.from_manifest(m)
         self.sample_rate = int(m.audio["sample_rate"])

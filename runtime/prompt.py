@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 
+from .backends import EmbeddingTables
 from .errors import Qwen3TTSEdgeError
 from .text import CONTENT_SLICE, REF_CONTENT_SLICE, TextTokenizer, assistant_text, instruct_text, ref_text_template
 from .text_feed import DEFAULT_TEXT_TIMEOUT_S, StreamingTextTrack, TextError, TextFeed, check_text
@@ -28,21 +28,6 @@ EMPTY_TEXT = "text to speak must be non-empty (it is empty or only whitespace)"
 
 class PromptError(Qwen3TTSEdgeError, ValueError):
     """The request does not fit the model (wrong mode option, unknown speaker/language, bad voice)."""
-
-
-class EmbeddingSource(Protocol):
-    """Host-side embedding lookups (from the bundle's talker and predictor tables)."""
-
-    hidden_size: int
-
-    def text_embeds(self, ids: np.ndarray) -> np.ndarray:
-        """Projected text-track vectors P(x), shape (n, H)."""
-
-    def codec_embeds(self, ids: np.ndarray) -> np.ndarray:
-        """Talker codec embedding rows E(c), shape (n, H)."""
-
-    def frame_embeds(self, codes: np.ndarray) -> np.ndarray:
-        """Per frame, E(c0) + sum of the 15 residual-codebook rows: (T, 16) codes -> (T, H)."""
 
 
 @dataclass(frozen=True)
@@ -178,7 +163,7 @@ def validate_text(text: str) -> None:
 def build_prompt(
     ids: ModelIds,
     tokenizer: TextTokenizer,
-    tables: EmbeddingSource,
+    tables: EmbeddingTables,
     text: str | Iterable[str],
     *,
     language: str | None = "auto",
@@ -274,7 +259,7 @@ def build_prompt(
                   tts_pad=pad_vec.astype(np.float32), n_text_tokens=int(len(content)))
 
 
-def _icl_block(ids: ModelIds, tables: EmbeddingSource, ref_ids: np.ndarray, content: np.ndarray,
+def _icl_block(ids: ModelIds, tables: EmbeddingTables, ref_ids: np.ndarray, content: np.ndarray,
                ref_codes: np.ndarray, eos_vec: np.ndarray, pad_vec: np.ndarray,
                streaming_text: bool) -> tuple[np.ndarray, np.ndarray]:
     """ICL positions: reference + target text against [codec bos, reference frames] (official generate_icl_prompt)."""

@@ -59,7 +59,7 @@ def long_offline(official, long_codes):
 
 @pytest.fixture()
 def fp32_decoder(exported):
-    from qwen3_tts_edge.runtime.decoder import StreamingDecoder
+    from qwen3_tts_edge.runtime.backends.onnxruntime.decoder import StreamingDecoder
 
     return StreamingDecoder(exported[0] / "decoder.fp32.onnx", threads=2)
 
@@ -269,7 +269,7 @@ def test_prime_continues_after_the_reference(fp32_decoder, long_codes, long_offl
 
 
 def test_unavailable_provider_warns_and_falls_back(exported):
-    from qwen3_tts_edge.runtime.decoder import StreamingDecoder
+    from qwen3_tts_edge.runtime.backends.onnxruntime.decoder import StreamingDecoder
 
     with pytest.warns(RuntimeWarning, match="CUDAExecutionProvider"):
         dec = StreamingDecoder(exported[0] / "decoder.fp32.onnx", providers=["CUDAExecutionProvider"])
@@ -277,7 +277,7 @@ def test_unavailable_provider_warns_and_falls_back(exported):
 
 
 def test_fp16_on_cpu_warns_but_decodes(exported, long_codes):
-    from qwen3_tts_edge.runtime.decoder import StreamingDecoder
+    from qwen3_tts_edge.runtime.backends.onnxruntime.decoder import StreamingDecoder
 
     path = exported[0] / "decoder.fp16.onnx"
     if not path.exists():
@@ -288,7 +288,7 @@ def test_fp16_on_cpu_warns_but_decodes(exported, long_codes):
 
 
 def test_runtime_module_is_torch_free():
-    code = ("import sys, qwen3_tts_edge.runtime.decoder; "
+    code = ("import sys, qwen3_tts_edge.runtime.backends.onnxruntime.decoder; "
             "bad = [m for m in ('torch', 'transformers', 'qwen_tts', 'onnx') if m in sys.modules]; "
             "sys.exit(f'imported {bad}' if bad else 0)")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, needs_export
-from qwen3_tts_edge.runtime import llama_build
-from qwen3_tts_edge.runtime.llama_build import build_key, cmake_args, cpu_flags, unsafe_build_reason
+from qwen3_tts_edge.runtime.backends.llama_cpp import build_flags as llama_build
+from qwen3_tts_edge.runtime.backends.llama_cpp.build_flags import build_key, cmake_args, cpu_flags, unsafe_build_reason
 
 EXE = str(Path(sys.executable).parent / "qwen3-tts-edge")
 XEON_AMX = ("processor : 0\nmodel name : Intel(R) Xeon(R) Processor\nflags : fpu sse sse2 ssse3 fma sse4_1 sse4_2 "
@@ -50,10 +50,10 @@ def test_a_change_of_flags_is_a_new_build():
 
 
 def test_setup_script_prints_this_machines_flags():
-    res = subprocess.run([sys.executable, str(REPO / "runtime" / "llama_build.py"), "cmake-args"],
-                         capture_output=True, text=True, check=True)
+    script = str(REPO / "runtime/backends/llama_cpp/build_flags.py")
+    res = subprocess.run([sys.executable, script, "cmake-args"], capture_output=True, text=True, check=True)
     assert res.stdout.split() == cmake_args(cpu_flags())
-    bad = subprocess.run([sys.executable, str(REPO / "runtime" / "llama_build.py")], capture_output=True, text=True)
+    bad = subprocess.run([sys.executable, script], capture_output=True, text=True)
     assert bad.returncode == 2 and "usage" in bad.stderr
 
 
@@ -70,7 +70,7 @@ def test_the_installed_build_is_safe_here():
     """The build `make setup` installed on this machine would not crash (CI walks the user's path)."""
     from importlib import metadata
 
-    from qwen3_tts_edge.runtime import llama
+    from qwen3_tts_edge.runtime.backends.llama_cpp import bindings as llama
 
     info = llama.system_info()
     assert unsafe_build_reason(info, metadata.version("llama-cpp-python")) is None, info
@@ -80,7 +80,8 @@ def test_runtime_refuses_a_crashing_build_in_one_line(tiny_bundle, tmp_path, mon
     """Fake the system-info string of an AMX build: speak says why and how to fix, instead of SIGILL."""
     import llama_cpp.llama_cpp as lc
 
-    from qwen3_tts_edge.runtime import cli, llama
+    from qwen3_tts_edge.runtime import cli
+    from qwen3_tts_edge.runtime.backends.llama_cpp import bindings as llama
 
     monkeypatch.setattr(lc, "llama_print_system_info", lambda: AMX_INFO.encode())
     monkeypatch.setattr(llama, "_state", {})  # as in a fresh process: the check runs on first use
@@ -98,7 +99,7 @@ def test_info_json_and_the_machine_section_name_the_kernels(tiny_bundle):
     res = subprocess.run([EXE, "info", str(tiny_bundle), "--json", "--no-verify"], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     machine = json.loads(res.stdout)["machine"]
-    from qwen3_tts_edge.runtime import llama
+    from qwen3_tts_edge.runtime.backends.llama_cpp import bindings as llama
 
     assert machine["llama_cpp_system_info"] == llama.system_info()
     assert "AVX2 = 1" in machine["llama_cpp_system_info"] or "NEON = 1" in machine["llama_cpp_system_info"]

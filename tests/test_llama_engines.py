@@ -47,7 +47,7 @@ def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def test_export_lists_every_file_with_precision(llama_export):
-    from qwen3_tts_edge.runtime.llama import GGUFTables
+    from qwen3_tts_edge.runtime.backends.llama_cpp.gguf_tables import GGUFTables
 
     out, entries = llama_export
     roles = {(e["role"], e["precision"]) for e in entries}
@@ -78,7 +78,7 @@ def test_export_lists_every_file_with_precision(llama_export):
 
 
 def test_exported_ggufs_load_in_llama_cpp(llama_export):
-    from qwen3_tts_edge.runtime.llama import LlamaModel
+    from qwen3_tts_edge.runtime.backends.llama_cpp.bindings import LlamaModel
 
     out, _ = llama_export
     for p in PRECISIONS:
@@ -93,7 +93,7 @@ def test_codec_eos_is_checked_and_repaired(llama_export, tiny_checkpoint, tmp_pa
     import json
 
     from qwen3_tts_edge.export.llama_gguf import GGUFExportError, _patch_scalar, check_talker_gguf
-    from qwen3_tts_edge.runtime.llama import GGUFTables
+    from qwen3_tts_edge.runtime.backends.llama_cpp.gguf_tables import GGUFTables
 
     out, _ = llama_export
     cfg = json.loads((tiny_checkpoint / "config.json").read_text())
@@ -118,8 +118,8 @@ def test_lookups_equal_official_modules(llama_export, reference):
         official_residual_embeds,
         official_text_embeds,
     )
-    from qwen3_tts_edge.runtime.predictor import CodePredictor
-    from qwen3_tts_edge.runtime.talker import Talker
+    from qwen3_tts_edge.runtime.backends.llama_cpp.predictor import CodePredictor
+    from qwen3_tts_edge.runtime.backends.llama_cpp.talker import Talker
 
     out, _ = llama_export
     text_ids = [0, 5, 198, 77091, 151644, 151671, 151672, 151673, 151935]
@@ -159,7 +159,7 @@ def test_talker_f32_matches_official_along_trajectory(llama_export, reference):
 
 
 def test_talker_prefill_chunks_rewind_and_reset(llama_export, reference):
-    from qwen3_tts_edge.runtime.talker import Talker
+    from qwen3_tts_edge.runtime.backends.llama_cpp.talker import Talker
 
     out, _ = llama_export
     x, n = reference.embeds, reference.n_prompt
@@ -178,8 +178,8 @@ def test_talker_prefill_chunks_rewind_and_reset(llama_export, reference):
 
 
 def test_talker_refuses_other_ggufs(llama_export):
-    from qwen3_tts_edge.runtime.llama import LlamaError
-    from qwen3_tts_edge.runtime.talker import Talker
+    from qwen3_tts_edge.runtime.backends.llama_cpp.bindings import LlamaError
+    from qwen3_tts_edge.runtime.backends.llama_cpp.talker import Talker
 
     out, _ = llama_export
     with pytest.raises(LlamaError, match="qwen3tts"):
@@ -203,7 +203,7 @@ def test_predictor_f32_matches_official_for_all_steps(llama_export, reference):
 def test_predictor_greedy_matches_official_generate(llama_export, reference):
     import torch
 
-    from qwen3_tts_edge.runtime.predictor import CodePredictor, greedy
+    from qwen3_tts_edge.runtime.backends.llama_cpp.predictor import CodePredictor, greedy
 
     out, _ = llama_export
     talker, n = reference.talker, reference.n_prompt

@@ -37,7 +37,7 @@ def test_segments_respect_the_budget_and_keep_the_text(tok, budget):
 
 @needs_export
 def test_prefix_reuse_prefills_only_the_new_positions(tiny_bundle):
-    from qwen3_tts_edge.runtime.talker import Talker
+    from qwen3_tts_edge.runtime.backends.llama_cpp.talker import Talker
 
     m = __import__("qwen3_tts_edge.runtime.bundle", fromlist=["load_bundle"]).load_bundle(tiny_bundle).manifest
     path = tiny_bundle / m.component("talker", "f32").file

@@ -21,7 +21,7 @@ TEXTS = ["Hello world, this is a test of the prompt builder.", "你好，世界�
 
 
 class NumpyTables:
-    """Reference EmbeddingSource from the official weights (numpy, float64 maths, float32 out)."""
+    """Reference EmbeddingTables from the official weights (numpy, float64 maths, float32 out)."""
 
     def __init__(self, model):
         talker = model.talker

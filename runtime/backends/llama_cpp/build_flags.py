@@ -8,7 +8,7 @@ an AMX CPU the setup builds with ``GGML_NATIVE=OFF`` and names every other exten
 (measured 10-25 % faster per frame than AVX2 only); elsewhere the native build is already the best one.
 
 This file is standard library only: ``make setup`` runs it as a script before anything else is installed
-(``python runtime/llama_build.py cmake-args``), and the runtime imports it.
+(``python runtime/backends/llama_cpp/build_flags.py cmake-args``), and the runtime imports it.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def main(argv: list[str]) -> int:
     if argv[:1] == ["key"] and len(argv) == 2:
         print(build_key(argv[1]))
         return 0
-    print("usage: llama_build.py cmake-args | key 'CMAKE ARGS'", file=sys.stderr)
+    print("usage: build_flags.py cmake-args | key 'CMAKE ARGS'", file=sys.stderr)
     return 2
 
 

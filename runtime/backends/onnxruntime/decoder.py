@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .bundle import DECODER_METADATA_KEY
+from ...bundle import DECODER_METADATA_KEY
 
 METADATA_KEY = DECODER_METADATA_KEY  # the bundle contract names it
 SUPPORTED_FORMAT = 1

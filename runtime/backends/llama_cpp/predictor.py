@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .bundle import PREDICTOR_TABLES_ARCH
-from .llama import GGUFTables, LlamaContext, LlamaError, LlamaModel, blas_single_thread
+from ...bundle import PREDICTOR_TABLES_ARCH
+from .bindings import LlamaContext, LlamaError, LlamaModel, blas_single_thread
+from .gguf_tables import GGUFTables
 
 TABLES_ARCH = PREDICTOR_TABLES_ARCH
 Choose = Callable[[int, np.ndarray], int]

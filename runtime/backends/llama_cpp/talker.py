@@ -9,20 +9,13 @@ in | codec rows]), so upstream-published GGUFs and ours are interchangeable.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .llama import GGUFTables, LlamaContext, LlamaError, LlamaModel, blas_single_thread
-
-
-@dataclass(frozen=True)
-class StepOut:
-    """One talker forward: codec logits (vocab,) and the final-normed hidden state (H,) of the last position."""
-
-    logits: np.ndarray
-    hidden: np.ndarray
+from .. import StepOutput
+from .bindings import LlamaContext, LlamaError, LlamaModel, blas_single_thread
+from .gguf_tables import GGUFTables
 
 
 class Talker:
@@ -75,6 +68,11 @@ class Talker:
     # -- decoding -----------------------------------------------------------------------------------------------
 
     @property
+    def n_ctx(self) -> int:
+        """KV positions this talker can hold (prompt + frames)."""
+        return self.ctx.n_ctx
+
+    @property
     def n_past(self) -> int:
         return self.ctx.n_past
 
@@ -86,16 +84,16 @@ class Talker:
         """Drop every position from ``n_past`` on (e.g. to reuse a cached prompt prefix)."""
         self.ctx.truncate(n_past)
 
-    def _out(self) -> StepOut:
+    def _out(self) -> StepOutput:
         logits = self.ctx.logits()[self.text_vocab_size:].copy()
-        return StepOut(logits=logits, hidden=self.ctx.hidden().copy())
+        return StepOutput(logits=logits, hidden=self.ctx.hidden().copy())
 
-    def prefill(self, embeds: np.ndarray) -> StepOut:
+    def prefill(self, embeds: np.ndarray) -> StepOutput:
         """Start a new sequence with the prompt ``embeds`` (n, H); outputs of its last position."""
         self.ctx.clear()
         return self.extend(embeds)
 
-    def extend(self, embeds: np.ndarray) -> StepOut:
+    def extend(self, embeds: np.ndarray) -> StepOutput:
         """Append several positions to the current sequence; outputs of the last one."""
         t0 = time.perf_counter()
         with blas_single_thread():
@@ -104,7 +102,7 @@ class Talker:
         self.calls += 1
         return self._out()
 
-    def step(self, embed: np.ndarray) -> StepOut:
+    def step(self, embed: np.ndarray) -> StepOutput:
         """Append one position (the summed frame embedding + text-track vector, (H,))."""
         x = np.asarray(embed, dtype=np.float32).reshape(-1)
         if x.shape[0] != self.hidden_size:

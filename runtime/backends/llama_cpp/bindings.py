@@ -9,11 +9,10 @@ Memory ownership: the ``llama_batch`` handed to ``llama_decode`` is built here f
 used, so positions can be 4 per token (M-RoPE/IMROPE models read ``n_tokens × 4`` section-major positions
 while ``llama_batch_init`` allocates only ``n_tokens``) without swapping pointers inside a C-allocated batch.
 
-Also here: :class:`GGUFTables` (memory-mapped host-side tensors of a GGUF, own header parser). Quantisation
-(``llama_model_quantize``) is export-only and lives in ``export/llama_gguf.py``.
+Host-side GGUF tensors are read by ``gguf_tables.py``; quantisation (``llama_model_quantize``) is export-only
+and lives in ``export/llama_gguf.py``.
 
-Torch-free: numpy and llama_cpp; gguf (PyPI) for quantized-row dequantization and type names; threadpoolctl
-optional, for pinning BLAS threads.
+Torch-free: numpy and llama_cpp; gguf (PyPI) for type names; threadpoolctl optional, for pinning BLAS threads.
 """
 
 from __future__ import annotations
@@ -25,14 +24,14 @@ import sys
 import threading
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from gguf import GGMLQuantizationType, LlamaFileType
 
-from .errors import Qwen3TTSEdgeError
+from ...errors import Qwen3TTSEdgeError
+from .. import Placement
 
 # ggml tensor types and llama file types by our lower-case names, from gguf-py's enums (never restated codes).
 GGML_TYPES = {t.name.lower(): int(t) for t in GGMLQuantizationType}
@@ -91,7 +90,7 @@ def check_build(lc: Any) -> None:
     """Refuse a llama.cpp build that would crash on this CPU (AMX in the pinned release) before any decode."""
     from importlib import metadata
 
-    from .llama_build import unsafe_build_reason
+    from .build_flags import unsafe_build_reason
 
     try:
         version = metadata.version("llama-cpp-python")
@@ -173,16 +172,6 @@ def _blas_controllers() -> list[Any]:
 # models and contexts
 
 
-@dataclass(frozen=True)
-class Placement:
-    """Where a model actually runs."""
-
-    requested_gpu_layers: int
-    device: str  # "cpu" or "gpu"
-    devices: tuple[str, ...]  # ggml backend devices of this build
-    note: str = ""
-
-
 class LlamaModel:
     """A GGUF model loaded by llama.cpp (weights mmapped where the format allows)."""
 
@@ -207,7 +196,7 @@ class LlamaModel:
         devices = tuple(backend_devices())
         gpu = gpu_offload_supported() and n_gpu_layers != 0 and any(d.upper() != "CPU" for d in devices)
         note = "" if gpu or n_gpu_layers == 0 else "n_gpu_layers ignored: this llama.cpp build has no GPU backend"
-        self.placement = Placement(int(n_gpu_layers), "gpu" if gpu else "cpu", devices, note)
+        self.placement = Placement("gpu" if gpu else "cpu", note, int(n_gpu_layers), tuple(devices))
 
     def meta(self, key: str) -> str | None:
         """A GGUF metadata value as llama.cpp formats it, or None."""
@@ -442,171 +431,3 @@ class LlamaContext:
     def __del__(self) -> None:  # pragma: no cover - interpreter shutdown order
         with contextlib.suppress(Exception):
             self.close()
-
-
-# ----------------------------------------------------------------------------------------------------------
-# host-side tensors of a GGUF (numpy memmap through gguf-py's reader)
-
-
-class GGUFTables:
-    """Read-only tensors and metadata of a GGUF file, memory-mapped.
-
-    The header is parsed here (gguf-py's ``GGUFReader`` builds a numpy object per vocabulary entry and takes
-    ~6 s on a talker GGUF with 155k tokens + 151k merges); large arrays are skipped, not decoded. Shapes are
-    numpy order (rows, cols), the reverse of GGUF's ``ne``. Rows of any ggml type come back as float32 (F32 as
-    is, F16 upcast, others through gguf-py's dequantizer).
-    """
-
-    _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
-                12: "<d"}
-    _ARRAY_KEEP = 4096  # arrays up to this many elements are decoded (suppress lists, rope sections, ...)
-
-    def __init__(self, path: Path | str) -> None:
-        self.path = Path(path)
-        self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
-        self.fields: dict[str, Any] = {}
-        self.field_offsets: dict[str, tuple[int, str]] = {}  # scalar key -> (file offset, struct format)
-        self._tensors: dict[str, tuple[tuple[int, ...], int, int]] = {}  # name -> (ne, ggml type, offset)
-        self._parse()
-
-    def _parse(self) -> None:
-        import struct
-
-        buf = memoryview(self._mm)
-        pos = 0
-
-        def take(fmt: str) -> Any:
-            nonlocal pos
-            v = struct.unpack_from(fmt, buf, pos)[0]
-            pos += struct.calcsize(fmt)
-            return v
-
-        def string() -> str:
-            nonlocal pos
-            n = take("<Q")
-            v = bytes(buf[pos:pos + n]).decode("utf-8", "replace")
-            pos += n
-            return v
-
-        def skip_strings(count: int) -> None:
-            nonlocal pos
-            for _ in range(count):
-                pos += 8 + struct.unpack_from("<Q", buf, pos)[0]
-
-        if bytes(buf[:4]) != b"GGUF":
-            raise LlamaError(f"{self.path} is not a GGUF file")
-        pos = 4
-        version = take("<I")
-        if version < 2:
-            raise LlamaError(f"{self.path}: GGUF version {version} is not supported")
-        n_tensors, n_kv = take("<Q"), take("<Q")
-        for _ in range(n_kv):
-            key = string()
-            vtype = take("<I")
-            if vtype in self._SCALARS:
-                self.field_offsets[key] = (pos, self._SCALARS[vtype])
-                self.fields[key] = take(self._SCALARS[vtype])
-            elif vtype == 8:
-                self.fields[key] = string()
-            elif vtype == 9:
-                etype, count = take("<I"), take("<Q")
-                if etype == 8:
-                    if count <= self._ARRAY_KEEP:
-                        self.fields[key] = [string() for _ in range(count)]
-                    else:
-                        skip_strings(count)
-                        self.fields[key] = None
-                elif etype in self._SCALARS:
-                    fmt = self._SCALARS[etype]
-                    size = struct.calcsize(fmt)
-                    if count <= self._ARRAY_KEEP:
-                        self.fields[key] = list(struct.unpack_from(f"<{count}{fmt[1]}", buf, pos))
-                    else:
-                        self.fields[key] = None
-                    pos += size * count
-                else:
-                    raise LlamaError(f"{self.path}: nested arrays in {key!r} are not supported")
-            else:
-                raise LlamaError(f"{self.path}: unknown GGUF value type {vtype} for {key!r}")
-        infos = []
-        for _ in range(n_tensors):
-            name = string()
-            n_dims = take("<I")
-            ne = tuple(take("<Q") for _ in range(n_dims))
-            ttype, offset = take("<I"), take("<Q")
-            infos.append((name, ne, ttype, offset))
-        align = int(self.fields.get("general.alignment") or 32)
-        data_start = (pos + align - 1) // align * align
-        self._tensors = {name: (ne, ttype, data_start + off) for name, ne, ttype, off in infos}
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._tensors
-
-    @property
-    def names(self) -> list[str]:
-        return list(self._tensors)
-
-    def field(self, key: str) -> Any:
-        return self.fields.get(key)
-
-    def _info(self, name: str) -> tuple[tuple[int, ...], int, int]:
-        try:
-            return self._tensors[name]
-        except KeyError:
-            raise LlamaError(f"{self.path.name} has no tensor {name!r}") from None
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(int(d) for d in reversed(self._info(name)[0]))
-
-    def type_name(self, name: str) -> str:
-        from gguf import GGMLQuantizationType
-
-        return GGMLQuantizationType(self._info(name)[1]).name
-
-    def type_counts(self) -> dict[str, int]:
-        from gguf import GGMLQuantizationType
-
-        counts: dict[str, int] = {}
-        for _ne, ttype, _off in self._tensors.values():
-            key = GGMLQuantizationType(ttype).name
-            counts[key] = counts.get(key, 0) + 1
-        return counts
-
-    def raw(self, name: str) -> np.ndarray:
-        """The stored data: (rows, cols) float32/float16 for F32/F16, (rows, bytes per row) uint8 otherwise."""
-        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
-        ne, ttype, off = self._info(name)
-        rows = int(np.prod(ne[1:])) if len(ne) > 1 else 1
-        if ttype == 0:
-            return np.ndarray((rows, ne[0]), dtype=np.float32, buffer=self._mm, offset=off)
-        if ttype == 1:
-            return np.ndarray((rows, ne[0]), dtype=np.float16, buffer=self._mm, offset=off)
-        block, size = GGML_QUANT_SIZES[GGMLQuantizationType(ttype)]
-        return np.ndarray((rows, ne[0] // block * size), dtype=np.uint8, buffer=self._mm, offset=off)
-
-    def rows(self, name: str, ids: np.ndarray) -> np.ndarray:
-        """Rows ``ids`` of a 2-D tensor as float32 (n, cols)."""
-        return self._to_f32(name, self.raw(name)[np.asarray(ids, dtype=np.int64)])
-
-    def array(self, name: str) -> np.ndarray:
-        """The whole tensor as a float32 array (a copy; use for weights used every call)."""
-        return np.ascontiguousarray(self._to_f32(name, self.raw(name))).reshape(self.shape(name))
-
-    def _to_f32(self, name: str, raw: np.ndarray) -> np.ndarray:
-        if raw.dtype == np.float32:
-            return np.array(raw, dtype=np.float32)
-        if raw.dtype == np.float16:
-            return raw.astype(np.float32)
-        from gguf import GGMLQuantizationType, quants
-
-        qtype = GGMLQuantizationType(self._info(name)[1])
-        return quants.dequantize(np.asarray(raw), qtype).astype(np.float32, copy=False)
-
-    def close(self) -> None:
-        self._tensors = {}
-        mm = getattr(self, "_mm", None)
-        self._mm = None
-        if mm is not None and getattr(mm, "_mmap", None) is not None:
-            with contextlib.suppress(BufferError, ValueError):  # still-referenced views keep it open
-                mm._mmap.close()
