@@ -15,8 +15,8 @@ except metadata.PackageNotFoundError:  # pragma: no cover - a source tree that i
     __version__ = "0+unknown"
 
 _EXPORTS = {
-    "TTS": "pipeline", "SpeakOptions": "pipeline", "AudioChunk": "pipeline", "AudioStream": "pipeline",
-    "StreamStats": "pipeline",
+    "TTS": "pipeline", "SpeakOptions": "options", "AudioChunk": "options", "AudioStream": "streaming",
+    "StreamStats": "options",
     "VoicePrompt": "prompt", "PromptError": "prompt", "BundleError": "bundle", "load_bundle": "bundle",
     "Qwen3TTSEdgeError": "errors",
 }

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import needs_export
 from qwen3_tts_edge.runtime.bundle import load_bundle
-from qwen3_tts_edge.runtime.generate import STOP_MAX_FRAMES, STOP_REPEAT, STOP_TEXT_CEILING, FrameLoop, Guards
+from qwen3_tts_edge.runtime.frame_loop import STOP_MAX_FRAMES, STOP_REPEAT, STOP_TEXT_CEILING, FrameLoop, Guards
 from qwen3_tts_edge.runtime.prompt import ModelIds, build_prompt
 from qwen3_tts_edge.runtime.sampler import CodeSampler, SamplingParams
 from qwen3_tts_edge.runtime.text import TextTokenizer

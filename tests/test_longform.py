@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from conftest import needs_export
-from qwen3_tts_edge.runtime.longform import PrefixReusingTalker, split_segments, split_sentences
+from qwen3_tts_edge.runtime.prefix_cache import PrefixReusingTalker
+from qwen3_tts_edge.runtime.segments import split_segments, split_sentences
 from qwen3_tts_edge.runtime.text import TextTokenizer
 
 LONG = ("The first sentence is short. The second one is a little longer, with a comma! Is the third a question? "

@@ -90,7 +90,7 @@ def test_live_text_equals_whole_text_when_it_arrives_in_time(tiny_checkpoint, ti
 
     from qwen3_tts_edge.export.torch_reference import TorchPredictor, TorchTables, TorchTalker, load_official
     from qwen3_tts_edge.runtime.bundle import load_bundle
-    from qwen3_tts_edge.runtime.generate import FrameLoop, Guards
+    from qwen3_tts_edge.runtime.frame_loop import FrameLoop, Guards
     from qwen3_tts_edge.runtime.prompt import ModelIds, build_prompt
     from qwen3_tts_edge.runtime.sampler import CodeSampler, SamplingParams
 
