@@ -6,7 +6,7 @@ then times ``TTS.stream`` on every bench text with a fixed seed and reports ``St
 process's peak RSS. With ``reference`` set it runs the official PyTorch modules instead (fp32, the same
 checkpoint) through the same ``TTS.stream`` loop: talker, code predictor and embedding tables are the
 ``export/torch_reference.py`` backends behind ``Backends``; the decoder stage is the official codec decoder in
-torch fp32 with its streaming state threaded by ``export/decoder_onnx.StatefulDecoder`` (the module the ONNX graph
+torch fp32 with its streaming state threaded by ``export/decoder_stateful.StatefulDecoder`` (the module the ONNX graph
 is exported from), so every stage of the baseline is PyTorch and it streams on the same chunk schedule.
 
 The spec and the result are JSON files (paths on the command line), so the parent never imports what the
@@ -29,7 +29,7 @@ REFERENCE_NAME = "torch-fp32"
 REFERENCE_HOW = ("official qwen-tts PyTorch modules (fp32, eager attention) behind runtime Backends, through the "
                  "same TTS.stream frame loop, sampler and chunk schedule: export/torch_reference.py TorchTalker + "
                  "TorchPredictor + TorchTables; decoder stage = the official codec decoder in torch fp32, streamed "
-                 "with its state carried by export/decoder_onnx.StatefulDecoder (the module the ONNX graph is "
+                 "with its state carried by export/decoder_stateful.StatefulDecoder (the module the ONNX graph is "
                  "exported from)")
 
 
@@ -53,7 +53,7 @@ class TorchStreamingDecoder:
     """The official codec decoder (torch fp32) with the runtime decoder's streaming interface."""
 
     def __init__(self, decoder: Any):
-        from ..export.decoder_onnx import StatefulDecoder
+        from ..export.decoder_stateful import StatefulDecoder
 
         self.official = decoder
         self.module = StatefulDecoder(decoder).eval()

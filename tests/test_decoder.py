@@ -142,7 +142,7 @@ def test_fp16_keeps_the_policy_islands_in_fp32(exported):
     import onnx
     from onnx import TensorProto
 
-    from qwen3_tts_edge.export.decoder_onnx import node_scope
+    from qwen3_tts_edge.export.decoder_quant import node_scope
 
     path = exported[0] / "decoder.fp16.onnx"
     if not path.exists():
