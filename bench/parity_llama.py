@@ -50,7 +50,7 @@ class Reference:
 
 
 def prompt_ids(cfg: dict[str, Any], n_text: int = 8, seed: int = 0) -> tuple[list[int], list[int | None]]:
-    """A non-streaming CustomVoice-style prompt: (text ids, codec ids or None) per position (arch ref §5.2)."""
+    """A non-streaming CustomVoice-style prompt: (text ids, codec ids or None) per position."""
     tc = cfg["talker_config"]
     rng = np.random.default_rng(seed)
     pad, bos, eos = cfg["tts_pad_token_id"], cfg["tts_bos_token_id"], cfg["tts_eos_token_id"]

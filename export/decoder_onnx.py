@@ -2,7 +2,7 @@
 
 ``decoder_stateful.StatefulDecoder`` (the official decoder with its streaming state threaded explicitly) is
 exported once in fp32; ``decoder_quant`` derives the fp16 and int8 variants from that graph following
-``quant.policies``. Every variant must decode a mixed-chunk stream equal to the offline decode (fp32) or pass
+``quant.onnx_policy``. Every variant must decode a mixed-chunk stream equal to the offline decode (fp32) or pass
 ``quant.gates`` against the fp32 stream of the same codes (fp16/int8) before it ships.
 """
 
@@ -22,8 +22,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..quant import gates, policies
+from ..quant import gates
 from ..quant import metrics as fidelity
+from ..quant import onnx_policy as policies
 from ..runtime.bundle import DECODER_METADATA_KEY, DECODER_PRECISIONS
 from .decoder_quant import CALIBRATION_CHUNK, convert_fp16, open_runtime_decoder, quantize_int8
 from .decoder_stateful import StatefulDecoder

@@ -1,6 +1,6 @@
 """Decoder precision variants derived from the fp32 graph: fp16 surgery and calibrated int8 (static QDQ).
 
-Which nodes stay fp32 comes from ``quant.policies``; the variants are gated by ``quant.gates`` in
+Which nodes stay fp32 comes from ``quant.onnx_policy``; the variants are gated by ``quant.gates`` in
 ``decoder_onnx.export_decoder`` before they ship.
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ..quant import policies
+from ..quant import onnx_policy as policies
 
 CALIBRATION_CHUNK = 4  # frames per calibration call
 

@@ -233,7 +233,7 @@ class StatefulDecoder(nn.Module):
     """(codes[N, Q] int64, *states) → (pcm[N·upsample] float32, *next_states) over an official decoder.
 
     Submodule paths (``dequant``, ``pre_conv``, ``transformer``, ``upsample.i``, ``in_conv``,
-    ``blocks.i``, ``head_snake``, ``head_conv``) become the ONNX name scopes that ``quant.policies``
+    ``blocks.i``, ``head_snake``, ``head_conv``) become the ONNX name scopes that ``quant.onnx_policy``
     matches when it decides which nodes stay fp32.
     """
 

@@ -134,7 +134,7 @@ def build_random_checkpoint(shape: str, variant: str, seed: int, out_dir: Path) 
     """Write a random checkpoint for ``shape`` × ``variant`` into the new folder ``out_dir``."""
     import torch
 
-    from .text_tokenizer import write_tokenizer_files
+    from .tokenizer_files import write_tokenizer_files
 
     qwen_tts()
     from qwen_tts.core import Qwen3TTSTokenizerV2Config, Qwen3TTSTokenizerV2Model

@@ -2,7 +2,7 @@
 
 The qwen-tts config classes default to values that were never shipped (20 talker layers, codec ids
 4196..., decoder hidden 1024), so random checkpoints must spell out every size and id. The 0.6b/1.7b
-tables follow the released ``config.json`` files (shared/reference/qwen3-tts-architecture.md §2-§7);
+tables follow the released checkpoints' ``config.json`` files;
 ``tiny`` keeps every id, vocabulary and rate of the real models but shrinks the widths so tests run in
 seconds. Runtime and exporters never read this module: they read the checkpoint's own config.json.
 """

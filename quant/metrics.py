@@ -5,7 +5,7 @@ reference; waveform metrics compare decoders.
 
 Waveform metrics (``max_abs``, ``snr_db``, ``cosine``) catch export bugs; ``logmel_distance`` catches what
 they under-weight — the spectral shape a listener hears (a "robotic" decoder passed ASR and speaker gates
-at log-mel cosine 0.988 in another runtime, lessons §4.8). The mel front end is written here (HTK mel
+at log-mel cosine 0.988 in another runtime). The mel front end is written here (HTK mel
 scale, Hann STFT) so the runtime side never needs librosa.
 """
 

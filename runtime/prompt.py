@@ -5,7 +5,7 @@ vector (talker codec embedding), laid out per mode: CustomVoice (preset speaker 
 switch the language tag; instruct on 1.7B), VoiceDesign (instruct), Base x-vector and Base ICL (reference
 codes + reference text), with language ``auto`` or explicit, in the streaming-text layout (one text token
 per generated frame, the rest fed as ``trailing``) or the non-streaming layout (whole text in the prompt).
-The text is templated and sliced by the official fixed offsets (architecture reference §5.1). Torch-free.
+The text is templated and sliced by the official fixed offsets (``runtime/text.py``). Torch-free.
 """
 
 from __future__ import annotations

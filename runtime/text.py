@@ -28,16 +28,17 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
 
+from .bundle import TOKENIZER_FILES
+
 #: The Qwen2 pre-tokenization pattern (identical to the one tiktoken's Qwen encoders use).
 QWEN2_SPLIT_PATTERN = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"""
     r"""\s+(?!\S)|\s+"""
 )
-TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json")
 
 # The official chat templates the talker's text is wrapped in, and where the content sits in their ids
-# (architecture reference §5.1). They live here, beside the tokenizer, because both prompt.py and
-# text_feed.py need them and prompt.py imports text_feed.py (defining them in prompt.py would be a cycle).
+# (the official Qwen3TTSModel wrapper's fixed offsets). They live here, beside the tokenizer, because both
+# prompt.py and text_feed.py need them and prompt.py imports text_feed.py (defining them in prompt.py would be a cycle).
 ASSISTANT_PREFIX = "<|im_start|>assistant\n"  # 3 ids: <|im_start|>, assistant, \n
 ASSISTANT_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n"  # 5 ids
 CONTENT_SLICE = slice(3, -5)  # content ids of ``assistant_text(text)``

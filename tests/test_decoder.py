@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 
 from conftest import needs_export
-from qwen3_tts_edge.quant import gates, policies
+from qwen3_tts_edge.quant import gates
 from qwen3_tts_edge.quant import metrics as fidelity
+from qwen3_tts_edge.quant import onnx_policy as policies
 
 pytestmark = needs_export
 

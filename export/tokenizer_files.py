@@ -13,7 +13,7 @@ real text tokenizer:
   adjacent pair whose concatenation has the lowest rank. Replaying that rule on a token's own bytes while
   only allowing ranks below the token's rank leaves exactly two parts (for every token of this vocabulary);
   those two parts are the merge that creates the token. With the merges in rank order, the merge-driven
-  BPE of ``tokenizers`` reproduces tiktoken's ids (checked in tests/test_text_tokenizer.py).
+  BPE of ``tokenizers`` reproduces tiktoken's ids (checked in tests/test_tokenizer_files.py).
 * ``tokenizer_config.json``: a Qwen2Tokenizer config with the Qwen3 / Qwen3-TTS added tokens at their real
   ids 151643..151675 (see ``ADDED_TOKENS``).
 
