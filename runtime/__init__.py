@@ -16,7 +16,7 @@ except metadata.PackageNotFoundError:  # pragma: no cover - a source tree that i
 
 _EXPORTS = {
     "TTS": "pipeline", "SpeakOptions": "options", "AudioChunk": "options", "AudioStream": "streaming",
-    "StreamStats": "options",
+    "StreamStats": "options", "PromptOptions": "options", "SamplingOptions": "options", "Limits": "options",
     "VoicePrompt": "prompt", "PromptError": "prompt", "BundleError": "bundle", "load_bundle": "bundle",
     "Qwen3TTSEdgeError": "errors",
 }

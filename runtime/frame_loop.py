@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .backends import EmbeddingTables, PredictorBackend, TalkerBackend
+from .checks import require_int
 from .prompt import Prompt
 from .sampler import CodeSampler
 from .text_feed import TextStalled
@@ -50,11 +51,8 @@ class Guards:
     repeat_frames: int | None = 100
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_frames, bool) or not isinstance(self.max_frames, int) or self.max_frames < 1:
-            raise ValueError(f"max_frames must be a positive integer, got {self.max_frames!r}")
-        if self.repeat_frames is not None and (isinstance(self.repeat_frames, bool)
-                                               or not isinstance(self.repeat_frames, int) or self.repeat_frames < 2):
-            raise ValueError(f"repeat_frames must be an integer >= 2 or None, got {self.repeat_frames!r}")
+        require_int("max_frames", self.max_frames, minimum=1)
+        require_int("repeat_frames", self.repeat_frames, minimum=2, optional=True)
         if self.frames_per_text_token is not None and not self.frames_per_text_token > 0:
             raise ValueError(f"frames_per_text_token must be positive or None, got {self.frames_per_text_token!r}")
 

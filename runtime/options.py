@@ -2,32 +2,47 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 
+from .checks import is_int, require_int
 from .prompt import VoicePrompt
 from .text_feed import DEFAULT_TEXT_TIMEOUT_S
 
 
 @dataclass(frozen=True)
-class SpeakOptions:
-    """Per-request options; ``None`` sampling values take the bundle's generation_config defaults."""
+class PromptOptions:
+    """Who speaks and how the prompt is laid out."""
 
     language: str = "auto"
-    speaker: str | None = None
-    instruct: str | None = None
-    voice: VoicePrompt | None = None
+    speaker: str | None = None  # preset speaker (CustomVoice)
+    instruct: str | None = None  # voice/style instruction (VoiceDesign; 1.7B CustomVoice)
+    voice: VoicePrompt | None = None  # voice prompt (Base models)
+    # Prompt layout, not streaming output: True feeds the text one token per frame (the official streaming-text
+    # layout, needed for incremental text); False puts the whole text in the prompt.
     streaming_text: bool = True
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """Overrides of the bundle's generation_config sampling (None keeps its value); checked by SamplingParams."""
+
     seed: int | None = None
     greedy: bool = False
     temperature: float | None = None
     top_k: int | None = None
     top_p: float | None = None
     repetition_penalty: float | None = None
-    chunk_frames: tuple[int, ...] = (1, 2, 4, 8)
-    max_frames: int | None = None
-    frames_per_text_token: float | None = 8.0
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Stop rules and runaway guards of one request."""
+
+    max_frames: int | None = None  # hard cap on 80 ms frames (None: the bundle's max_new_tokens)
+    frames_per_text_token: float | None = 8.0  # runaway ceiling per text token (None disables it)
     # Hold the end of speech back for this many frames (default 2, as the official generate). With
     # max_frames equal to it and frames_per_text_token=None a run makes exactly that many frames (bench).
     min_frames: int = 2
@@ -38,16 +53,62 @@ class SpeakOptions:
     text_timeout_s: float | None = DEFAULT_TEXT_TIMEOUT_S
 
     def __post_init__(self) -> None:
-        sched = self.chunk_frames
-        if not sched or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in sched):
-            raise ValueError(f"chunk_frames must be positive integers (a schedule such as (1, 2, 4, 8)), got {sched!r}")
-        if self.segment_tokens is not None and (isinstance(self.segment_tokens, bool)
-                                                or not isinstance(self.segment_tokens, int) or self.segment_tokens < 1):
-            raise ValueError(f"segment_tokens must be a positive integer or None, got {self.segment_tokens!r}")
-        if isinstance(self.min_frames, bool) or not isinstance(self.min_frames, int) or self.min_frames < 0:
-            raise ValueError(f"min_frames must be a non-negative integer, got {self.min_frames!r}")
+        require_int("max_frames", self.max_frames, minimum=1, optional=True)
+        require_int("segment_tokens", self.segment_tokens, minimum=1, optional=True)
+        require_int("min_frames", self.min_frames)
         if self.text_timeout_s is not None and not self.text_timeout_s > 0:
             raise ValueError(f"text_timeout_s must be positive seconds or None, got {self.text_timeout_s!r}")
+
+
+_GROUPS = {"prompt": PromptOptions, "sampling": SamplingOptions, "limits": Limits}
+_FIELD_GROUP = {name: group for group, cls in _GROUPS.items() for name in cls.__dataclass_fields__}
+
+
+@dataclass(frozen=True, init=False)
+class SpeakOptions:
+    """Per-request options in three groups (``prompt``, ``sampling``, ``limits``) plus the decode schedule.
+
+    Build it from groups, from flat keywords (``SpeakOptions(speaker="ryan", seed=1, max_frames=40)``), or
+    both; read any field flat (``o.speaker``) or through its group (``o.prompt.speaker``).
+    """
+
+    prompt: PromptOptions
+    sampling: SamplingOptions
+    limits: Limits
+    # Frames per decoded chunk: the first chunk after 1 frame (first sound early), then growing; the last repeats.
+    chunk_frames: tuple[int, ...]
+
+    def __init__(self, prompt: PromptOptions | None = None, sampling: SamplingOptions | None = None,
+                 limits: Limits | None = None, chunk_frames: tuple[int, ...] = (1, 2, 4, 8), **fields: Any) -> None:
+        unknown = sorted(set(fields) - set(_FIELD_GROUP))
+        if unknown:
+            raise TypeError(f"unknown speak options {unknown}; choose from {', '.join(sorted(_FIELD_GROUP))}, "
+                            "chunk_frames")
+        groups = {"prompt": prompt or PromptOptions(), "sampling": sampling or SamplingOptions(),
+                  "limits": limits or Limits()}
+        for group in groups:
+            values = {k: v for k, v in fields.items() if _FIELD_GROUP[k] == group}
+            if values:
+                groups[group] = replace(groups[group], **values)
+        chunk_frames = tuple(chunk_frames) if isinstance(chunk_frames, list | tuple) else chunk_frames
+        if not chunk_frames or not isinstance(chunk_frames, tuple) or not all(is_int(n) and n >= 1
+                                                                                for n in chunk_frames):
+            raise ValueError(f"chunk_frames must be positive integers (a schedule such as (1, 2, 4, 8)), "
+                             f"got {chunk_frames!r}")
+        for name, value in {**groups, "chunk_frames": chunk_frames}.items():
+            object.__setattr__(self, name, value)
+
+    def __getattr__(self, name: str) -> Any:
+        group = _FIELD_GROUP.get(name)
+        if group is None:
+            raise AttributeError(f"{type(self).__name__!r} has no option {name!r}")
+        return getattr(object.__getattribute__(self, group), name)
+
+    def replace(self, **fields: Any) -> SpeakOptions:
+        """A copy with some options changed (flat names, groups or chunk_frames)."""
+        base = {"prompt": self.prompt, "sampling": self.sampling, "limits": self.limits,
+                "chunk_frames": self.chunk_frames}
+        return SpeakOptions(**{**base, **{k: fields.pop(k) for k in list(fields) if k in base}}, **fields)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import numpy as np
 
 from .backends import load as load_engines
 from .bundle import DECODER_PREFERENCE, TALKER_PREFERENCE, Bundle, BundleError, load_bundle
+from .checks import require_int
 from .frame_loop import STOP_CONTEXT, STOP_MAX_FRAMES, FrameLoop, Guards
 from .options import AudioChunk, SpeakOptions, StreamStats
 from .prefix_cache import PrefixReusingTalker
@@ -61,8 +62,7 @@ class TTS:
                  prefix_cache: bool = True):
         self.bundle = load_bundle(Path(bundle), verify=verify)
         m = self.bundle.manifest
-        if isinstance(max_queued_frames, bool) or not isinstance(max_queued_frames, int) or max_queued_frames < 1:
-            raise ValueError(f"max_queued_frames must be a positive integer, got {max_queued_frames!r}")
+        require_int("max_queued_frames", max_queued_frames, minimum=1)
         self.max_queued_frames = max_queued_frames
         self.decoder_precision = _pick(self.bundle, "decoder", decoder_precision, DECODER_PREFERENCE)
         if backends is None:
@@ -131,7 +131,7 @@ class TTS:
         """
         o = options or SpeakOptions()
         if overrides:
-            o = SpeakOptions(**{**o.__dict__, **overrides})
+            o = o.replace(**overrides)
         t0 = time.perf_counter()
         voice = dict(language=o.language, speaker=o.speaker, instruct=o.instruct, voice=o.voice,
                      streaming_text=o.streaming_text, text_timeout_s=o.text_timeout_s)

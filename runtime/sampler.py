@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from .checks import require_int
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -44,13 +46,10 @@ class SamplingParams:
             if not (isinstance(value, int | float) and 0 < value <= 1):
                 raise ValueError(f"{name} must be in (0, 1], got {value!r}")
         for name in ("top_k", "subtalker_top_k"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be a non-negative integer (0 disables it), got {value!r}")
+            require_int(name, getattr(self, name), note=" (0 disables it)")
         if not (isinstance(self.repetition_penalty, int | float) and self.repetition_penalty > 0):
             raise ValueError(f"repetition_penalty must be positive, got {self.repetition_penalty!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
-            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        require_int("seed", self.seed, optional=True)
 
     @classmethod
     def from_generation_config(cls, config: Mapping[str, Any], **overrides: Any) -> SamplingParams:
