@@ -171,8 +171,8 @@ def _say(progress, tag: str, res: dict[str, Any]) -> None:
 # the command
 
 
-def run_bench(args: argparse.Namespace, progress=lambda msg: None) -> dict[str, Any]:
-    """Run the benchmark described by parsed ``args``; the report (schema in bench/README.md)."""
+def _checked_settings(args: argparse.Namespace) -> tuple[list[int], list[BenchText]]:
+    """The chunk schedule and bench texts, or a BenchError naming the bad option."""
     if args.frames is not None and args.frames < 1:
         raise BenchError("--frames must be at least 1")
     if args.repeats < 1:
@@ -189,36 +189,90 @@ def run_bench(args: argparse.Namespace, progress=lambda msg: None) -> dict[str, 
     unknown = [t for t in args.texts or [] if t not in by_id]
     if unknown:
         raise BenchError(f"unknown bench texts {', '.join(unknown)}; choose from {', '.join(by_id)}")
-    texts = [by_id[t] for t in args.texts] if args.texts else list(TEXTS)
     if args.plot is not None:
         from .plots import require_matplotlib
 
         require_matplotlib()
-    try:
-        bundle = load_bundle(args.bundle)
-    except BundleError as exc:
-        raise BenchError(str(exc)) from exc
-    m = bundle.manifest
-    ids = ModelIds.from_manifest(m)
-    request = _request(ids, args.speaker)
-    refused = rep.refused(bundle)
-    talkers, skipped = _select(bundle, "talker", args.talker, TALKER_ORDER, refused)
-    decoders, skipped_dec = _select(bundle, "decoder", args.decoder, DECODER_ORDER, refused)
-    skipped += skipped_dec
-    if not talkers or not decoders:
-        raise BenchError(f"bundle {bundle.root} needs a talker and a decoder to bench; export it with "
-                       f"`qwen3-tts-edge export MODEL -o {bundle.root} --force --talker q8_0 --decoder fp32`")
+    return schedule, [by_id[t] for t in args.texts] if args.texts else list(TEXTS)
+
+
+def _providers(wanted: Sequence[str] | None, skipped: list[str]) -> list[str]:
+    """The requested onnxruntime providers this build has (the others are noted in ``skipped``)."""
     import onnxruntime as ort
 
     available = ort.get_available_providers()
     providers = []
-    for p in args.provider or [CPU]:
+    for p in wanted or [CPU]:
         if p in available:
             providers.append(p)
         else:
             skipped.append(f"provider {p}: not available in this onnxruntime build ({', '.join(available)})")
     if not providers:
         raise BenchError(f"none of the requested providers is available (this onnxruntime has {', '.join(available)})")
+    return providers
+
+
+def _run_rounds(args: argparse.Namespace, base: dict[str, Any], configs: list[tuple[str, str, str]],
+                checkpoint: Path | None, progress) -> tuple[dict[tuple[str, str, str], list[dict[str, Any]]],
+                                                           list[dict[str, Any]]]:
+    """Every configuration x round in a fresh worker process, rounds interleaved across configurations."""
+    results: dict[tuple[str, str, str], list[dict[str, Any]]] = {c: [] for c in configs}
+    ref_results: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="qwen3-tts-edge-bench-") as tmp:
+        work = Path(tmp)
+        for r in range(args.repeats):
+            if checkpoint is not None:
+                spec = {**base, "reference": str(checkpoint), "return_codes": r == 0}
+                ref_results.append(_spawn(spec, work, f"ref{r}"))
+                _say(progress, f"round {r + 1}/{args.repeats} reference torch-fp32", ref_results[-1])
+            for t, d, p in configs:
+                res = _spawn({**base, "talker": t, "decoder": d, "provider": p}, work, f"{t}.{d}.{len(results)}.{r}")
+                results[(t, d, p)].append(res)
+                _say(progress, f"round {r + 1}/{args.repeats} talker {t} x decoder {d} ({p})", res)
+    return results, ref_results
+
+
+def _reference_section(ref_results: list[dict[str, Any]], model: str) -> dict[str, Any] | None:
+    if not ref_results:
+        return None
+    return {"talker": "torch-fp32", "predictor": "torch-fp32", "decoder": "torch-fp32", "model": model,
+            "how": _reference_how(),
+            "offline_decode_ms_per_frame": rep.stat(x.get("offline_decode_ms_per_frame")
+                                                    for x in ref_results)["median"],
+            **rep.aggregate(ref_results), "bundle_mb": None}
+
+
+def _runs(bundle: Bundle, aggs: dict[tuple[str, str, str], dict[str, Any]], floor: dict[str, Any],
+          reference: dict[str, Any] | None, fid: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """One row per configuration: its aggregate, bundle size, bandwidth-floor ratio, ratios and fidelity."""
+    runs = []
+    for (t, d, p), agg in aggs.items():
+        fl = floor["talker"][t]["floor_ms_per_frame"]
+        runs.append({"talker": t, "predictor": t, "decoder": d, "provider": p, **agg,
+                     "bundle_mb": rep.bundle_bytes(bundle, t, d) / 1e6,
+                     "floor_ms_per_frame": fl, "floor_ratio": _tp(agg) / fl if fl else None,
+                     "vs_reference": rep.vs_reference(agg, reference) if reference else None,
+                     "fidelity": rep.run_fidelity(fid, t, d) if fid else rep.manifest_fidelity(bundle, t, d)})
+    return runs
+
+
+def run_bench(args: argparse.Namespace, progress=lambda msg: None) -> dict[str, Any]:
+    """Run the benchmark described by parsed ``args``; the report (schema in bench/README.md)."""
+    schedule, texts = _checked_settings(args)
+    try:
+        bundle = load_bundle(args.bundle)
+    except BundleError as exc:
+        raise BenchError(str(exc)) from exc
+    m = bundle.manifest
+    request = _request(ModelIds.from_manifest(m), args.speaker)
+    refused = rep.refused(bundle)
+    talkers, skipped = _select(bundle, "talker", args.talker, TALKER_ORDER, refused)
+    decoders, skipped_dec = _select(bundle, "decoder", args.decoder, DECODER_ORDER, refused)
+    skipped += skipped_dec
+    if not talkers or not decoders:
+        raise BenchError(f"bundle {bundle.root} needs a talker and a decoder to bench; export it with "
+                         f"`qwen3-tts-edge export MODEL -o {bundle.root} --force --talker q8_0 --decoder fp32`")
+    providers = _providers(args.provider, skipped)
     checkpoint = _reference_checkpoint(args.vs_reference, bundle) if args.vs_reference else None
 
     start_load = os.getloadavg()
@@ -230,32 +284,11 @@ def run_bench(args: argparse.Namespace, progress=lambda msg: None) -> dict[str, 
             "frames": frames, "texts": [asdict(t) for t in texts], "seed": args.seed, "chunk_frames": schedule,
             "warmup_frames": warm, **request}
     configs = [(t, d, p) for p in providers for t in talkers for d in decoders]
-    results: dict[tuple[str, str, str], list[dict[str, Any]]] = {c: [] for c in configs}
-    ref_results: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="qwen3-tts-edge-bench-") as tmp:
-        work = Path(tmp)
-        for r in range(args.repeats):
-            if checkpoint is not None:
-                tag = f"round {r + 1}/{args.repeats} reference torch-fp32"
-                spec = {**base, "reference": str(checkpoint), "return_codes": r == 0}
-                ref_results.append(_spawn(spec, work, f"ref{r}"))
-                _say(progress, tag, ref_results[-1])
-            for t, d, p in configs:
-                tag = f"round {r + 1}/{args.repeats} talker {t} x decoder {d} ({p})"
-                res = _spawn({**base, "talker": t, "decoder": d, "provider": p}, work, f"{t}.{d}.{len(results)}.{r}")
-                results[(t, d, p)].append(res)
-                _say(progress, tag, res)
+    results, ref_results = _run_rounds(args, base, configs, checkpoint, progress)
     bw.append(machine.memory_bandwidth_gbs())
     end_load = os.getloadavg()
 
-    reference = None
-    if ref_results:
-        agg = rep.aggregate(ref_results)
-        reference = {"talker": "torch-fp32", "predictor": "torch-fp32", "decoder": "torch-fp32",
-                     "model": args.vs_reference, "how": _reference_how(),
-                     "offline_decode_ms_per_frame": rep.stat(x.get("offline_decode_ms_per_frame")
-                                                             for x in ref_results)["median"],
-                     **agg}
+    reference = _reference_section(ref_results, args.vs_reference)
     fid = None
     if checkpoint is not None:
         codes = ref_results[0].get("codes") if ref_results else None
@@ -264,19 +297,8 @@ def run_bench(args: argparse.Namespace, progress=lambda msg: None) -> dict[str, 
     aggs = {c: rep.aggregate(res) for c, res in results.items()}
     n_frames = frames or max(1, int(np.median([a["frames"] for a in aggs.values()])))
     floor = rep.floor_section(bundle, talkers, decoders, max(bw), n_frames, schedule)
-    runs = []
-    for (t, d, p), agg in aggs.items():
-        tp = _tp(agg)
-        fl = floor["talker"][t]["floor_ms_per_frame"]
-        run = {"talker": t, "predictor": t, "decoder": d, "provider": p, **agg,
-               "bundle_mb": rep.bundle_bytes(bundle, t, d) / 1e6,
-               "floor_ms_per_frame": fl, "floor_ratio": tp / fl if fl else None,
-               "vs_reference": rep.vs_reference(agg, reference) if reference else None,
-               "fidelity": rep.run_fidelity(fid, t, d) if fid else rep.manifest_fidelity(bundle, t, d)}
-        runs.append(run)
-    if reference is not None:
-        reference["bundle_mb"] = None
-    report = {
+    runs = _runs(bundle, aggs, floor, reference, fid)
+    return {
         "schema": rep.SCHEMA,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": {**machine.describe(args.threads), "bandwidth_gbs": max(bw), "bandwidth_samples_gbs": bw,
@@ -304,7 +326,6 @@ def run_bench(args: argparse.Namespace, progress=lambda msg: None) -> dict[str, 
         "skipped": skipped,
         "fidelity": fid,
     }
-    return report
 
 
 def _tp(run: dict[str, Any]) -> float:

@@ -271,21 +271,8 @@ def export_decoder(
     codes = random_codes(validation_frames, seed, module.codebook_size, module.num_quantizers, stickiness=0.5)
     offline = offline_decode(decoder, codes)
 
-    t0 = time.perf_counter()
-    say("decoder: exporting the fp32 streaming graph (dynamo, opset 18)")
     fp32_path = out_dir / "decoder.fp32.onnx"
-    meta = _metadata(module, config, "fp32")
-    export_fp32(module, fp32_path)
-    _set_metadata(fp32_path, meta)
-    validate(fp32_path, meta)
-    fp32_pcm = stream_decode(fp32_path, codes)
-    fid = fidelity_metrics(fp32_pcm, offline, offline, OFFLINE_REFERENCE, sample_rate)
-    fid.update(frames=validation_frames, chunk_schedule=list(MIXED_SCHEDULE))
-    failures = gates.gate("decoder", "fp32").failures(fid)
-    if failures:
-        raise RuntimeError(f"fp32 streaming decoder does not match the offline decode: {'; '.join(failures)}")
-    say(f"decoder: fp32 ok, stream vs offline max |Δ| = {fid['stream_vs_offline_max_abs']:.2e} "
-        f"({time.perf_counter() - t0:.0f} s)")
+    meta, fid, fp32_pcm = _export_reference(module, config, fp32_path, codes, offline, say)
     done("decoder fp32")
     rejected: dict[str, str] = {}
     fp32_entry = _entry("decoder", fp32_path.name, "onnx", "fp32", fid,
@@ -301,13 +288,8 @@ def export_decoder(
         try:
             entry, vfid = _export_variant(precision, module, config, fp32_path, out_dir, say, seed,
                                           calibration)
-            path = out_dir / entry["file"]
-            pcm = stream_decode(path, codes)
-            vfid.update(fidelity_metrics(pcm, offline, fp32_pcm, FP32_REFERENCE, sample_rate))
-            vfid.update(frames=validation_frames, chunk_schedule=list(MIXED_SCHEDULE))
-            if precision == "int8":
-                say("decoder: measuring int8 vs fp32 CPU cost")
-                vfid.update(cpu_speedup(fp32_path, path))
+            vfid.update(_variant_fidelity(precision, fp32_path, out_dir / entry["file"], codes, offline, fp32_pcm,
+                                          sample_rate, say))
             failures = gates.gate("decoder", precision).failures(vfid)
         except Exception as exc:  # an optional variant that cannot be built is refused, not fatal
             vfid, failures = {}, [f"{precision} export failed: {type(exc).__name__}: {exc}"]
@@ -329,6 +311,39 @@ def export_decoder(
                 "kind": "calibration_codes", "chunk": CALIBRATION_CHUNK,
                 "note": "codes streamed through the fp32 graph (state carried) to calibrate int8"}))
     return entries
+
+
+def _export_reference(module: StatefulDecoder, config: Any, fp32_path: Path, codes: np.ndarray,
+                      offline: np.ndarray, say: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Any],
+                                                                               np.ndarray]:
+    """Export + validate the fp32 graph; its stream must equal the offline decode (else an export bug: raise)."""
+    t0 = time.perf_counter()
+    say("decoder: exporting the fp32 streaming graph (dynamo, opset 18)")
+    meta = _metadata(module, config, "fp32")
+    export_fp32(module, fp32_path)
+    _set_metadata(fp32_path, meta)
+    validate(fp32_path, meta)
+    fp32_pcm = stream_decode(fp32_path, codes)
+    fid = fidelity_metrics(fp32_pcm, offline, offline, OFFLINE_REFERENCE, int(config.output_sample_rate))
+    fid.update(frames=len(codes), chunk_schedule=list(MIXED_SCHEDULE))
+    failures = gates.gate("decoder", "fp32").failures(fid)
+    if failures:
+        raise RuntimeError(f"fp32 streaming decoder does not match the offline decode: {'; '.join(failures)}")
+    say(f"decoder: fp32 ok, stream vs offline max |Δ| = {fid['stream_vs_offline_max_abs']:.2e} "
+        f"({time.perf_counter() - t0:.0f} s)")
+    return meta, fid, fp32_pcm
+
+
+def _variant_fidelity(precision: str, fp32_path: Path, path: Path, codes: np.ndarray, offline: np.ndarray,
+                      fp32_pcm: np.ndarray, sample_rate: int, say: Callable[[str], None]) -> dict[str, Any]:
+    """A variant's stream against the fp32 stream of the same codes (+ its CPU cost for int8)."""
+    pcm = stream_decode(path, codes)
+    fid = fidelity_metrics(pcm, offline, fp32_pcm, FP32_REFERENCE, sample_rate)
+    fid.update(frames=len(codes), chunk_schedule=list(MIXED_SCHEDULE))
+    if precision == "int8":
+        say("decoder: measuring int8 vs fp32 CPU cost")
+        fid.update(cpu_speedup(fp32_path, path))
+    return fid
 
 
 def _entry(role: str, file: str, fmt: str, precision: str, fid: dict[str, Any],

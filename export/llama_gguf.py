@@ -372,6 +372,32 @@ def _mb(path: Path) -> str:
     return f"{path.stat().st_size / 1e6:.1f} MB"
 
 
+def _precision_entries(cfg: dict[str, Any], p: str, out_dir: Path, talker_info: dict[str, Any],
+                       tables: dict[str, np.ndarray], fidelity: dict[str, Any], *, talker_s: float,
+                       predictor_s: float) -> list[dict[str, Any]]:
+    """The manifest entries of one precision: talker, predictor and predictor tables."""
+    tc, pc = cfg["talker_config"], cfg["talker_config"]["code_predictor_config"]
+    talker_file, pred_file, tab_file = f"talker.{p}.gguf", f"predictor.{p}.gguf", f"predictor_tables.{p}.gguf"
+    return [{
+        "role": "talker", "file": talker_file, "format": "gguf", "precision": p,
+        "arch": "qwen3tts", "engine": "llama.cpp", **{k: v for k, v in talker_info.items() if k != "eos_repaired_from"},
+        "hidden_size": int(tc["hidden_size"]), "num_hidden_layers": int(tc["num_hidden_layers"]),
+        "tensor_types": _tensor_types(out_dir / talker_file),
+        "policy": policy("talker", p).table(), "fidelity": fidelity, "export_s": round(talker_s, 2),
+    }, {
+        "role": "predictor", "file": pred_file, "format": "gguf", "precision": p,
+        "arch": "qwen3", "engine": "llama.cpp", "vocab": "none",
+        "hidden_size": int(pc["hidden_size"]), "num_hidden_layers": int(pc["num_hidden_layers"]),
+        "tensor_types": _tensor_types(out_dir / pred_file),
+        "policy": policy("predictor", p).table(), "export_s": round(predictor_s, 2),
+    }, {
+        "role": "predictor_tables", "file": tab_file, "format": "gguf", "precision": p,
+        "has_projection": "proj.weight" in tables, "num_steps": int(pc.get("num_code_groups", 16)) - 1,
+        "tensor_types": _tensor_types(out_dir / tab_file),
+        "policy": policy("predictor_tables", p).table(),
+    }]
+
+
 def export_llama(checkpoint_dir: Path, out_dir: Path, precisions: Sequence[str],
                  progress: Progress | None = None, *, check: bool = True,
                  step: Progress | None = None) -> list[dict[str, Any]]:
@@ -388,7 +414,6 @@ def export_llama(checkpoint_dir: Path, out_dir: Path, precisions: Sequence[str],
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = _config(checkpoint_dir)
-    tc, pc = cfg["talker_config"], cfg["talker_config"]["code_predictor_config"]
     entries: list[dict[str, Any]] = []
     scratch = Path(tempfile.mkdtemp(prefix=".llama-scratch-", dir=out_dir))
     try:
@@ -437,29 +462,9 @@ def export_llama(checkpoint_dir: Path, out_dir: Path, precisions: Sequence[str],
                 say(f"{p}: vs F32 talker logit cos {fidelity['talker_logit_cos']:.6f}, predictor "
                     f"{fidelity['predictor_logit_cos']:.6f} ({time.perf_counter() - t2:.1f} s)")
             done(f"talker {p}")
-            entries.append({
-                "role": "talker", "file": talker_file, "format": "gguf", "precision": p,
-                "arch": "qwen3tts", "engine": "llama.cpp", **{k: v for k, v in talker_info.items()
-                                                             if k != "eos_repaired_from"},
-                "hidden_size": int(tc["hidden_size"]), "num_hidden_layers": int(tc["num_hidden_layers"]),
-                "tensor_types": _tensor_types(out_dir / talker_file),
-                "policy": policy("talker", p).table(), "fidelity": fidelity,
-                "export_s": round(t_talker + (t_conv if p == precisions[0] else 0.0), 2),
-            })
-            entries.append({
-                "role": "predictor", "file": pred_file, "format": "gguf", "precision": p,
-                "arch": "qwen3", "engine": "llama.cpp", "vocab": "none",
-                "hidden_size": int(pc["hidden_size"]), "num_hidden_layers": int(pc["num_hidden_layers"]),
-                "tensor_types": _tensor_types(out_dir / pred_file),
-                "policy": policy("predictor", p).table(),
-                "export_s": round(t_p + (t_pred if p == precisions[0] else 0.0), 2),
-            })
-            entries.append({
-                "role": "predictor_tables", "file": tab_file, "format": "gguf", "precision": p,
-                "has_projection": "proj.weight" in tables, "num_steps": int(pc.get("num_code_groups", 16)) - 1,
-                "tensor_types": _tensor_types(out_dir / tab_file),
-                "policy": policy("predictor_tables", p).table(),
-            })
+            entries += _precision_entries(cfg, p, out_dir, talker_info, tables, fidelity,
+                                          talker_s=t_talker + (t_conv if p == precisions[0] else 0.0),
+                                          predictor_s=t_p + (t_pred if p == precisions[0] else 0.0))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return entries

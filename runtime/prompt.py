@@ -180,59 +180,18 @@ def build_prompt(
     prompt waits for the first token, and the rest is fed frame by frame as it becomes final (each frame waits
     up to ``text_timeout_s`` for its token). Text must hold a non-whitespace character, whole or incremental.
     """
-    incremental = not isinstance(text, str)
-    if incremental:
-        if not streaming_text:
-            raise PromptError("incremental text needs the streaming-text layout (streaming_text=True)")
-        if voice is not None and voice.icl:
-            raise PromptError("incremental text is not supported with ICL voice prompts (reference codes); "
-                              "use an x-vector voice or pass the whole text")
-    else:
-        validate_text(text)
-    check_request(ids, speaker, instruct, voice)
-    if voice is not None:
-        _check_voice(voice, tables.hidden_size, num_code_groups)
+    _check_inputs(ids, tables, text, speaker, instruct, voice, streaming_text, num_code_groups)
     tok, cod = ids.token_ids, ids.codec_ids
     lang_id = resolve_language(ids, language, speaker)
-
-    feed = None
-    if incremental:
-        feed = TextFeed(text, tokenizer)
-        has_text = feed.wait_for_content(timeout=text_timeout_s)
-        if has_text is None:
-            feed.close()
-            raise PromptError(f"the text iterator gave no text within {text_timeout_s:g} s")
-        if not has_text:
-            raise PromptError(EMPTY_TEXT)
-        text_ids = _ids(tokenizer.encode(assistant_text("")))  # role prefix only; content comes from the feed
-        content = _ids(feed.available()[0][:1])
-    else:
-        text_ids = _ids(tokenizer.encode(assistant_text(text)))
-        content = text_ids[CONTENT_SLICE]
-    if len(content) == 0:
-        raise PromptError("text to speak tokenizes to nothing")
+    feed, text_ids, content = _first_content(tokenizer, text, text_timeout_s)
     bos_vec, eos_vec, pad_vec = tables.text_embeds(_ids([tok["tts_bos_token_id"], tok["tts_eos_token_id"],
                                                          tok["tts_pad_token_id"]]))
     parts: list[np.ndarray] = []
     if instruct:
         parts.append(tables.text_embeds(_ids(tokenizer.encode(instruct_text(instruct)))))
     parts.append(tables.text_embeds(text_ids[:3]))  # <|im_start|>assistant\n
-
-    # Codec tags (+ speaker), each summed with tts_pad except the last fed one (codec pad) with tts_bos.
-    if lang_id is None:
-        tags = [cod["codec_nothink_id"], cod["codec_think_bos_id"], cod["codec_think_eos_id"]]
-    else:
-        tags = [cod["codec_think_id"], cod["codec_think_bos_id"], lang_id, cod["codec_think_eos_id"]]
-    codec_rows = [tables.codec_embeds(_ids(tags))]
-    if ids.model_type == "custom_voice" and speaker:
-        codec_rows.append(tables.codec_embeds(_ids([ids.speakers[speaker.lower()]])))
-    elif voice is not None:
-        codec_rows.append(np.asarray(voice.speaker_embedding, dtype=np.float32)[None, :])
-    codec_rows.append(tables.codec_embeds(_ids([cod["codec_pad_id"], cod["codec_bos_id"]])))
-    codec = np.concatenate(codec_rows)
-    text_track = np.concatenate([np.repeat(pad_vec[None], len(codec) - 2, axis=0), bos_vec[None]])
-    parts.append(text_track + codec[:-1])
-    codec_bos = codec[-1]
+    voice_part, codec_bos = _codec_prefix(ids, tables, lang_id, speaker, voice, bos_vec, pad_vec)
+    parts.append(voice_part)
 
     if voice is not None and voice.icl:
         ref_ids = _ids(tokenizer.encode(ref_text_template(voice.ref_text)))[REF_CONTENT_SLICE]
@@ -257,6 +216,62 @@ def build_prompt(
     embeds = np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
     return Prompt(embeds=embeds, trailing=np.ascontiguousarray(trailing, dtype=np.float32),
                   tts_pad=pad_vec.astype(np.float32), n_text_tokens=int(len(content)))
+
+
+def _check_inputs(ids: ModelIds, tables: EmbeddingTables, text: str | Iterable[str], speaker: str | None,
+                  instruct: str | None, voice: VoicePrompt | None, streaming_text: bool, num_code_groups: int) -> None:
+    """Every request error before any work: text, mode options, voice shape."""
+    if not isinstance(text, str):
+        if not streaming_text:
+            raise PromptError("incremental text needs the streaming-text layout (streaming_text=True)")
+        if voice is not None and voice.icl:
+            raise PromptError("incremental text is not supported with ICL voice prompts (reference codes); "
+                              "use an x-vector voice or pass the whole text")
+    else:
+        validate_text(text)
+    check_request(ids, speaker, instruct, voice)
+    if voice is not None:
+        _check_voice(voice, tables.hidden_size, num_code_groups)
+
+
+def _first_content(tokenizer: TextTokenizer, text: str | Iterable[str],
+                   timeout_s: float | None) -> tuple[TextFeed | None, np.ndarray, np.ndarray]:
+    """(live feed or None, templated ids, content ids known now): all of a string, the first token of a feed."""
+    if isinstance(text, str):
+        text_ids = _ids(tokenizer.encode(assistant_text(text)))
+        feed, content = None, text_ids[CONTENT_SLICE]
+    else:
+        feed = TextFeed(text, tokenizer)
+        has_text = feed.wait_for_content(timeout=timeout_s)
+        if has_text is None:
+            feed.close()
+            raise PromptError(f"the text iterator gave no text within {timeout_s:g} s")
+        if not has_text:
+            raise PromptError(EMPTY_TEXT)
+        text_ids = _ids(tokenizer.encode(assistant_text("")))  # role prefix only; content comes from the feed
+        content = _ids(feed.available()[0][:1])
+    if len(content) == 0:
+        raise PromptError("text to speak tokenizes to nothing")
+    return feed, text_ids, content
+
+
+def _codec_prefix(ids: ModelIds, tables: EmbeddingTables, lang_id: int | None, speaker: str | None,
+                  voice: VoicePrompt | None, bos_vec: np.ndarray, pad_vec: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Codec tags (+ speaker) summed with tts_pad, the last fed one (codec pad) with tts_bos; and codec bos."""
+    cod = ids.codec_ids
+    if lang_id is None:
+        tags = [cod["codec_nothink_id"], cod["codec_think_bos_id"], cod["codec_think_eos_id"]]
+    else:
+        tags = [cod["codec_think_id"], cod["codec_think_bos_id"], lang_id, cod["codec_think_eos_id"]]
+    codec_rows = [tables.codec_embeds(_ids(tags))]
+    if ids.model_type == "custom_voice" and speaker:
+        codec_rows.append(tables.codec_embeds(_ids([ids.speakers[speaker.lower()]])))
+    elif voice is not None:
+        codec_rows.append(np.asarray(voice.speaker_embedding, dtype=np.float32)[None, :])
+    codec_rows.append(tables.codec_embeds(_ids([cod["codec_pad_id"], cod["codec_bos_id"]])))
+    codec = np.concatenate(codec_rows)
+    text_track = np.concatenate([np.repeat(pad_vec[None], len(codec) - 2, axis=0), bos_vec[None]])
+    return text_track + codec[:-1], codec[-1]
 
 
 def _icl_block(ids: ModelIds, tables: EmbeddingTables, ref_ids: np.ndarray, content: np.ndarray,
