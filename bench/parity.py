@@ -21,6 +21,7 @@ from ..runtime.errors import Qwen3TTSEdgeError
 from ..runtime.prompt import ModelIds, build_prompt
 from ..runtime.sampler import CodeSampler, SamplingParams
 from ..runtime.text import TextTokenizer, assistant_text, instruct_text, ref_text_template
+from .requests import representative_request
 
 PARITY_TEXT = "The quick brown fox jumps over the lazy dog, again and again, until the sun goes down."
 
@@ -73,15 +74,6 @@ def official_prompt(model: Any, tok: TextTokenizer, text: str, *, language: str,
         model.talker.generate = original
 
 
-def _request(ids: ModelIds) -> dict[str, Any]:
-    """A representative request for the bundle's model type."""
-    if ids.model_type == "custom_voice":
-        return {"language": "english", "speaker": sorted(ids.speakers)[0]}
-    if ids.model_type == "voice_design":
-        return {"language": "english", "instruct": "A calm, clear voice."}
-    raise BundleError("parity for Base bundles needs a voice prompt (speaker encoder stage); not available yet")
-
-
 def _engines(bundle: Bundle, precision: str, strict: bool):
     from ..runtime.backends.llama_cpp import load_generation
 
@@ -122,7 +114,7 @@ def greedy_agreement(model: Any, bundle: Bundle, precision: str, frames: int, te
     m = bundle.manifest
     talker, predictor, tables = _engines(bundle, precision, strict=precision == "f32")
     ref_talker, ref_pred, ref_tables = TorchTalker(model), TorchPredictor(model), TorchTables(model)
-    prompt = build_prompt(ids, tok, ref_tables, text, **_request(ids))
+    prompt = build_prompt(ids, tok, ref_tables, text, language="english", **representative_request(ids))
     sampler = CodeSampler(SamplingParams().greedy(), vocab_size=int(m.model["talker"]["vocab_size"]),
                           eos_id=int(m.codec_ids["codec_eos_token_id"]))
     flips: list[dict[str, Any]] = []
@@ -159,7 +151,7 @@ def prompt_max_abs(model: Any, bundle: Bundle, precision: str) -> float:
     """Largest difference between our prompt vectors (from the bundle's tables) and the official ones."""
     ids = ModelIds.from_manifest(bundle.manifest)
     tok = TextTokenizer.from_folder(bundle.root / "tokenizer")
-    req = _request(ids)
+    req = {"language": "english", **representative_request(ids)}
     talker, predictor, tables = _engines(bundle, precision, strict=True)
     worst = 0.0
     for streaming in (True, False):

@@ -29,16 +29,17 @@ from typing import Any
 import numpy as np
 
 from ..runtime.bundle import DECODER_PRECISIONS, TALKER_PRECISIONS, Bundle, BundleError, load_bundle
+from ..runtime.cli import csv_list
 from ..runtime.errors import Qwen3TTSEdgeError
 from ..runtime.prompt import ModelIds
 from . import machine
 from . import report as rep
+from .requests import representative_request
 
 PROG = "qwen3-tts-edge bench"
 TALKER_ORDER = TALKER_PRECISIONS
 DECODER_ORDER = DECODER_PRECISIONS
 CPU = "CPUExecutionProvider"
-DEFAULT_INSTRUCT = "A calm, clear voice."
 WARMUP_FRAMES = 16  # enough for every chunk size of the default schedule (1+2+4+8) and to page the weights in
 
 
@@ -63,10 +64,6 @@ TEXTS: tuple[BenchText, ...] = (
 class BenchError(Qwen3TTSEdgeError):
     """A bench request that cannot run as asked; the message says what to change."""
 
-def _csv(value: str) -> list[str]:
-    return [v.strip() for v in value.split(",") if v.strip()]
-
-
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     """The ``bench`` subcommand's options (shared by ``qwen3-tts-edge bench`` and ``python -m ...bench.run``)."""
     p.add_argument("-b", "--bundle", required=True, type=Path)
@@ -80,16 +77,16 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=3,
                    help="rounds; each configuration runs once per round in a fresh process (default 3)")
     p.add_argument("--threads", type=int, default=2, help="llama.cpp / onnxruntime / torch threads (default 2)")
-    p.add_argument("--talker", type=_csv, metavar="PRECISIONS", help="talker precisions to run (default: all)")
-    p.add_argument("--decoder", type=_csv, metavar="PRECISIONS", help="decoder precisions to run (default: all)")
+    p.add_argument("--talker", type=csv_list, metavar="PRECISIONS", help="talker precisions to run (default: all)")
+    p.add_argument("--decoder", type=csv_list, metavar="PRECISIONS", help="decoder precisions to run (default: all)")
     p.add_argument("--provider", action="append", metavar="EP",
                    help=f"onnxruntime execution provider for the decoder (repeatable; default {CPU})")
     p.add_argument("--n-gpu-layers", type=int, default=0, help="llama.cpp layers to offload (CUDA builds)")
-    p.add_argument("--texts", type=_csv, metavar="IDS", help=f"bench texts to use (default all: "
+    p.add_argument("--texts", type=csv_list, metavar="IDS", help=f"bench texts to use (default all: "
                    f"{','.join(t.id for t in TEXTS)})")
     p.add_argument("--speaker", help="preset speaker (CustomVoice; default: the first in the bundle)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--chunk-frames", type=_csv, default=["1", "2", "4", "8"], metavar="SCHEDULE",
+    p.add_argument("--chunk-frames", type=csv_list, default=["1", "2", "4", "8"], metavar="SCHEDULE",
                    help="decode schedule: frames per chunk, last repeats (default 1,2,4,8)")
 
 
@@ -112,18 +109,6 @@ def _select(bundle: Bundle, role: str, wanted: list[str] | None, order: Sequence
     if unknown:
         raise BenchError(f"bundle has no {role} in precision {', '.join(unknown)}; available: {', '.join(have)}")
     return [p for p in have if p in wanted], [f"{role} {p}: refused at export ({why[p]})" for p in missing]
-
-
-def _request(ids: ModelIds, speaker: str | None) -> dict[str, Any]:
-    if ids.model_type == "custom_voice":
-        speakers = sorted(ids.speakers)
-        if speaker is not None and speaker not in speakers:
-            raise BenchError(f"unknown speaker {speaker!r}; this bundle has {', '.join(speakers)}")
-        return {"speaker": speaker or speakers[0]}
-    if ids.model_type == "voice_design":
-        return {"instruct": DEFAULT_INSTRUCT}
-    raise BenchError("bench needs a CustomVoice or VoiceDesign bundle: Base models speak from a voice prompt "
-                   "(speaker-encoder stage), which bench cannot supply yet")
 
 
 def _reference_checkpoint(model: str, bundle: Bundle) -> Path:
@@ -264,7 +249,7 @@ def run_bench(args: argparse.Namespace, progress=lambda msg: None) -> dict[str, 
     except BundleError as exc:
         raise BenchError(str(exc)) from exc
     m = bundle.manifest
-    request = _request(ModelIds.from_manifest(m), args.speaker)
+    request = representative_request(ModelIds.from_manifest(m), args.speaker)
     refused = rep.refused(bundle)
     talkers, skipped = _select(bundle, "talker", args.talker, TALKER_ORDER, refused)
     decoders, skipped_dec = _select(bundle, "decoder", args.decoder, DECODER_ORDER, refused)
