@@ -102,7 +102,7 @@ def greedy_agreement(model: Any, bundle: Bundle, precision: str, frames: int, te
     """Greedy decisions of the bundle's engines against the official modules, along the official trajectory.
 
     Both run in lockstep on the same inputs; the official modules choose (so this is their greedy ``generate``
-    trajectory: tests/test_generate.py proves the reference backends reproduce it code for code). Every decision
+    trajectory: tests/test_frame_loop.py proves the reference backends reproduce it code for code). Every decision
     where our argmax differs is recorded with the reference's logit gap between its choice and ours, so a
     flip can be told apart as a near-tie rather than a bug. ``identical_frames`` is where free-running greedy
     generation would first diverge.

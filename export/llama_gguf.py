@@ -1,4 +1,4 @@
-"""Talker and code-predictor GGUF export for the llama.cpp engines (runtime/talker.py, runtime/predictor.py).
+"""Talker and code-predictor GGUF export for the llama.cpp engines (runtime/backends/llama_cpp/).
 
 Per requested precision P this writes three bundle files:
 
