@@ -26,6 +26,7 @@ from ..runtime.bundle import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     OPTIONAL_TOKENIZER_FILES,
+    SPEAKER_ENCODER_PRECISIONS,
     TALKER_PRECISIONS,
     TOKENIZER_FILES,
     Component,
@@ -53,6 +54,9 @@ STAGES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     # One stage writes talker, predictor and predictor_tables GGUFs for each precision.
     "talker": ("qwen3_tts_edge.export.llama_gguf", "export_llama", TALKER_PRECISIONS),
     "decoder": ("qwen3_tts_edge.export.decoder_onnx", "export_decoder", DECODER_PRECISIONS),
+    # Base models only (the other checkpoints have no speaker encoder).
+    "speaker_encoder": ("qwen3_tts_edge.export.speaker_encoder_onnx", "export_speaker_encoder",
+                        SPEAKER_ENCODER_PRECISIONS),
 }
 
 
@@ -212,19 +216,36 @@ def _install(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _voice_stages(model_type: str, requested: dict[str, tuple[str, ...]],
+                  exporters: dict[str, Callable[..., list[dict[str, Any]]]], progress: Progress) -> None:
+    """Base models get the speaker encoder by default; the others have none to export (a request is refused)."""
+    if model_type != "base":
+        if requested.get("speaker_encoder"):
+            raise ExportError(f"a {model_type} checkpoint has no speaker encoder (only Base models clone voices); "
+                              "leave --speaker-encoder out")
+        return
+    if "speaker_encoder" not in requested:
+        requested["speaker_encoder"] = DEFAULT_EXPORT["speaker_encoder"]
+        exporters["speaker_encoder"] = _stage_exporter("speaker_encoder", requested["speaker_encoder"])
+        if hasattr(progress, "add_steps"):
+            progress.add_steps(len(requested["speaker_encoder"]))
+
+
 def _planned_steps(requested: dict[str, tuple[str, ...]]) -> int:
     """Progress steps: the checkpoint, then per stage its shared work and one step per precision."""
     talker, decoder = requested["talker"], requested["decoder"]
-    return 1 + (2 + len(talker) if talker else 0) + (1 + len([p for p in decoder if p != "fp32"]) if decoder else 0)
+    return (1 + (2 + len(talker) if talker else 0) + (1 + len([p for p in decoder if p != "fp32"]) if decoder else 0)
+            + len(requested.get("speaker_encoder") or ()))
 
 
 def export_bundle(model: str, out: Path, *, talker: Sequence[str] | None = None,
-                  decoder: Sequence[str] | None = None, force: bool = False,
-                  progress: Progress | None = None) -> Manifest:
+                  decoder: Sequence[str] | None = None, speaker_encoder: Sequence[str] | None = None,
+                  force: bool = False, progress: Progress | None = None) -> Manifest:
     """Export MODEL into the bundle folder ``out`` and return its manifest.
 
-    ``talker`` / ``decoder`` name the precisions to write; None means the defaults (``DEFAULT_TALKER``,
-    ``DEFAULT_DECODER``), so a plain export can speak. ``progress`` receives messages; without one, a
+    ``talker`` / ``decoder`` / ``speaker_encoder`` name the precisions to write; None means the defaults
+    (``DEFAULT_EXPORT``: talker q8_0, decoder fp32, and for Base models the fp32 speaker encoder), so a plain
+    export can speak. ``progress`` receives messages; without one, a
     progress bar (plain lines off a terminal) goes to stderr.
     """
     out = Path(out)
@@ -232,6 +253,10 @@ def export_bundle(model: str, out: Path, *, talker: Sequence[str] | None = None,
                  "decoder": DEFAULT_DECODER if decoder is None else tuple(decoder)}
     exporters = {stage: _stage_exporter(stage, precs) for stage, precs in requested.items() if precs}
     _speakable(requested)
+    if speaker_encoder is not None:
+        requested["speaker_encoder"] = tuple(speaker_encoder)
+        if requested["speaker_encoder"]:
+            exporters["speaker_encoder"] = _stage_exporter("speaker_encoder", requested["speaker_encoder"])
     _prepare_target(out, force)
     bar = ExportProgress(_planned_steps(requested), desc=f"export {out.name}") if progress is None else None
     try:
@@ -255,6 +280,7 @@ def _export(model: str, out: Path, requested: dict[str, tuple[str, ...]],
     source_info = {"model": source.spec, "kind": source.kind, "path": str(folder), "variant": source.variant,
                    "shape": source.shape, "seed": source.seed, "files": source_file_hashes(folder)}
     step("checkpoint")
+    _voice_stages(facts["model"]["tts_model_type"], requested, exporters, progress)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))

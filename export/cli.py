@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..runtime.bundle import DECODER_PRECISIONS, DEFAULT_EXPORT, TALKER_PRECISIONS
+from ..runtime.bundle import DECODER_PRECISIONS, DEFAULT_EXPORT, SPEAKER_ENCODER_PRECISIONS, TALKER_PRECISIONS
 from ..runtime.errors import Qwen3TTSEdgeError
 
 EXPORT_EXTRA_HINT = ("pip install 'qwen3-tts-edge[export]' && pip install --no-deps qwen-tts==0.1.1 "
@@ -30,10 +30,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help="Hugging Face id, local checkpoint folder, or "
                    "random:<tiny|0.6b|1.7b>-<base|custom_voice|voice_design>[@seed]")
     p.add_argument("-o", "--output", required=True, type=Path, metavar="BUNDLE", help="bundle folder to write")
-    for stage, fmt, choices in (("talker", "GGUF", TALKER_PRECISIONS), ("decoder", "ONNX", DECODER_PRECISIONS)):
-        p.add_argument(f"--{stage}", type=_csv, default=None, metavar="PRECISIONS",
-                       help=f"{stage} {fmt} precisions, comma-separated ({','.join(choices)}; "
-                            f"default {','.join(DEFAULT_EXPORT[stage])})")
+    for stage, fmt, choices in (("talker", "GGUF", TALKER_PRECISIONS), ("decoder", "ONNX", DECODER_PRECISIONS),
+                                ("speaker_encoder", "ONNX", SPEAKER_ENCODER_PRECISIONS)):
+        default = ",".join(DEFAULT_EXPORT[stage]) + (" for Base models" if stage == "speaker_encoder" else "")
+        p.add_argument(f"--{stage.replace('_', '-')}", type=_csv, default=None, metavar="PRECISIONS",
+                       help=f"{stage.replace('_', ' ')} {fmt} precisions, comma-separated ({','.join(choices)}; "
+                            f"default {default})")
     p.add_argument("--force", action="store_true", help="replace an existing bundle at BUNDLE")
 
 
@@ -46,5 +48,6 @@ def run(args: argparse.Namespace) -> int:
     if missing:
         raise ExtraMissingError(f"export needs the [export] extra, and this environment lacks "
                                 f"{', '.join(missing)}: {EXPORT_EXTRA_HINT}")
-    export_bundle(args.model, args.output, talker=args.talker, decoder=args.decoder, force=args.force)
+    export_bundle(args.model, args.output, talker=args.talker, decoder=args.decoder,
+                  speaker_encoder=args.speaker_encoder, force=args.force)
     return 0

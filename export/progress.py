@@ -42,6 +42,13 @@ class ExportProgress:
         else:
             print(f"[{self.done}/{self.total}] {label}", file=self.file, flush=True)
 
+    def add_steps(self, n: int) -> None:
+        """Steps that became known once the checkpoint was read (e.g. a Base model's speaker encoder)."""
+        self.total += n
+        if self._bar is not None:
+            self._bar.total = self.total
+            self._bar.refresh()
+
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()

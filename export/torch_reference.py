@@ -30,45 +30,71 @@ def load_official(path, dtype: str = "float32"):
     return wrapper.model.eval()
 
 
+def _checkpoint_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    return (sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+            if index.is_file() else [folder / "model.safetensors"])
+
+
+def _load_part(module: Any, folder: Path, prefix: str) -> Any:
+    """Copy the checkpoint tensors under ``prefix`` into ``module`` one by one; fp32, eval, no grad.
+
+    Tensor by tensor: a full state dict would double peak memory (1.7B: 2 x 7.7 GB).
+    """
+    from safetensors import safe_open
+
+    own = dict(module.named_parameters())
+    own.update(module.named_buffers())
+    seen = set()
+    for path in _checkpoint_files(folder):
+        with safe_open(str(path), framework="pt") as f:
+            for k in f.keys():  # noqa: SIM118 - safe_open is not a dict
+                if not k.startswith(prefix):
+                    continue
+                name = k[len(prefix):]
+                if name not in own:
+                    raise KeyError(f"unexpected checkpoint tensor {k}")
+                own[name].data.copy_(f.get_tensor(k))
+                seen.add(name)
+    missing = set(dict(module.named_parameters())) - seen
+    if missing:
+        raise KeyError(f"checkpoint lacks {prefix}* tensors {sorted(missing)[:5]}")
+    for prm in module.parameters():
+        prm.requires_grad_(False)
+    return module.float().eval()
+
+
+def _config(folder: Path) -> tuple[Any, dict[str, Any]]:
+    qwen_tts()
+    from qwen_tts.core.models.configuration_qwen3_tts import Qwen3TTSConfig
+
+    cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    return Qwen3TTSConfig(**cfg), cfg
+
+
 def load_official_talker(checkpoint_dir: Path) -> tuple[Any, dict[str, Any]]:
     """The official talker module in fp32 (eval) and the checkpoint's config, from the ``talker.*`` tensors only.
 
     Lighter than :func:`load_official` (no speech tokenizer, no full-model copy) for checks of the talker and
     code predictor alone.
     """
-    from safetensors import safe_open
-
-    qwen_tts()
-    from qwen_tts.core.models.configuration_qwen3_tts import Qwen3TTSConfig
     from qwen_tts.core.models.modeling_qwen3_tts import Qwen3TTSTalkerForConditionalGeneration
 
-    folder = Path(checkpoint_dir)
-    cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    config = Qwen3TTSConfig(**cfg)
-    talker = Qwen3TTSTalkerForConditionalGeneration(config.talker_config)
-    index = folder / "model.safetensors.index.json"
-    files = (sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
-             if index.is_file() else [folder / "model.safetensors"])
-    # Copy tensor by tensor into the fp32 module: a full state dict would double peak memory (1.7B: 2 x 7.7 GB).
-    own = dict(talker.named_parameters())
-    own.update(talker.named_buffers())
-    seen = set()
-    for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            for k in f.keys():  # noqa: SIM118 - safe_open is not a dict
-                if not k.startswith("talker."):
-                    continue
-                name = k[len("talker."):]
-                if name not in own:
-                    raise KeyError(f"unexpected checkpoint tensor {k}")
-                own[name].data.copy_(f.get_tensor(k))
-                seen.add(name)
-    missing = set(dict(talker.named_parameters())) - seen
-    if missing:
-        raise KeyError(f"checkpoint lacks talker tensors {sorted(missing)[:5]}")
-    for prm in talker.parameters():
-        prm.requires_grad_(False)
-    return talker.float().eval(), cfg
+    config, cfg = _config(Path(checkpoint_dir))
+    return _load_part(Qwen3TTSTalkerForConditionalGeneration(config.talker_config), Path(checkpoint_dir),
+                      "talker."), cfg
+
+
+def load_official_speaker_encoder(checkpoint_dir: Path) -> Any:
+    """The official speaker encoder (ECAPA-TDNN) of a Base checkpoint in fp32, from ``speaker_encoder.*`` only."""
+    from qwen_tts.core.models.modeling_qwen3_tts import Qwen3TTSSpeakerEncoder
+
+    config, cfg = _config(Path(checkpoint_dir))
+    if cfg.get("tts_model_type") != "base":
+        raise ValueError(f"{checkpoint_dir} is a {cfg.get('tts_model_type')} checkpoint; only Base models have a "
+                         "speaker encoder")
+    return _load_part(Qwen3TTSSpeakerEncoder(config.speaker_encoder_config), Path(checkpoint_dir),
+                      "speaker_encoder.")
 
 
 def official_text_embeds(talker: Any, ids: Sequence[int] | np.ndarray) -> np.ndarray:

@@ -46,6 +46,17 @@ def _format_size(n: int) -> str:
     return f"{n} B"
 
 
+def _cloning_line(m: Manifest) -> str:
+    """Whether the bundle can turn reference audio into a voice (Base bundles with the speaker encoder)."""
+    kind = m.model.get("tts_model_type")
+    if kind != "base":
+        return f"not available: {kind} checkpoints have no speaker encoder (only Base models clone voices)"
+    enc = m.find("speaker_encoder")
+    if not enc:
+        return "Base model, but this bundle has no speaker encoder; re-export without --speaker-encoder ''"
+    return f"speaker encoder {enc[0].precision} (x-vector width {enc[0].meta.get('enc_dim')})"
+
+
 def format_manifest(m: Manifest) -> str:
     """Human-readable summary of a manifest (the ``info`` output)."""
     src, model, audio = m.source, m.model, m.audio
@@ -72,6 +83,7 @@ def format_manifest(m: Manifest) -> str:
                      f"  sha256:{c.sha256[:12]}{extra}")
         for precision, why in (c.meta.get("rejected") or {}).items():
             lines.append(f"  {c.role:<16} {precision:<7} not shipped: {why}")
+    lines.append("voice cloning   " + _cloning_line(m))
     lines.append("tools           " + ", ".join(f"{k} {v}" for k, v in m.tools.items()))
     return "\n".join(lines)
 
