@@ -1,8 +1,8 @@
-"""``qwen3-tts-edge`` command line: export, speak, info, parity, bench.
+"""``qwen3-tts-edge`` command line: speak, voice, info here; export, parity, bench plugged in by module name.
 
-Subcommands that need the export extras import them lazily, so ``info`` and ``speak`` work in the lean
-runtime install. Errors print one line (``qwen3-tts-edge: error: ...``) and exit non-zero; subcommands
-that are not implemented yet say so and exit 2 instead of pretending.
+Subcommands that need the export extras import them lazily, so ``speak``, ``voice`` and ``info`` work in the
+lean runtime install. Every user-facing error (``Qwen3TTSEdgeError``) prints one line
+(``qwen3-tts-edge: error: ...``) and exits 1; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Sequence
 from importlib import import_module
 from pathlib import Path
@@ -19,15 +20,10 @@ from .errors import Qwen3TTSEdgeError
 
 PROG = "qwen3-tts-edge"
 EXIT_ERROR = 1
-EXIT_NOT_IMPLEMENTED = 2
 
 
 class CliError(Qwen3TTSEdgeError):
     """A user-facing error: printed as one line, exit status 1."""
-
-
-class NotImplementedYet(Exception):
-    """A subcommand or option that a later release fills in: exit status 2."""
 
 
 def csv_list(value: str) -> list[str]:
@@ -126,6 +122,28 @@ def _texts(args: argparse.Namespace) -> list[str]:
     return texts
 
 
+def _cmd_voice_create(args: argparse.Namespace) -> int:
+    from .pipeline import TTS
+
+    if args.output.exists() and args.output.is_dir():
+        raise CliError(f"{args.output} is a folder; name the voice file, e.g. -o {args.output / 'name.voice'}")
+    tts = TTS(args.bundle, threads=args.threads)
+    t0 = time.perf_counter()
+    voice = tts.create_voice(args.audio, args.text, x_vector_only=args.x_vector_only, language=args.language)
+    voice.save(args.output)
+    seconds = voice.provenance.get("seconds") or 0
+    print(f"{PROG}: wrote {args.output} ({voice.mode}, x-vector {voice.enc_dim} wide, from {seconds:.2f} s of "
+          f"audio in {time.perf_counter() - t0:.2f} s)", file=sys.stderr)
+    return 0
+
+
+def _cmd_voice_info(args: argparse.Namespace) -> int:
+    from .voices.voice_file import Voice
+
+    print(json.dumps(Voice.load(args.voice).describe(), indent=2, ensure_ascii=False))
+    return 0
+
+
 def _format_stats(stats) -> str:
     per = stats.per_frame_ms()
     ttfa = f"{stats.ttfa_s * 1e3:.0f} ms" if stats.ttfa_s is not None else "n/a"
@@ -143,9 +161,6 @@ def _cmd_speak(args: argparse.Namespace) -> int:
 
     if not (args.output or args.play or args.raw):
         raise CliError("choose where the audio goes: -o FILE, --play or --raw")
-    if args.voice is not None:
-        raise NotImplementedYet("--voice (voice files for Base models) is not implemented yet; it arrives with the "
-                               "speaker-encoder stage")
     texts = _texts(args)
     try:
         schedule = tuple(int(v) for v in csv_list(args.chunk_frames))
@@ -153,7 +168,7 @@ def _cmd_speak(args: argparse.Namespace) -> int:
                                streaming_text=not args.full_text, seed=args.seed, greedy=args.greedy,
                                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                repetition_penalty=args.repetition_penalty, chunk_frames=schedule,
-                               max_frames=args.max_frames)
+                               max_frames=args.max_frames, voice=args.voice)
         tts = TTS(args.bundle, talker_precision=args.talker_precision, decoder_precision=args.decoder_precision,
                   threads=args.threads, providers=args.provider, n_gpu_layers=args.n_gpu_layers)
         streams = [tts.stream(text, options) for text in texts]  # validates every request before any audio
@@ -222,7 +237,7 @@ def build_parser(wanted: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--speaker", help="preset speaker (CustomVoice models)")
     p.add_argument("--instruct", help="voice/style instruction (VoiceDesign; CustomVoice 1.7B)")
     p.add_argument("--language", default="auto")
-    p.add_argument("--voice", type=Path, help="voice file for Base models")
+    p.add_argument("--voice", type=Path, help="voice file for Base models (make one with `voice create`)")
     p.add_argument("--full-text", action="store_true", help="put the whole text in the prompt (non-streaming layout)")
     p.add_argument("--seed", type=int)
     p.add_argument("--greedy", action="store_true", help="argmax decoding (no sampling)")
@@ -239,6 +254,21 @@ def build_parser(wanted: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--n-gpu-layers", type=int, default=0, help="llama.cpp layers to offload (CUDA builds)")
     p.add_argument("--stats", action="store_true", help="print time to first audio, RTF, per-stage ms to stderr")
     p.set_defaults(func=_cmd_speak)
+
+    p = sub.add_parser("voice", help="clone a voice from reference audio (Base bundles) / show a voice file")
+    vsub = p.add_subparsers(dest="voice_command", required=True, metavar="ACTION")
+    v = vsub.add_parser("create", help="make a voice file from reference audio")
+    v.add_argument("audio", metavar="REF_AUDIO", type=Path, help="wav/flac/ogg/mp3, any rate, mono or multichannel")
+    v.add_argument("-b", "--bundle", required=True, type=Path, help="a Base-model bundle")
+    v.add_argument("-o", "--output", required=True, type=Path, metavar="NAME.voice")
+    v.add_argument("--text", help="transcript of the reference (ICL cloning; needs the codec encoder, not yet)")
+    v.add_argument("--x-vector-only", action="store_true", help="clone from the speaker x-vector only")
+    v.add_argument("--language", help="default language for this voice")
+    v.add_argument("--threads", type=int)
+    v.set_defaults(func=_cmd_voice_create)
+    v = vsub.add_parser("info", help="print a voice file's metadata")
+    v.add_argument("voice", metavar="NAME.voice", type=Path)
+    v.set_defaults(func=_cmd_voice_info)
 
     p = sub.add_parser("info", help="print a bundle's manifest readably")
     p.add_argument("bundle", metavar="BUNDLE", type=Path)
@@ -264,9 +294,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Qwen3TTSEdgeError as exc:  # every user-facing error; anything else is a bug and keeps its traceback
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    except NotImplementedYet as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
-        return EXIT_NOT_IMPLEMENTED
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

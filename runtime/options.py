@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -10,6 +11,7 @@ import numpy as np
 from .checks import is_int, require_int
 from .prompt import VoicePrompt
 from .text_feed import DEFAULT_TEXT_TIMEOUT_S
+from .voices.voice_file import Voice
 
 
 @dataclass(frozen=True)
@@ -19,7 +21,8 @@ class PromptOptions:
     language: str = "auto"
     speaker: str | None = None  # preset speaker (CustomVoice)
     instruct: str | None = None  # voice/style instruction (VoiceDesign; 1.7B CustomVoice)
-    voice: VoicePrompt | None = None  # voice prompt (Base models)
+    # Base models: a Voice, a voice file path, or a raw VoicePrompt (x-vector [+ reference codes and text]).
+    voice: VoicePrompt | Voice | str | Path | None = None
     # Prompt layout, not streaming output: True feeds the text one token per frame (the official streaming-text
     # layout, needed for incremental text); False puts the whole text in the prompt.
     streaming_text: bool = True

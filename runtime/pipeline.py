@@ -26,6 +26,7 @@ from .sampler import CodeSampler, SamplingParams
 from .segments import split_segments
 from .streaming import AudioStream, run_stream
 from .text import TextTokenizer
+from .voices.voice_file import Voice
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,52 @@ class TTS:
         self.ids = ModelIds.from_manifest(m)
         self.sample_rate = int(m.audio["sample_rate"])
         self.last_stats: StreamStats | None = None
+        self.threads = threads
+        self._speaker_encoder = None  # loaded on the first create_voice
+
+    def create_voice(self, audio, ref_text: str | None = None, *, x_vector_only: bool = False,
+                     language: str | None = None) -> Voice:
+        """Clone a voice from reference audio (a file soundfile reads, or ``(samples, rate)``); Base bundles only.
+
+        Without a transcript the voice is x-vector only (the official ``x_vector_only_mode``). ICL cloning (with
+        the transcript and the reference codes) needs the codec encoder stage, which is not exported yet.
+        """
+        from .voices.audio_in import describe_source, load_reference
+        from .voices.voice_file import Voice, VoiceError, checkpoint_identity
+
+        m = self.bundle.manifest
+        if self.ids.model_type != "base":
+            raise VoiceError(f"this is a {self.ids.model_type} bundle; only Base models clone voices (export "
+                             "Qwen3-TTS-12Hz-0.6B-Base or -1.7B-Base)")
+        if ref_text and not x_vector_only:
+            raise VoiceError("ICL cloning with a transcript needs the codec encoder, which this version does not "
+                             "export yet; clone from the x-vector only (x_vector_only=True, CLI --x-vector-only)")
+        if self._speaker_encoder is None:
+            self._speaker_encoder = load_engines("speaker_encoder", self.bundle, "fp32", threads=self.threads)
+        samples = load_reference(audio)
+        x_vector = self._speaker_encoder.embed(samples)
+        return Voice(x_vector=x_vector, mode="xvec", ref_text=ref_text, language=language,
+                     checkpoint=checkpoint_identity(m),
+                     provenance={**describe_source(audio), "seconds_24k": round(len(samples) / 24000, 3),
+                                 "resampler": "soxr HQ (librosa's default)"})
+
+    def _with_voice_prompt(self, o: SpeakOptions) -> SpeakOptions:
+        """A voice given as a ``Voice`` or a voice file path becomes the prompt's VoicePrompt, after checks."""
+        from .voices.voice_file import Voice, VoiceError
+
+        voice = o.voice
+        if voice is None or isinstance(voice, VoicePrompt):
+            return o
+        if isinstance(voice, str | Path):
+            voice = Voice.load(voice)
+        if not isinstance(voice, Voice):
+            raise VoiceError(f"voice must be a Voice, a voice file path or a VoicePrompt, got {type(voice).__name__}")
+        if self.ids.model_type != "base":
+            raise VoiceError(f"this is a {self.ids.model_type} bundle; voices are for Base models (use --speaker or "
+                             "--instruct here)")
+        voice.check_for(self.bundle.manifest)
+        language = voice.language if o.language == "auto" and voice.language else o.language
+        return o.replace(voice=voice.prompt(), language=language)
 
     @property
     def speakers(self) -> list[str]:
@@ -133,6 +180,7 @@ class TTS:
         if overrides:
             o = o.replace(**overrides)
         t0 = time.perf_counter()
+        o = self._with_voice_prompt(o)
         voice = dict(language=o.language, speaker=o.speaker, instruct=o.instruct, voice=o.voice,
                      streaming_text=o.streaming_text, text_timeout_s=o.text_timeout_s)
         segments: list[str | Iterable[str]] = [text]

@@ -1,4 +1,4 @@
-"""The console script: help for every subcommand, one-line errors, honest 'not implemented yet'."""
+"""The console script: help for every subcommand, one-line errors."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from conftest import needs_export
 from qwen3_tts_edge.runtime import cli
 
-SUBCOMMANDS = ("export", "speak", "info", "parity", "bench")
+SUBCOMMANDS = ("export", "speak", "voice", "info", "parity", "bench")
 
 
 def _run(*args: str, **kw) -> subprocess.CompletedProcess:
@@ -36,10 +36,12 @@ def test_subcommand_help(name, capsys):
     assert "usage: qwen3-tts-edge " + name in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv", [["speak", "hi", "-b", "x", "-o", "x.wav", "--voice", "v.npz"]])
-def test_unimplemented_subcommands_say_so_and_fail(argv, capsys):
-    assert cli.main(argv) == cli.EXIT_NOT_IMPLEMENTED
-    assert "not implemented yet" in capsys.readouterr().err
+def test_speak_with_a_missing_voice_file_is_one_line(tiny_bundle, tmp_path, capsys):
+    assert cli.main(["speak", "hi", "-b", str(tiny_bundle), "-o", str(tmp_path / "x.wav"), "--voice",
+                     str(tmp_path / "v.voice")]) == cli.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert "does not exist; make one with `qwen3-tts-edge voice create`" in err and err.count("\n") == 1
+    assert not (tmp_path / "x.wav").exists()
 
 
 def test_info_on_a_missing_bundle_is_one_line(tmp_path):

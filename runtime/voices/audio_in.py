@@ -72,3 +72,20 @@ def load_reference(source: str | Path | tuple[np.ndarray, int]) -> np.ndarray:
     if len(samples) == 0:
         raise AudioInputError(f"{path} holds no samples")
     return resample(samples, int(rate))
+
+
+def describe_source(source: str | Path | tuple[np.ndarray, int]) -> dict:
+    """Provenance of a reference: sha256 of the file or the samples, original rate and duration."""
+    import hashlib
+
+    if isinstance(source, tuple):
+        samples, rate = source
+        data = np.ascontiguousarray(samples, dtype=np.float32)
+        return {"source": "array", "sha256": hashlib.sha256(data.tobytes()).hexdigest(), "rate": int(rate),
+                "seconds": round(len(data) / int(rate), 3)}
+    import soundfile as sf
+
+    path = Path(source)
+    info = sf.info(str(path))
+    return {"source": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+            "rate": int(info.samplerate), "channels": int(info.channels), "seconds": round(info.duration, 3)}

@@ -1,0 +1,114 @@
+"""Voice files on a Base bundle: create (x-vector), save/load, speak with it; refusals that say what to do."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import needs_export
+
+pytestmark = needs_export
+EXE = str(Path(sys.executable).parent / "qwen3-tts-edge")
+
+
+@pytest.fixture(scope="module")
+def base_bundle(tmp_path_factory):
+    from qwen3_tts_edge.export.build import export_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny-base"
+    export_bundle("random:tiny-base", out, talker=["f32"], decoder=["fp32"], progress=lambda msg: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ref_wav(tmp_path_factory):
+    import soundfile as sf
+
+    n, rate = 44100 * 2, 44100
+    t = np.arange(n) / rate
+    phase = 2 * np.pi * np.cumsum(130 + 30 * np.sin(2 * np.pi * 0.9 * t)) / rate
+    y = 0.3 * sum(np.sin(k * phase) / k for k in range(1, 9))
+    path = tmp_path_factory.mktemp("ref") / "ref.wav"
+    sf.write(path, np.stack([y, 0.5 * y], axis=1), rate)  # stereo, 44.1 kHz
+    return path
+
+
+def _run(*args, **kw):
+    return subprocess.run([EXE, *map(str, args)], capture_output=True, text=True, timeout=300, **kw)
+
+
+def test_voice_create_then_speak_with_it(base_bundle, ref_wav, tmp_path):
+    import soundfile as sf
+
+    from qwen3_tts_edge.runtime import TTS
+    from qwen3_tts_edge.runtime.voices.voice_file import Voice
+
+    voice_path = tmp_path / "ref.voice"
+    res = _run("voice", "create", ref_wav, "-b", base_bundle, "-o", voice_path, "--language", "english")
+    assert res.returncode == 0, res.stderr
+    assert "xvec" in res.stderr and voice_path.is_file()
+    info = json.loads(_run("voice", "info", voice_path).stdout)
+    assert info["mode"] == "xvec" and info["provenance"]["rate"] == 44100 and info["provenance"]["channels"] == 2
+    # The file holds exactly the x-vector the API computes from the same audio.
+    tts = TTS(base_bundle)
+    api_voice = tts.create_voice(ref_wav, language="english")
+    assert np.array_equal(Voice.load(voice_path).x_vector, api_voice.x_vector)
+    out = tmp_path / "x.wav"
+    res = _run("speak", "A new line in the cloned voice.", "-b", base_bundle, "--voice", voice_path, "-o", out,
+               "--max-frames", "10", "--seed", "1", "--stats")
+    assert res.returncode == 0, res.stderr
+    pcm, sr = sf.read(out)
+    assert sr == 24000 and len(pcm) == 10 * 1920
+    # The same request through the API with the Voice object gives the same audio.
+    same, _ = tts.synthesize("A new line in the cloned voice.", voice=api_voice, max_frames=10, seed=1)
+    assert np.allclose(same, pcm, atol=1 / 32768 * 1.01)
+
+
+def test_the_voice_prompt_is_the_x_vector_prompt(base_bundle, ref_wav):
+    """A Voice feeds build_prompt exactly the x-vector prompt whose layout test_prompt checks against official."""
+    from qwen3_tts_edge.runtime import TTS
+    from qwen3_tts_edge.runtime.prompt import VoicePrompt
+
+    tts = TTS(base_bundle)
+    voice = tts.create_voice(ref_wav)
+    a = tts.stream("Hello.", voice=voice, seed=1, max_frames=3)
+    b = tts.stream("Hello.", voice=VoicePrompt(voice.x_vector), seed=1, max_frames=3)
+    assert np.array_equal(np.concatenate([c.codes for c in a]), np.concatenate([c.codes for c in b]))
+
+
+def test_refusals(base_bundle, tiny_bundle, ref_wav, tmp_path):
+    from qwen3_tts_edge.runtime import TTS
+    from qwen3_tts_edge.runtime.voices.voice_file import Voice, VoiceError
+
+    tts = TTS(base_bundle)
+    voice = tts.create_voice(ref_wav)
+    path = voice.save(tmp_path / "v.voice")
+    with pytest.raises(VoiceError, match="codec encoder.*--x-vector-only"):
+        tts.create_voice(ref_wav, "What the reference says.")
+    with pytest.raises(VoiceError, match="only Base models clone voices"):
+        TTS(tiny_bundle).create_voice(ref_wav, x_vector_only=True)
+    with pytest.raises(VoiceError, match="voices are for Base models"):
+        TTS(tiny_bundle).stream("Hi.", voice=path)
+    raw = bytearray(path.read_bytes())
+    raw[-3] ^= 0xFF  # flip bits inside the x-vector
+    bad = tmp_path / "tampered.voice"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(VoiceError, match="damaged"):
+        Voice.load(bad)
+    (tmp_path / "junk.voice").write_bytes(b"not a voice")
+    with pytest.raises(VoiceError, match="not a readable voice file"):
+        Voice.load(tmp_path / "junk.voice")
+    other = Voice(x_vector=np.zeros(voice.enc_dim * 2, np.float32), checkpoint={"size": "1b7"})
+    with pytest.raises(VoiceError, match="made with another model size"):
+        tts.stream("Hi.", voice=other)
+    foreign = Voice(x_vector=voice.x_vector, checkpoint={**voice.checkpoint, "weights_sha256": "0" * 16})
+    with pytest.raises(VoiceError, match="another Base checkpoint"):
+        tts.stream("Hi.", voice=foreign)
+    res = _run("voice", "create", tmp_path / "junk.voice", "-b", base_bundle, "-o", tmp_path / "out.voice")
+    assert res.returncode == 1 and "cannot read" in res.stderr and res.stderr.count("\n") == 1
+    assert not (tmp_path / "out.voice").exists()
