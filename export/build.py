@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..runtime.bundle import (
+    CODEC_ENCODER_PRECISIONS,
     DECODER_PRECISIONS,
     DEFAULT_EXPORT,
     FORMAT_VERSION,
@@ -29,6 +30,7 @@ from ..runtime.bundle import (
     SPEAKER_ENCODER_PRECISIONS,
     TALKER_PRECISIONS,
     TOKENIZER_FILES,
+    VOICE_STAGES,
     Component,
     Manifest,
     validate_components,
@@ -57,6 +59,7 @@ STAGES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     # Base models only (the other checkpoints have no speaker encoder).
     "speaker_encoder": ("qwen3_tts_edge.export.speaker_encoder_onnx", "export_speaker_encoder",
                         SPEAKER_ENCODER_PRECISIONS),
+    "codec_encoder": ("qwen3_tts_edge.export.codec_encoder_onnx", "export_codec_encoder", CODEC_ENCODER_PRECISIONS),
 }
 
 
@@ -218,34 +221,37 @@ def _install(tmp: Path, out: Path) -> None:
 
 def _voice_stages(model_type: str, requested: dict[str, tuple[str, ...]],
                   exporters: dict[str, Callable[..., list[dict[str, Any]]]], progress: Progress) -> None:
-    """Base models get the speaker encoder by default; the others have none to export (a request is refused)."""
-    if model_type != "base":
-        if requested.get("speaker_encoder"):
-            raise ExportError(f"a {model_type} checkpoint has no speaker encoder (only Base models clone voices); "
-                              "leave --speaker-encoder out")
-        return
-    if "speaker_encoder" not in requested:
-        requested["speaker_encoder"] = DEFAULT_EXPORT["speaker_encoder"]
-        exporters["speaker_encoder"] = _stage_exporter("speaker_encoder", requested["speaker_encoder"])
-        if hasattr(progress, "add_steps"):
-            progress.add_steps(len(requested["speaker_encoder"]))
+    """Base models get both voice encoders by default; the others have none to export (a request is refused)."""
+    for stage in VOICE_STAGES:
+        flag = "--" + stage.replace("_", "-")
+        if model_type != "base":
+            if requested.get(stage):
+                raise ExportError(f"a {model_type} checkpoint has no {stage.replace('_', ' ')} for cloning (only "
+                                  f"Base models clone voices); leave {flag} out")
+            continue
+        if stage not in requested:
+            requested[stage] = DEFAULT_EXPORT[stage]
+            exporters[stage] = _stage_exporter(stage, requested[stage])
+            if hasattr(progress, "add_steps"):
+                progress.add_steps(len(requested[stage]))
 
 
 def _planned_steps(requested: dict[str, tuple[str, ...]]) -> int:
     """Progress steps: the checkpoint, then per stage its shared work and one step per precision."""
     talker, decoder = requested["talker"], requested["decoder"]
     return (1 + (2 + len(talker) if talker else 0) + (1 + len([p for p in decoder if p != "fp32"]) if decoder else 0)
-            + len(requested.get("speaker_encoder") or ()))
+            + sum(len(requested.get(stage) or ()) for stage in VOICE_STAGES))
 
 
 def export_bundle(model: str, out: Path, *, talker: Sequence[str] | None = None,
                   decoder: Sequence[str] | None = None, speaker_encoder: Sequence[str] | None = None,
-                  force: bool = False, progress: Progress | None = None) -> Manifest:
+                  codec_encoder: Sequence[str] | None = None, force: bool = False,
+                  progress: Progress | None = None) -> Manifest:
     """Export MODEL into the bundle folder ``out`` and return its manifest.
 
-    ``talker`` / ``decoder`` / ``speaker_encoder`` name the precisions to write; None means the defaults
-    (``DEFAULT_EXPORT``: talker q8_0, decoder fp32, and for Base models the fp32 speaker encoder), so a plain
-    export can speak. ``progress`` receives messages; without one, a
+    ``talker`` / ``decoder`` / ``speaker_encoder`` / ``codec_encoder`` name the precisions to write; None
+    means the defaults (``DEFAULT_EXPORT``: talker q8_0, decoder fp32, and for Base models both voice encoders
+    in fp32), so a plain export can speak. ``progress`` receives messages; without one, a
     progress bar (plain lines off a terminal) goes to stderr.
     """
     out = Path(out)
@@ -253,10 +259,11 @@ def export_bundle(model: str, out: Path, *, talker: Sequence[str] | None = None,
                  "decoder": DEFAULT_DECODER if decoder is None else tuple(decoder)}
     exporters = {stage: _stage_exporter(stage, precs) for stage, precs in requested.items() if precs}
     _speakable(requested)
-    if speaker_encoder is not None:
-        requested["speaker_encoder"] = tuple(speaker_encoder)
-        if requested["speaker_encoder"]:
-            exporters["speaker_encoder"] = _stage_exporter("speaker_encoder", requested["speaker_encoder"])
+    for stage, precs in (("speaker_encoder", speaker_encoder), ("codec_encoder", codec_encoder)):
+        if precs is not None:
+            requested[stage] = tuple(precs)
+            if requested[stage]:
+                exporters[stage] = _stage_exporter(stage, requested[stage])
     _prepare_target(out, force)
     bar = ExportProgress(_planned_steps(requested), desc=f"export {out.name}") if progress is None else None
     try:

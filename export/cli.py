@@ -9,7 +9,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..runtime.bundle import DECODER_PRECISIONS, DEFAULT_EXPORT, SPEAKER_ENCODER_PRECISIONS, TALKER_PRECISIONS
+from ..runtime.bundle import (
+    CODEC_ENCODER_PRECISIONS,
+    DECODER_PRECISIONS,
+    DEFAULT_EXPORT,
+    SPEAKER_ENCODER_PRECISIONS,
+    TALKER_PRECISIONS,
+)
 from ..runtime.errors import Qwen3TTSEdgeError
 
 EXPORT_EXTRA_HINT = ("pip install 'qwen3-tts-edge[export]' && pip install --no-deps qwen-tts==0.1.1 "
@@ -31,8 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "random:<tiny|0.6b|1.7b>-<base|custom_voice|voice_design>[@seed]")
     p.add_argument("-o", "--output", required=True, type=Path, metavar="BUNDLE", help="bundle folder to write")
     for stage, fmt, choices in (("talker", "GGUF", TALKER_PRECISIONS), ("decoder", "ONNX", DECODER_PRECISIONS),
-                                ("speaker_encoder", "ONNX", SPEAKER_ENCODER_PRECISIONS)):
-        default = ",".join(DEFAULT_EXPORT[stage]) + (" for Base models" if stage == "speaker_encoder" else "")
+                                ("speaker_encoder", "ONNX", SPEAKER_ENCODER_PRECISIONS),
+                                ("codec_encoder", "ONNX", CODEC_ENCODER_PRECISIONS)):
+        default = ",".join(DEFAULT_EXPORT[stage]) + (" for Base models" if stage.endswith("_encoder") else "")
         p.add_argument(f"--{stage.replace('_', '-')}", type=_csv, default=None, metavar="PRECISIONS",
                        help=f"{stage.replace('_', ' ')} {fmt} precisions, comma-separated ({','.join(choices)}; "
                             f"default {default})")
@@ -49,5 +56,5 @@ def run(args: argparse.Namespace) -> int:
         raise ExtraMissingError(f"export needs the [export] extra, and this environment lacks "
                                 f"{', '.join(missing)}: {EXPORT_EXTRA_HINT}")
     export_bundle(args.model, args.output, talker=args.talker, decoder=args.decoder,
-                  speaker_encoder=args.speaker_encoder, force=args.force)
+                  speaker_encoder=args.speaker_encoder, codec_encoder=args.codec_encoder, force=args.force)
     return 0

@@ -50,17 +50,21 @@ MIXED_SCHEDULE = (1, 2, 4, 7, 25)  # chunk sizes cycled through one validation s
 SPEED_CHUNKS = (4, 12)  # chunk sizes the int8 speed gate measures (4 = the 320 ms packet of the report)
 
 
-def load_official_decoder(checkpoint_dir: Path) -> tuple[nn.Module, Any]:
-    """The official decoder (fp32, eval) and tokenizer config from ``checkpoint_dir/speech_tokenizer``."""
+def load_official_tokenizer(checkpoint_dir: Path) -> Any:
+    """The official 12 Hz speech tokenizer (encoder + decoder, fp32, eval) from ``checkpoint_dir/speech_tokenizer``."""
     qwen_tts()
     from qwen_tts.core import Qwen3TTSTokenizerV2Model
 
     folder = Path(checkpoint_dir) / "speech_tokenizer"
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder}/config.json not found (expected the official checkpoint layout)")
-    model = Qwen3TTSTokenizerV2Model.from_pretrained(folder, dtype=torch.float32).eval()
-    decoder = model.decoder.float().eval()
-    return decoder, model.config
+    return Qwen3TTSTokenizerV2Model.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def load_official_decoder(checkpoint_dir: Path) -> tuple[nn.Module, Any]:
+    """The official decoder (fp32, eval) and tokenizer config from ``checkpoint_dir/speech_tokenizer``."""
+    model = load_official_tokenizer(checkpoint_dir)
+    return model.decoder.float().eval(), model.config
 
 
 def random_codes(frames: int, seed: int, codebook_size: int = 2048, num_quantizers: int = 16,

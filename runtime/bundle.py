@@ -42,10 +42,13 @@ TALKER_PRECISIONS: tuple[str, ...] = GGUF_PRECISIONS
 DECODER_PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
 # Voice encoders (Base models only) stay fp32: reduced precision drifts the timbre.
 SPEAKER_ENCODER_PRECISIONS: tuple[str, ...] = ("fp32",)
+CODEC_ENCODER_PRECISIONS: tuple[str, ...] = ("fp32",)
 # What a plain `export` writes: a bundle that speaks on any CPU (q8_0 is within 4e-4 KL of f32 at half the size;
 # the fp32 decoder is the reference the other decoders are gated on).
 DEFAULT_EXPORT: dict[str, tuple[str, ...]] = {"talker": ("q8_0",), "decoder": ("fp32",),
-                                               "speaker_encoder": ("fp32",)}  # the last for Base models only
+                                               "speaker_encoder": ("fp32",), "codec_encoder": ("fp32",)}
+# The two voice encoders are exported for Base models only (the other checkpoints have none).
+VOICE_STAGES = ("speaker_encoder", "codec_encoder")
 # Which precision the runtime loads when the caller names none, best first among those the bundle holds.
 TALKER_PREFERENCE = ("q8_0", "f16", "bf16", "q5_k_m", "q4_k_m", "f32")
 DECODER_PREFERENCE = ("fp32", "int8", "fp16")

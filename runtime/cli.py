@@ -125,6 +125,9 @@ def _texts(args: argparse.Namespace) -> list[str]:
 def _cmd_voice_create(args: argparse.Namespace) -> int:
     from .pipeline import TTS
 
+    if not args.text and not args.x_vector_only:
+        raise CliError("give the reference transcript (--text) for in-context cloning, or --x-vector-only to clone "
+                       "from the speaker x-vector alone")
     if args.output.exists() and args.output.is_dir():
         raise CliError(f"{args.output} is a folder; name the voice file, e.g. -o {args.output / 'name.voice'}")
     tts = TTS(args.bundle, threads=args.threads)
@@ -261,7 +264,7 @@ def build_parser(wanted: str | None = None) -> argparse.ArgumentParser:
     v.add_argument("audio", metavar="REF_AUDIO", type=Path, help="wav/flac/ogg/mp3, any rate, mono or multichannel")
     v.add_argument("-b", "--bundle", required=True, type=Path, help="a Base-model bundle")
     v.add_argument("-o", "--output", required=True, type=Path, metavar="NAME.voice")
-    v.add_argument("--text", help="transcript of the reference (ICL cloning; needs the codec encoder, not yet)")
+    v.add_argument("--text", help="transcript of the reference: in-context cloning (the official default)")
     v.add_argument("--x-vector-only", action="store_true", help="clone from the speaker x-vector only")
     v.add_argument("--language", help="default language for this voice")
     v.add_argument("--threads", type=int)

@@ -93,14 +93,14 @@ class TTS:
         self.sample_rate = int(m.audio["sample_rate"])
         self.last_stats: StreamStats | None = None
         self.threads = threads
-        self._speaker_encoder = None  # loaded on the first create_voice
+        self._speaker_encoder = self._codec_encoder = None  # loaded on the first create_voice
 
     def create_voice(self, audio, ref_text: str | None = None, *, x_vector_only: bool = False,
                      language: str | None = None) -> Voice:
         """Clone a voice from reference audio (a file soundfile reads, or ``(samples, rate)``); Base bundles only.
 
-        Without a transcript the voice is x-vector only (the official ``x_vector_only_mode``). ICL cloning (with
-        the transcript and the reference codes) needs the codec encoder stage, which is not exported yet.
+        With the reference transcript the voice clones in context (ICL: x-vector + reference codes + text, the
+        official default); without one, or with ``x_vector_only``, from the x-vector only.
         """
         from .voices.audio_in import describe_source, load_reference
         from .voices.voice_file import Voice, VoiceError, checkpoint_identity
@@ -109,14 +109,21 @@ class TTS:
         if self.ids.model_type != "base":
             raise VoiceError(f"this is a {self.ids.model_type} bundle; only Base models clone voices (export "
                              "Qwen3-TTS-12Hz-0.6B-Base or -1.7B-Base)")
-        if ref_text and not x_vector_only:
-            raise VoiceError("ICL cloning with a transcript needs the codec encoder, which this version does not "
-                             "export yet; clone from the x-vector only (x_vector_only=True, CLI --x-vector-only)")
+        icl = bool(ref_text and ref_text.strip()) and not x_vector_only
         if self._speaker_encoder is None:
             self._speaker_encoder = load_engines("speaker_encoder", self.bundle, "fp32", threads=self.threads)
         samples = load_reference(audio)
         x_vector = self._speaker_encoder.embed(samples)
-        return Voice(x_vector=x_vector, mode="xvec", ref_text=ref_text, language=language,
+        ref_codes = None
+        if icl:
+            if not m.find("codec_encoder"):
+                raise VoiceError("this bundle has no codec encoder, which ICL cloning needs; re-export it (the "
+                                 "default includes it) or clone from the x-vector only (--x-vector-only)")
+            if self._codec_encoder is None:
+                self._codec_encoder = load_engines("codec_encoder", self.bundle, "fp32", threads=self.threads)
+            ref_codes = self._codec_encoder.encode(samples)
+        return Voice(x_vector=x_vector, mode="icl" if icl else "xvec", ref_codes=ref_codes, ref_text=ref_text,
+                     language=language,
                      checkpoint=checkpoint_identity(m),
                      provenance={**describe_source(audio), "seconds_24k": round(len(samples) / 24000, 3),
                                  "resampler": "soxr HQ (librosa's default)"})

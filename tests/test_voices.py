@@ -49,14 +49,15 @@ def test_voice_create_then_speak_with_it(base_bundle, ref_wav, tmp_path):
     from qwen3_tts_edge.runtime.voices.voice_file import Voice
 
     voice_path = tmp_path / "ref.voice"
-    res = _run("voice", "create", ref_wav, "-b", base_bundle, "-o", voice_path, "--language", "english")
+    res = _run("voice", "create", ref_wav, "-b", base_bundle, "-o", voice_path, "--language", "english",
+               "--x-vector-only")
     assert res.returncode == 0, res.stderr
     assert "xvec" in res.stderr and voice_path.is_file()
     info = json.loads(_run("voice", "info", voice_path).stdout)
     assert info["mode"] == "xvec" and info["provenance"]["rate"] == 44100 and info["provenance"]["channels"] == 2
     # The file holds exactly the x-vector the API computes from the same audio.
     tts = TTS(base_bundle)
-    api_voice = tts.create_voice(ref_wav, language="english")
+    api_voice = tts.create_voice(ref_wav, language="english", x_vector_only=True)
     assert np.array_equal(Voice.load(voice_path).x_vector, api_voice.x_vector)
     out = tmp_path / "x.wav"
     res = _run("speak", "A new line in the cloned voice.", "-b", base_bundle, "--voice", voice_path, "-o", out,
@@ -88,8 +89,8 @@ def test_refusals(base_bundle, tiny_bundle, ref_wav, tmp_path):
     tts = TTS(base_bundle)
     voice = tts.create_voice(ref_wav)
     path = voice.save(tmp_path / "v.voice")
-    with pytest.raises(VoiceError, match="codec encoder.*--x-vector-only"):
-        tts.create_voice(ref_wav, "What the reference says.")
+    res = _run("voice", "create", ref_wav, "-b", base_bundle, "-o", tmp_path / "no-text.voice")
+    assert res.returncode == 1 and "--text" in res.stderr and "--x-vector-only" in res.stderr
     with pytest.raises(VoiceError, match="only Base models clone voices"):
         TTS(tiny_bundle).create_voice(ref_wav, x_vector_only=True)
     with pytest.raises(VoiceError, match="voices are for Base models"):
@@ -109,6 +110,38 @@ def test_refusals(base_bundle, tiny_bundle, ref_wav, tmp_path):
     foreign = Voice(x_vector=voice.x_vector, checkpoint={**voice.checkpoint, "weights_sha256": "0" * 16})
     with pytest.raises(VoiceError, match="another Base checkpoint"):
         tts.stream("Hi.", voice=foreign)
-    res = _run("voice", "create", tmp_path / "junk.voice", "-b", base_bundle, "-o", tmp_path / "out.voice")
+    res = _run("voice", "create", tmp_path / "junk.voice", "-b", base_bundle, "-o", tmp_path / "out.voice",
+               "--x-vector-only")
     assert res.returncode == 1 and "cannot read" in res.stderr and res.stderr.count("\n") == 1
     assert not (tmp_path / "out.voice").exists()
+
+
+def test_icl_voice_holds_the_official_reference_codes(base_bundle, ref_wav, tmp_path):
+    """ICL: the codec encoder's codes equal the official encode of the same 24 kHz clip; speak continues it."""
+    import soundfile as sf
+
+    from qwen3_tts_edge.export.codec_encoder_onnx import official_codes
+    from qwen3_tts_edge.export.decoder_onnx import load_official_tokenizer
+    from qwen3_tts_edge.export.sources import resolve_model
+    from qwen3_tts_edge.runtime import TTS
+    from qwen3_tts_edge.runtime.bundle import load_bundle
+    from qwen3_tts_edge.runtime.voices.audio_in import load_reference
+    from qwen3_tts_edge.runtime.voices.voice_file import Voice
+
+    m = load_bundle(base_bundle).manifest
+    assert m.component("codec_encoder", "fp32").meta["fidelity"]["code_mismatches"] == 0
+    text = "This is what the reference clip says."
+    path = tmp_path / "icl.voice"
+    res = _run("voice", "create", ref_wav, "-b", base_bundle, "-o", path, "--text", text)
+    assert res.returncode == 0, res.stderr
+    voice = Voice.load(path)
+    wave = load_reference(ref_wav)
+    ref = official_codes(load_official_tokenizer(resolve_model("random:tiny-base").path), wave)
+    assert voice.mode == "icl" and voice.ref_text == text
+    assert voice.ref_codes.shape == ref.shape == (-(-len(wave) // 1920), 16) and np.array_equal(voice.ref_codes, ref)
+    out = tmp_path / "icl.wav"
+    res = _run("speak", "A new sentence.", "-b", base_bundle, "--voice", path, "-o", out, "--max-frames", "6")
+    assert res.returncode == 0, res.stderr
+    assert len(sf.read(out)[0]) == 6 * 1920  # only the new frames: the reference audio itself is not emitted
+    same = TTS(base_bundle).synthesize("A new sentence.", voice=voice, max_frames=6, greedy=True)[0]
+    assert len(same) == 6 * 1920

@@ -102,9 +102,11 @@ LOADERS: dict[tuple[str, str], str] = {
     ("generation", "gguf"): "qwen3_tts_edge.runtime.backends.llama_cpp:load_generation",
     ("decoder", "onnx"): "qwen3_tts_edge.runtime.backends.onnxruntime:load_decoder",
     ("speaker_encoder", "onnx"): "qwen3_tts_edge.runtime.voices.speaker:load_speaker_encoder",
+    ("codec_encoder", "onnx"): "qwen3_tts_edge.runtime.voices.codec:load_codec_encoder",
 }
 # Which bundle role decides the engine of each stage.
-STAGE_ROLE = {"generation": "talker", "decoder": "decoder", "speaker_encoder": "speaker_encoder"}
+STAGE_ROLE = {"generation": "talker", "decoder": "decoder", "speaker_encoder": "speaker_encoder",
+              "codec_encoder": "codec_encoder"}
 
 
 def load(stage: str, bundle: Bundle, precision: str, **settings: Any) -> Any:
