@@ -145,3 +145,47 @@ def test_icl_voice_holds_the_official_reference_codes(base_bundle, ref_wav, tmp_
     assert len(sf.read(out)[0]) == 6 * 1920  # only the new frames: the reference audio itself is not emitted
     same = TTS(base_bundle).synthesize("A new sentence.", voice=voice, max_frames=6, greedy=True)[0]
     assert len(same) == 6 * 1920
+
+
+@pytest.mark.parametrize("mode", ["xvec", "icl"])
+@pytest.mark.parametrize("streaming", [True, False], ids=["streaming_text", "full_text"])
+def test_greedy_clone_equals_official_generate(base_bundle, ref_wav, mode, streaming):
+    """A created voice through our prompt + frame loop gives the official voice-clone generate's codes."""
+    import torch
+
+    from qwen3_tts_edge.export.sources import resolve_model
+    from qwen3_tts_edge.export.torch_reference import TorchPredictor, TorchTables, TorchTalker, load_official
+    from qwen3_tts_edge.runtime import TTS
+    from qwen3_tts_edge.runtime.bundle import load_bundle
+    from qwen3_tts_edge.runtime.frame_loop import FrameLoop, Guards
+    from qwen3_tts_edge.runtime.prompt import ModelIds, build_prompt
+    from qwen3_tts_edge.runtime.sampler import CodeSampler, SamplingParams
+    from qwen3_tts_edge.runtime.text import TextTokenizer
+
+    torch.set_num_threads(1)
+    ref_text = "This is what the reference clip says."
+    voice = TTS(base_bundle).create_voice(ref_wav, ref_text if mode == "icl" else None, x_vector_only=mode == "xvec")
+    model = load_official(resolve_model("random:tiny-base").path)
+    manifest = load_bundle(base_bundle).manifest
+    tok = TextTokenizer.from_folder(base_bundle / "tokenizer")
+    text, frames = "A brand new sentence in the cloned voice, spoken slowly.", 120
+    tables = TorchTables(model)
+    prompt = build_prompt(ModelIds.from_manifest(manifest), tok, tables, text, language="english",
+                          voice=voice.prompt(), streaming_text=streaming)
+    sampler = CodeSampler(SamplingParams().greedy(), vocab_size=manifest.model["talker"]["vocab_size"],
+                          eos_id=manifest.codec_ids["codec_eos_token_id"])
+    loop = FrameLoop(TorchTalker(model), TorchPredictor(model), tables, prompt, sampler,
+                     Guards(max_frames=frames, frames_per_text_token=None))
+    ours = np.stack([f.codes for f in loop])
+    icl = mode == "icl"
+    clone = {"ref_spk_embedding": [torch.from_numpy(voice.x_vector)], "x_vector_only_mode": [not icl],
+             "icl_mode": [icl], "ref_code": [torch.from_numpy(voice.ref_codes)] if icl else None}
+    ids = torch.tensor([tok.encode(f"<|im_start|>assistant\n{text}<|im_end|>\n<|im_start|>assistant\n")])
+    ref_ids = [torch.tensor([tok.encode(f"<|im_start|>assistant\n{ref_text}<|im_end|>\n")])] if icl else [None]
+    with torch.no_grad():
+        codes, _ = model.generate(input_ids=[ids], ref_ids=ref_ids, voice_clone_prompt=clone, languages=["english"],
+                                  non_streaming_mode=not streaming, do_sample=False, subtalker_dosample=False,
+                                  max_new_tokens=frames + 1)
+    official = codes[0].numpy()
+    assert len(official) == frames, "random weights emitted EOS early; pick another text"
+    assert np.array_equal(ours, official)
