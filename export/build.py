@@ -16,7 +16,6 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,7 @@ from ..runtime.bundle import (
     write_manifest,
 )
 from ..runtime.errors import Qwen3TTSEdgeError
+from ..runtime.machine import package_version
 from .progress import ExportProgress, null_step
 from .sources import ModelSource, resolve_model, source_file_hashes
 
@@ -89,13 +89,7 @@ def _speakable(requested: dict[str, tuple[str, ...]]) -> None:
 
 
 def _tool_versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for pkg in TOOL_PACKAGES:
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
+    return {"python": platform.python_version(), **{pkg: package_version(pkg) for pkg in TOOL_PACKAGES}}
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from ..runtime.bundle import (
     SPEAKER_ENCODER_PRECISIONS,
     TALKER_PRECISIONS,
 )
+from ..runtime.cli import csv_list
 from ..runtime.errors import Qwen3TTSEdgeError
 
 EXPORT_EXTRA_HINT = ("pip install 'qwen3-tts-edge[export]' && pip install --no-deps qwen-tts==0.1.1 "
@@ -26,12 +27,6 @@ class ExtraMissingError(Qwen3TTSEdgeError):
     """The export side is not installed in this environment."""
 
 
-def _csv(value: str) -> list[str]:
-    from ..runtime.cli import csv_list
-
-    return csv_list(value)
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help="Hugging Face id, local checkpoint folder, or "
                    "random:<tiny|0.6b|1.7b>-<base|custom_voice|voice_design>[@seed]")
@@ -40,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                 ("speaker_encoder", "ONNX", SPEAKER_ENCODER_PRECISIONS),
                                 ("codec_encoder", "ONNX", CODEC_ENCODER_PRECISIONS)):
         default = ",".join(DEFAULT_EXPORT[stage]) + (" for Base models" if stage.endswith("_encoder") else "")
-        p.add_argument(f"--{stage.replace('_', '-')}", type=_csv, default=None, metavar="PRECISIONS",
+        p.add_argument(f"--{stage.replace('_', '-')}", type=csv_list, default=None, metavar="PRECISIONS",
                        help=f"{stage.replace('_', ' ')} {fmt} precisions, comma-separated ({','.join(choices)}; "
                             f"default {default})")
     p.add_argument("--force", action="store_true", help="replace an existing bundle at BUNDLE")

@@ -26,7 +26,7 @@ from .sampler import CodeSampler, SamplingParams
 from .segments import split_segments
 from .streaming import AudioStream, run_stream
 from .text import TextTokenizer
-from .voices.voice_file import Voice
+from .voices.voice_file import Voice, VoiceError, checkpoint_identity
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,6 @@ class TTS:
         official default); without one, or with ``x_vector_only``, from the x-vector only.
         """
         from .voices.audio_in import describe_source, load_reference
-        from .voices.voice_file import Voice, VoiceError, checkpoint_identity
 
         m = self.bundle.manifest
         if self.ids.model_type != "base":
@@ -130,8 +129,6 @@ class TTS:
 
     def _with_voice_prompt(self, o: SpeakOptions) -> SpeakOptions:
         """A voice given as a ``Voice`` or a voice file path becomes the prompt's VoicePrompt, after checks."""
-        from .voices.voice_file import Voice, VoiceError
-
         voice = o.voice
         if voice is None or isinstance(voice, VoicePrompt):
             return o

@@ -49,7 +49,7 @@ class AudioStream:
 
 
 def produce_frames(loops: Iterator[tuple[int, FrameLoop]], frames: queue.Queue, stop: threading.Event,
-             stats: StreamStats) -> None:
+                   stats: StreamStats) -> None:
     """Worker: run the segments' frame loops into ``frames`` until done, failed or ``stop`` is set."""
 
     def put(item: object) -> bool:

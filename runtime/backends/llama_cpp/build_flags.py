@@ -64,7 +64,7 @@ def cmake_args(flags: set[str], machine: str | None = None) -> list[str]:
 
     Native everywhere AMX is absent; on an AMX CPU, non-native with each extension the CPU reports.
     """
-    if not (is_x86(machine) and "amx_int8" in flags | {f.replace("-", "_") for f in flags}):
+    if not (is_x86(machine) and "amx_int8" in flags):
         return ["-DGGML_NATIVE=ON"]
     args = ["-DGGML_NATIVE=OFF"]
     args += [f"-D{option}={'ON' if flag in flags else 'OFF'}" for flag, option in X86_FLAG_OPTIONS]
