@@ -48,11 +48,12 @@ $(LLAMA_STAMP): $(VENV)/.venv-stamp
 	touch $@
 
 $(STAMP): pyproject.toml constraints.txt Makefile $(LLAMA_STAMP)
-	@# libportaudio2: sounddevice playback; sox: silences qwen-tts' import-time SoX warning. Best effort.
-	@if ! ldconfig -p 2>/dev/null | grep -q libportaudio.so.2; then \
+	@# libportaudio2: sounddevice playback; sox: silences qwen-tts' import-time SoX warning; espeak-ng: the
+	@# tests' spoken reference clips for voice cloning. Best effort (tests that need espeak-ng say so).
+	@if ! ldconfig -p 2>/dev/null | grep -q libportaudio.so.2 || ! command -v espeak-ng >/dev/null; then \
 	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-	    (apt-get update -qq && apt-get install -y -qq libportaudio2 sox >/dev/null) || echo "warning: apt-get failed; --play needs libportaudio2"; \
-	  else echo "note: install libportaudio2 (and sox) with your package manager for --play"; fi; fi
+	    (apt-get update -qq && apt-get install -y -qq libportaudio2 sox espeak-ng >/dev/null) || echo "warning: apt-get failed; --play needs libportaudio2, the voice tests espeak-ng"; \
+	  else echo "note: install libportaudio2, sox and espeak-ng with your package manager (--play, voice tests)"; fi; fi
 	@# torch first and pinned: an unpinned resolve can pull a newer CUDA build (see README, Install).
 	$(PIP) install -q -c constraints.txt torch==2.13.0
 	$(PIP) install -q -c constraints.txt -e ".[export,audio,plot,dev]"

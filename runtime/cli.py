@@ -122,17 +122,40 @@ def _texts(args: argparse.Namespace) -> list[str]:
     return texts
 
 
+def _read_text_file(path: Path, what: str) -> str:
+    """A UTF-8 text file's stripped content (a transcript); empty or unreadable files are errors."""
+    try:
+        text = path.read_bytes().decode("utf-8").strip()
+    except OSError as exc:
+        raise CliError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise CliError(f"{what} {path} is not valid UTF-8 (offset {exc.start}); convert it first") from None
+    if not text:
+        raise CliError(f"{what} {path} is empty")
+    return text
+
+
+def _transcript(text: str | None, text_file: Path | None, x_vector_only: bool, flag: str) -> str | None:
+    """The reference transcript from ``--…text`` or ``--…text-file``; ICL needs one unless --x-vector-only."""
+    if text is not None and text_file is not None:
+        raise CliError(f"give the transcript once: {flag} or {flag}-file, not both")
+    if text_file is not None:
+        text = _read_text_file(text_file, "transcript file")
+    if not (text and text.strip()) and not x_vector_only:
+        raise CliError(f"give the reference transcript ({flag} or {flag}-file) for in-context cloning, or "
+                       "--x-vector-only to clone from the speaker x-vector alone")
+    return text
+
+
 def _cmd_voice_create(args: argparse.Namespace) -> int:
     from .pipeline import TTS
 
-    if not args.text and not args.x_vector_only:
-        raise CliError("give the reference transcript (--text) for in-context cloning, or --x-vector-only to clone "
-                       "from the speaker x-vector alone")
+    ref_text = _transcript(args.text, args.text_file, args.x_vector_only, "--text")
     if args.output.exists() and args.output.is_dir():
         raise CliError(f"{args.output} is a folder; name the voice file, e.g. -o {args.output / 'name.voice'}")
     tts = TTS(args.bundle, threads=args.threads)
     t0 = time.perf_counter()
-    voice = tts.create_voice(args.audio, args.text, x_vector_only=args.x_vector_only, language=args.language)
+    voice = tts.create_voice(args.audio, ref_text, x_vector_only=args.x_vector_only, language=args.language)
     voice.save(args.output)
     seconds = voice.provenance.get("seconds") or 0
     print(f"{PROG}: wrote {args.output} ({voice.mode}, x-vector {voice.enc_dim} wide, from {seconds:.2f} s of "
@@ -165,6 +188,12 @@ def _cmd_speak(args: argparse.Namespace) -> int:
     if not (args.output or args.play or args.raw):
         raise CliError("choose where the audio goes: -o FILE, --play or --raw")
     texts = _texts(args)
+    if args.ref_audio is not None and args.voice is not None:
+        raise CliError("give either --voice or --ref-audio, not both")
+    if args.ref_audio is None and (args.ref_text or args.ref_text_file or args.x_vector_only):
+        raise CliError("--ref-text, --ref-text-file and --x-vector-only go with --ref-audio")
+    ref_text = None if args.ref_audio is None else _transcript(args.ref_text, args.ref_text_file,
+                                                               args.x_vector_only, "--ref-text")
     try:
         schedule = tuple(int(v) for v in csv_list(args.chunk_frames))
         options = SpeakOptions(language=args.language, speaker=args.speaker, instruct=args.instruct,
@@ -174,6 +203,9 @@ def _cmd_speak(args: argparse.Namespace) -> int:
                                max_frames=args.max_frames, voice=args.voice)
         tts = TTS(args.bundle, talker_precision=args.talker_precision, decoder_precision=args.decoder_precision,
                   threads=args.threads, providers=args.provider, n_gpu_layers=args.n_gpu_layers)
+        if args.ref_audio is not None:
+            options = options.replace(voice=tts.create_voice(args.ref_audio, ref_text,
+                                                             x_vector_only=args.x_vector_only))
         streams = [tts.stream(text, options) for text in texts]  # validates every request before any audio
         if args.output:
             sink = FileSink(args.output, tts.sample_rate)
@@ -241,6 +273,11 @@ def build_parser(wanted: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--instruct", help="voice/style instruction (VoiceDesign; CustomVoice 1.7B)")
     p.add_argument("--language", default="auto")
     p.add_argument("--voice", type=Path, help="voice file for Base models (make one with `voice create`)")
+    p.add_argument("--ref-audio", type=Path, metavar="REF",
+                   help="one-shot clone on a Base bundle: reference audio (saves nothing; see `voice create`)")
+    p.add_argument("--ref-text", help="transcript of --ref-audio (in-context cloning)")
+    p.add_argument("--ref-text-file", type=Path, metavar="FILE", help="read the --ref-audio transcript from a file")
+    p.add_argument("--x-vector-only", action="store_true", help="with --ref-audio: clone from the x-vector only")
     p.add_argument("--full-text", action="store_true", help="put the whole text in the prompt (non-streaming layout)")
     p.add_argument("--seed", type=int)
     p.add_argument("--greedy", action="store_true", help="argmax decoding (no sampling)")
@@ -265,6 +302,7 @@ def build_parser(wanted: str | None = None) -> argparse.ArgumentParser:
     v.add_argument("-b", "--bundle", required=True, type=Path, help="a Base-model bundle")
     v.add_argument("-o", "--output", required=True, type=Path, metavar="NAME.voice")
     v.add_argument("--text", help="transcript of the reference: in-context cloning (the official default)")
+    v.add_argument("--text-file", type=Path, metavar="FILE", help="read the transcript from a UTF-8 file")
     v.add_argument("--x-vector-only", action="store_true", help="clone from the speaker x-vector only")
     v.add_argument("--language", help="default language for this voice")
     v.add_argument("--threads", type=int)

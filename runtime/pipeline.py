@@ -112,6 +112,8 @@ class TTS:
         if self._speaker_encoder is None:
             self._speaker_encoder = load_engines("speaker_encoder", self.bundle, "fp32", threads=self.threads)
         samples = load_reference(audio)
+        if icl:
+            self._check_reference_fits(len(samples))
         x_vector = self._speaker_encoder.embed(samples)
         ref_codes = None
         if icl:
@@ -126,6 +128,18 @@ class TTS:
                      checkpoint=checkpoint_identity(m),
                      provenance={**describe_source(audio), "seconds_24k": round(len(samples) / 24000, 3),
                                  "resampler": "soxr HQ (librosa's default)"})
+
+    def _check_reference_fits(self, samples: int) -> None:
+        """An ICL reference's frames go into every prompt: at most half the talker context, so the new text and
+        its speech keep the other half."""
+        if self.n_ctx is None:
+            return
+        per_frame = int(self.bundle.manifest.audio["samples_per_frame"])
+        limit = self.n_ctx // 2 - 1
+        if -(-samples // per_frame) > limit:
+            raise VoiceError(f"reference audio is {samples / self.sample_rate:.1f} s; an in-context voice can use at "
+                             f"most {limit * per_frame / self.sample_rate:.1f} s with this talker context (n_ctx "
+                             f"{self.n_ctx}): trim it (3-20 s clones best) or use --x-vector-only")
 
     def _with_voice_prompt(self, o: SpeakOptions) -> SpeakOptions:
         """A voice given as a ``Voice`` or a voice file path becomes the prompt's VoicePrompt, after checks."""

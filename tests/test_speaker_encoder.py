@@ -10,15 +10,6 @@ from conftest import needs_export
 pytestmark = needs_export
 
 
-@pytest.fixture(scope="module")
-def base_bundle(tmp_path_factory):
-    from qwen3_tts_edge.export.build import export_bundle
-
-    out = tmp_path_factory.mktemp("bundles") / "tiny-base"
-    export_bundle("random:tiny-base", out, talker=["q8_0"], decoder=["fp32"], progress=lambda msg: None)
-    return out
-
-
 def _voice(n: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     t = np.arange(n) / 24000

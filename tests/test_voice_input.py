@@ -80,6 +80,11 @@ def test_a_stereo_file_loads_like_the_official_loader(tmp_path):
     ((np.zeros((2, 2, 2), np.float32), 24000), "1-D"),
     ((np.zeros(100, np.int16), 24000), "floating point"),
     ((np.array([0.0, np.nan], np.float32), 24000), "NaN"),
+    ((np.array([0.0, np.inf] * 2000, np.float32), 24000), "infinite"),
+    ((np.zeros(24000, np.float32), 24000), r"silent \(peak all zeros\)"),
+    ((np.full(24000, 1e-4, np.float32), 16000), r"silent \(peak -80 dBFS\)"),
+    ((np.clip(3 * _speechy(48000, 24000), -1, 1), 24000), r"clipped \(\d+\.\d% of samples at full scale\)"),
+    ((_speechy(850, 16000), 16000), r"0\.053 s long; the speaker encoder needs at least 0\.053 s"),
     ((np.zeros(100, np.float32), 0), "sample rate"),
     ((np.zeros(100, np.float32),), r"\(samples, sample_rate\)"),
 ])
@@ -92,8 +97,38 @@ def test_bad_files_are_clear_errors(tmp_path):
     with pytest.raises(AudioInputError, match="does not exist"):
         load_reference(tmp_path / "nope.wav")
     (tmp_path / "notes.wav").write_text("not audio")
-    with pytest.raises(AudioInputError, match="cannot read .* as audio"):
+    with pytest.raises(AudioInputError, match="cannot read .* as audio .*use wav, flac, ogg or mp3"):
         load_reference(tmp_path / "notes.wav")
+    (tmp_path / "clip.m4a").write_bytes(b"\x00\x00\x00\x20ftypM4A " + bytes(200))  # an AAC container
+    with pytest.raises(AudioInputError, match="cannot read .* as audio .*use wav, flac, ogg or mp3"):
+        load_reference(tmp_path / "clip.m4a")
+
+
+@pytest.mark.parametrize("ext", ["wav", "flac", "ogg", "mp3"])
+def test_a_truncated_file_is_refused(tmp_path, ext):
+    """A file cut in half (an interrupted copy) is refused, never silently read as a shorter clip."""
+    import soundfile as sf
+
+    path = tmp_path / f"ref.{ext}"
+    sf.write(path, _speechy(48000, 24000), 24000)
+    assert len(load_reference(path)) == 48000
+    raw = path.read_bytes()
+    cut = tmp_path / f"cut.{ext}"
+    cut.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(AudioInputError, match="truncated"):
+        load_reference(cut)
+
+
+def test_a_streamed_wav_of_unknown_length_is_not_a_truncation(tmp_path):
+    """A WAV written while streaming declares its data size as 0xFFFFFFFF; it is read whole."""
+    import struct
+
+    pcm = (_speechy(24000, 24000) * 32767).astype("<i2").tobytes()
+    header = (b"RIFF" + struct.pack("<I", 0xFFFFFFFF) + b"WAVEfmt " + struct.pack("<IHHIIHH", 16, 1, 1, 24000, 48000,
+              2, 16) + b"data" + struct.pack("<I", 0xFFFFFFFF))
+    path = tmp_path / "streamed.wav"
+    path.write_bytes(header + pcm)
+    assert len(load_reference(path)) == 24000
 
 
 def test_too_short_for_the_encoder():

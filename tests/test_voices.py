@@ -16,28 +16,6 @@ pytestmark = needs_export
 EXE = str(Path(sys.executable).parent / "qwen3-tts-edge")
 
 
-@pytest.fixture(scope="module")
-def base_bundle(tmp_path_factory):
-    from qwen3_tts_edge.export.build import export_bundle
-
-    out = tmp_path_factory.mktemp("bundles") / "tiny-base"
-    export_bundle("random:tiny-base", out, talker=["f32"], decoder=["fp32"], progress=lambda msg: None)
-    return out
-
-
-@pytest.fixture(scope="module")
-def ref_wav(tmp_path_factory):
-    import soundfile as sf
-
-    n, rate = 44100 * 2, 44100
-    t = np.arange(n) / rate
-    phase = 2 * np.pi * np.cumsum(130 + 30 * np.sin(2 * np.pi * 0.9 * t)) / rate
-    y = 0.3 * sum(np.sin(k * phase) / k for k in range(1, 9))
-    path = tmp_path_factory.mktemp("ref") / "ref.wav"
-    sf.write(path, np.stack([y, 0.5 * y], axis=1), rate)  # stereo, 44.1 kHz
-    return path
-
-
 def _run(*args, **kw):
     return subprocess.run([EXE, *map(str, args)], capture_output=True, text=True, timeout=300, **kw)
 
@@ -114,6 +92,35 @@ def test_refusals(base_bundle, tiny_bundle, ref_wav, tmp_path):
                "--x-vector-only")
     assert res.returncode == 1 and "cannot read" in res.stderr and res.stderr.count("\n") == 1
     assert not (tmp_path / "out.voice").exists()
+
+
+def test_reference_longer_than_the_context_allows(base_bundle, ref_wav):
+    """An ICL reference's frames go into every prompt: past half the talker context it is refused, with the limit."""
+    from qwen3_tts_edge.runtime import TTS
+    from qwen3_tts_edge.runtime.voices.voice_file import VoiceError
+
+    tts = TTS(base_bundle, n_ctx=256)  # llama.cpp's smallest context: room for 127 reference frames = 10.16 s
+    t = np.arange(11 * 24000) / 24000
+    long_clip = (0.3 * np.sin(2 * np.pi * 150 * t) * (1 + np.sin(2 * np.pi * 3 * t)) / 2).astype(np.float32)
+    with pytest.raises(VoiceError, match=r"reference audio is 11\.0 s; an in-context voice can use at most 10\.2 s "
+                                         r".*n_ctx 256.*--x-vector-only"):
+        tts.create_voice((long_clip, 24000), "Some words.")
+    assert tts.create_voice((long_clip, 24000), x_vector_only=True).mode == "xvec"  # the x-vector has no such limit
+    assert tts.create_voice(ref_wav, "Some words.").ref_codes.shape == (26, 16)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--ref-audio", "REF"], "--ref-text or --ref-text-file) for in-context cloning, or --x-vector-only"),
+    (["--ref-audio", "REF", "--voice", "v.voice", "--x-vector-only"], "either --voice or --ref-audio"),
+    (["--ref-text", "Hello."], "go with --ref-audio"),
+    (["--ref-audio", "REF", "--ref-text", "a", "--ref-text-file", "t.txt"], "--ref-text or --ref-text-file, not both"),
+    (["--ref-audio", "REF", "--ref-text-file", "missing.txt"], "cannot read transcript file missing.txt"),
+])
+def test_one_shot_clone_arguments(base_bundle, ref_wav, tmp_path, args, message):
+    args = [str(ref_wav) if a == "REF" else a for a in args]
+    res = _run("speak", "Hi.", "-b", base_bundle, "-o", tmp_path / "x.wav", *args, cwd=tmp_path)
+    assert res.returncode == 1 and message in res.stderr and res.stderr.count("\n") == 1, res.stderr
+    assert not (tmp_path / "x.wav").exists()
 
 
 def test_icl_voice_holds_the_official_reference_codes(base_bundle, ref_wav, tmp_path):

@@ -15,6 +15,10 @@ import numpy as np
 from ..errors import Qwen3TTSEdgeError
 
 ENCODER_SAMPLE_RATE = 24000
+# The speaker encoder needs 5 mel frames (hop 256 after a 384-sample reflect pad each side): 1280 samples.
+MIN_SAMPLES = 1280
+SILENCE_PEAK = 1e-3  # -60 dBFS: below this the clip holds no usable voice
+CLIP_LEVEL, CLIP_FRACTION = 0.999, 0.01  # 1 % of samples at full scale: a clipped (distorted) recording
 
 
 class AudioInputError(Qwen3TTSEdgeError):
@@ -53,25 +57,85 @@ def resample(samples: np.ndarray, rate: int, target: int = ENCODER_SAMPLE_RATE) 
     return out[:n]
 
 
+def check_reference(mono: np.ndarray, rate: int, name: str = "reference audio") -> None:
+    """Refuse clips that cannot give a usable voice: too short for the encoder, silent, or clipped."""
+    seconds = len(mono) / rate
+    if math.ceil(len(mono) * (ENCODER_SAMPLE_RATE / rate)) < MIN_SAMPLES:
+        raise AudioInputError(f"{name} is {seconds:.3f} s long; the speaker encoder needs at least "
+                              f"{MIN_SAMPLES / ENCODER_SAMPLE_RATE:.3f} s (3-10 s of clear speech clones best)")
+    peak = float(np.max(np.abs(mono)))
+    if peak < SILENCE_PEAK:
+        level = f"{20 * math.log10(peak):.0f} dBFS" if peak > 0 else "all zeros"
+        raise AudioInputError(f"{name} is silent (peak {level}); use a clip with the voice in it")
+    clipped = float(np.mean(np.abs(mono) >= CLIP_LEVEL))
+    if clipped >= CLIP_FRACTION:
+        raise AudioInputError(f"{name} is clipped ({clipped:.1%} of samples at full scale), which distorts the "
+                              "cloned voice; record it at a lower level or pick another clip")
+
+
+def _ogg_ends(path: Path) -> bool:
+    """Whether the last Ogg page has the end-of-stream flag (header type bit 2) that every finished file ends on."""
+    with open(path, "rb") as f:
+        f.seek(max(0, path.stat().st_size - 65536))
+        tail = f.read()
+    last = tail.rfind(b"OggS")
+    return last >= 0 and len(tail) > last + 5 and bool(tail[last + 5] & 0x04)
+
+
+def _read_file(path: Path) -> tuple[np.ndarray, int]:
+    """All samples of an audio file; a file cut short (a truncated download or copy) is an error."""
+    import re
+
+    import soundfile as sf
+
+    try:
+        info = sf.info(str(path))
+        samples, rate = sf.read(str(path), dtype="float32", always_2d=False)
+    except (sf.LibsndfileError, RuntimeError) as exc:
+        why = str(exc).strip()
+        if "malformed" in why or "lost sync" in why or "decoder" in why:  # a known format, damaged inside
+            raise AudioInputError(f"{path} is damaged or truncated ({why}); copy or download it again") from exc
+        raise AudioInputError(f"cannot read {path} as audio ({why}); use wav, flac, ogg or mp3") from exc
+    # libsndfile reads what is there of a cut WAV and says so only in its header dump; a streamed WAV's
+    # "unknown length" sizes (0, 0xFFFFFFFF) are not a cut.
+    declared = re.search(r"^data : (\d+) \(should be (\d+)\)", info.extra_info, re.MULTILINE)
+    short = declared is not None and 0 < int(declared.group(2)) < int(declared.group(1)) < 0xFFFFFFF0
+    # Compressed formats state their length up front (MP3's is an estimate: allow 2 %).
+    if info.format == "MP3":
+        short = short or len(samples) < 0.98 * info.frames
+    elif info.format == "OGG":  # Ogg states no length, but its last page carries the end-of-stream flag
+        short = short or not _ogg_ends(path)
+    elif info.frames > 0 and info.format != "WAV":
+        short = short or len(samples) < info.frames
+    if short:
+        raise AudioInputError(f"{path} is truncated (its header promises more audio than the file holds); "
+                              "copy or download it again")
+    return samples, int(rate)
+
+
 def load_reference(source: str | Path | tuple[np.ndarray, int]) -> np.ndarray:
-    """A reference clip (file soundfile reads: wav/flac/ogg/mp3, or ``(samples, rate)``) as mono 24 kHz float32."""
+    """A reference clip (file soundfile reads: wav/flac/ogg/mp3, or ``(samples, rate)``) as mono 24 kHz float32.
+
+    Any rate and channel count (the official loader's channel mean); checked by ``check_reference``.
+    """
     if isinstance(source, tuple):
         if len(source) != 2:
             raise AudioInputError("pass audio as (samples, sample_rate)")
         samples, rate = source
-        return resample(samples, rate)
-    import soundfile as sf
-
-    path = Path(source)
-    if not path.is_file():
-        raise AudioInputError(f"reference audio {path} does not exist")
-    try:
-        samples, rate = sf.read(str(path), dtype="float32", always_2d=False)
-    except (sf.LibsndfileError, RuntimeError) as exc:
-        raise AudioInputError(f"cannot read {path} as audio ({exc}); use wav, flac, ogg or mp3") from exc
-    if len(samples) == 0:
-        raise AudioInputError(f"{path} holds no samples")
-    return resample(samples, int(rate))
+        name = "reference audio"
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise AudioInputError(f"reference audio {path} does not exist")
+        samples, rate = _read_file(path)
+        if len(samples) == 0:
+            raise AudioInputError(f"{path} holds no samples")
+        name = str(path)
+    mono = to_mono(samples)
+    if isinstance(rate, bool) or not isinstance(rate, int | np.integer) or rate <= 0:
+        raise AudioInputError(f"sample rate must be a positive integer, got {rate!r}")
+    check_reference(mono, int(rate), name)
+    return resample(mono, int(rate))
 
 
 def describe_source(source: str | Path | tuple[np.ndarray, int]) -> dict:
