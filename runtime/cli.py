@@ -177,7 +177,8 @@ def _format_stats(stats) -> str:
     stages = ", ".join(f"{k} {v:.1f}" for k, v in per.items())
     devices = ", ".join(f"{k}={v}" for k, v in stats.devices.items())
     return (f"time to first audio {ttfa}; real-time factor {rtf}; {stats.frames} frames = {stats.audio_s:.2f} s "
-            f"of audio in {stats.total_s:.2f} s (stop: {stats.stop_reason}); prefill {stats.prefill_ms:.0f} ms; "
+            f"of audio in {stats.total_s:.2f} s (stop: {stats.stop_reason}); prefill {stats.prefill_ms:.0f} ms "
+            f"({stats.prompt_positions_prefilled} positions, {stats.prompt_positions_reused} reused); "
             f"ms/frame: {stages}; devices: {devices}")
 
 

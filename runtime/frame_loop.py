@@ -86,7 +86,9 @@ class FrameLoop:
         self.talker.reset()
         try:
             t0 = time.perf_counter()
-            out = self.talker.prefill(self.prompt.embeds)
+            # A prefix-caching talker (runtime/prefix_cache.py) takes the whole prompt, to keep its voice part.
+            prefill_prompt = getattr(self.talker, "prefill_prompt", None)
+            out = prefill_prompt(self.prompt) if prefill_prompt else self.talker.prefill(self.prompt.embeds)
             self.prefill_ms = (time.perf_counter() - t0) * 1e3
             talker_ms = self.prefill_ms
             k = run = 0

@@ -145,7 +145,8 @@ class StreamStats:
     stop_reason: str | None = None
     segments: int = 0
     segment_stops: list[str] = field(default_factory=list)
-    prompt_positions_reused: int = 0  # prompt KV positions kept from the previous request (prefix cache)
+    prompt_positions_reused: int = 0  # prompt KV positions known before (previous request or a saved voice)
+    prompt_positions_prefilled: int = 0  # prompt positions computed for this request
     devices: dict[str, str] = field(default_factory=dict)
 
     @property

@@ -20,7 +20,7 @@ from .bundle import DECODER_PREFERENCE, TALKER_PREFERENCE, Bundle, BundleError, 
 from .checks import require_int
 from .frame_loop import STOP_CONTEXT, STOP_MAX_FRAMES, FrameLoop, Guards
 from .options import AudioChunk, SpeakOptions, StreamStats
-from .prefix_cache import PrefixReusingTalker
+from .prefix_cache import DEFAULT_CACHE_BYTES, PrefixReusingTalker
 from .prompt import ModelIds, PromptError, VoicePrompt, build_prompt, validate_text
 from .sampler import CodeSampler, SamplingParams
 from .segments import split_segments
@@ -60,7 +60,7 @@ class TTS:
                  decoder_precision: str | None = None, threads: int | None = None,
                  providers: Sequence[str] | None = None, n_gpu_layers: int = 0, verify: bool = True,
                  max_queued_frames: int = 64, backends: Backends | None = None, n_ctx: int = 4096,
-                 prefix_cache: bool = True):
+                 prefix_cache: bool = True, voice_cache_bytes: int = DEFAULT_CACHE_BYTES):
         self.bundle = load_bundle(Path(bundle), verify=verify)
         m = self.bundle.manifest
         require_int("max_queued_frames", max_queued_frames, minimum=1)
@@ -80,7 +80,8 @@ class TTS:
             self.talker_precision = backends.name
         self.talker, self.predictor, self.tables = backends.talker, backends.predictor, backends.tables
         if prefix_cache and hasattr(self.talker, "rewind"):
-            self.talker = PrefixReusingTalker(self.talker)
+            # Keeps the last prompt's KV and, within voice_cache_bytes, the voice prefixes of recent voices.
+            self.talker = PrefixReusingTalker(self.talker, cache_bytes=voice_cache_bytes)
         ctx = getattr(self.talker, "n_ctx", None)
         self.n_ctx: int | None = int(ctx) if ctx else None
         if backends.decoder is not None:

@@ -1,25 +1,41 @@
-"""Prompt-prefix reuse: keep the previous prompt's KV and prefill only the positions that changed.
+"""Prompt-prefix reuse: prefill only the prompt positions whose KV is not already known.
 
-The prompt's voice part (role, codec tags, speaker/instruct) is identical across segments and requests, so
-its KV positions are kept and only the new positions are prefilled. Works with any talker backend that can
-``rewind`` and ``extend`` (see ``runtime/backends``). Torch-free.
+Two sources of known KV, both exact (the same positions computed before):
+
+- the live sequence: the previous prompt's positions that the new prompt repeats (same voice, next segment);
+- saved voice prefixes: the KV state of a prompt's voice part (role, codec tags, speaker or x-vector, an ICL
+  reference's transcript; everything before the text to speak, ``Prompt.voice_positions``), saved once per
+  voice in a bounded LRU and restored when that voice comes back after others (llama.cpp sequence state).
+
+An ICL reference's frames cannot be part of a saved prefix: in both official layouts the text to speak comes
+before them (full text) or is summed into their positions (streaming text), so they are prefilled per request.
+Works with any talker backend that can ``rewind`` and ``extend``; saving needs ``save_state``/``load_state``.
+Torch-free.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
+
 import numpy as np
+
+DEFAULT_CACHE_BYTES = 64 * 2**20
 
 
 class PrefixReusingTalker:
-    """Talker wrapper that keeps the previous prompt's KV and reuses its longest common prefix.
+    """Talker wrapper that keeps the previous prompt's KV and the voice prefixes of recent voices.
 
-    Prompts for the same voice differ only after the voice part (streaming-text layout: only in the last
-    position), so a repeat request prefills one position instead of the whole prompt.
+    ``prefill_prompt(prompt)`` (what the frame loop calls) reuses the longest known prefix and prefills the
+    rest; ``reused_positions`` / ``prefilled_positions`` say what the last prefill did.
     """
 
-    def __init__(self, talker):
+    def __init__(self, talker, *, cache_bytes: int = DEFAULT_CACHE_BYTES):
         self.inner = talker
         self._last: np.ndarray | None = None
+        self._saved: OrderedDict[bytes, tuple[int, np.ndarray]] = OrderedDict()
+        self.cache_bytes = int(cache_bytes)
+        self.can_save = self.cache_bytes > 0 and hasattr(talker, "save_state") and hasattr(talker, "load_state")
         self.reused_positions = 0
         self.prefilled_positions = 0
 
@@ -30,26 +46,65 @@ class PrefixReusingTalker:
         """The KV is kept on purpose; ``prefill`` decides what can be reused."""
 
     def forget(self) -> None:
+        """Drop everything known: the live sequence and the saved voice prefixes."""
         self._last = None
+        self._saved.clear()
         self.inner.reset()
 
-    def prefill(self, embeds: np.ndarray):
+    @property
+    def saved_voices(self) -> int:
+        return len(self._saved)
+
+    @property
+    def saved_bytes(self) -> int:
+        return sum(int(state.nbytes) for _, state in self._saved.values())
+
+    def prefill_prompt(self, prompt) -> object:
+        return self.prefill(prompt.embeds, voice_positions=getattr(prompt, "voice_positions", 0))
+
+    def prefill(self, embeds: np.ndarray, voice_positions: int = 0):
         embeds = np.ascontiguousarray(embeds, dtype=np.float32)
-        n = 0
-        if self._last is not None:
-            m = min(len(self._last), len(embeds) - 1)  # at least one new position must run to get outputs
-            same = np.all(self._last[:m] == embeds[:m], axis=1)
-            n = int(m if same.all() else np.argmin(same))
+        # At least one new position must run to get outputs.
+        fixed = voice_positions if self.can_save and 0 < voice_positions < len(embeds) else 0
+        live = self._live_prefix(embeds)
         self._last = None  # if the prefill fails midway, nothing is trusted next time
-        if n > 0 and self.inner.n_past >= n:
-            self.inner.rewind(n)
-            out = self.inner.extend(embeds[n:])
+        key = hashlib.sha256(embeds[:fixed].tobytes()).digest() if fixed else b""
+        if fixed > live and key in self._saved:
+            self.inner.load_state(self._saved[key])
+            self._saved.move_to_end(key)
+            n = fixed
         else:
-            n = 0
-            out = self.inner.prefill(embeds)
+            n = live
+            if n > 0:
+                self.inner.rewind(n)
+        if fixed > n:  # a voice not seen lately: compute its prefix alone, save it, then the rest
+            self._run(embeds[n:fixed], start=n)
+            self._save(key, self.inner.save_state())
+            out = self.inner.extend(embeds[fixed:])
+        else:
+            out = self._run(embeds[n:], start=n)
         self._last = embeds.copy()
         self.reused_positions, self.prefilled_positions = n, len(embeds) - n
         return out
+
+    def _live_prefix(self, embeds: np.ndarray) -> int:
+        """Positions the live sequence shares with ``embeds`` (0 when nothing is live)."""
+        if self._last is None:
+            return 0
+        m = min(len(self._last), len(embeds) - 1)
+        same = np.all(self._last[:m] == embeds[:m], axis=1)
+        n = int(m if same.all() else np.argmin(same))
+        return n if self.inner.n_past >= n else 0
+
+    def _run(self, embeds: np.ndarray, *, start: int):
+        return self.inner.extend(embeds) if start > 0 else self.inner.prefill(embeds)
+
+    def _save(self, key: bytes, state: tuple[int, np.ndarray]) -> None:
+        self._saved[key] = state
+        while len(self._saved) > 1 and self.saved_bytes > self.cache_bytes:
+            self._saved.popitem(last=False)  # least recently used first
+        if self.saved_bytes > self.cache_bytes:  # one prefix larger than the whole budget: keep none
+            self._saved.clear()
 
     def step(self, embed: np.ndarray):
         return self.inner.step(embed)

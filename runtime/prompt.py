@@ -75,6 +75,9 @@ class Prompt:
     tts_pad: np.ndarray  # (H,) text-track vector once ``trailing`` is used up
     n_text_tokens: int  # content tokens of the target text (for runaway guards)
     live: StreamingTextTrack | None = None  # incremental text: vectors come from a live feed instead
+    # Leading positions that depend only on the voice (instruct, role, codec tags, speaker, ICL reference text),
+    # not on the text to speak: the part a per-voice KV cache can keep between requests.
+    voice_positions: int = 0
 
     def text_track(self, step: int) -> np.ndarray:
         """Text-track vector added to the talker input of decode step ``step``."""
@@ -192,19 +195,21 @@ def build_prompt(
     parts.append(tables.text_embeds(text_ids[:3]))  # <|im_start|>assistant\n
     voice_part, codec_bos = _codec_prefix(ids, tables, lang_id, speaker, voice, bos_vec, pad_vec)
     parts.append(voice_part)
+    fixed = sum(len(p) for p in parts)  # the target text enters after these (and after an ICL reference text)
 
     if voice is not None and voice.icl:
         ref_ids = _ids(tokenizer.encode(ref_text_template(voice.ref_text)))[REF_CONTENT_SLICE]
         icl, trailing = _icl_block(ids, tables, ref_ids, content, np.asarray(voice.ref_codes, dtype=np.int64),
                                    eos_vec, pad_vec, streaming_text)
         parts.append(icl)
+        fixed += len(ref_ids)
     elif feed is not None:
         parts.append(tables.text_embeds(content[:1]) + codec_bos)
         embeds = np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
         live = StreamingTextTrack(feed, tables, consumed=1, eos_vec=eos_vec, pad_vec=pad_vec,
                                   timeout_s=text_timeout_s)
         return Prompt(embeds=embeds, trailing=np.zeros((0, tables.hidden_size), np.float32),
-                      tts_pad=pad_vec.astype(np.float32), n_text_tokens=1, live=live)
+                      tts_pad=pad_vec.astype(np.float32), n_text_tokens=1, live=live, voice_positions=fixed)
     elif streaming_text:
         parts.append(tables.text_embeds(content[:1]) + codec_bos)
         trailing = np.concatenate([tables.text_embeds(content[1:]), eos_vec[None]])
@@ -215,7 +220,7 @@ def build_prompt(
         trailing = pad_vec[None]
     embeds = np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
     return Prompt(embeds=embeds, trailing=np.ascontiguousarray(trailing, dtype=np.float32),
-                  tts_pad=pad_vec.astype(np.float32), n_text_tokens=int(len(content)))
+                  tts_pad=pad_vec.astype(np.float32), n_text_tokens=int(len(content)), voice_positions=fixed)
 
 
 def _check_inputs(ids: ModelIds, tables: EmbeddingTables, text: str | Iterable[str], speaker: str | None,

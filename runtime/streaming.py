@@ -75,8 +75,8 @@ def produce_frames(loops: Iterator[tuple[int, FrameLoop]], frames: queue.Queue, 
             stats.prefill_ms += loop.prefill_ms
             stats.text_wait_ms += loop.text_wait_ms
             stats.segment_stops.append(loop.stop_reason or STOP_CANCELLED)
-            reused = getattr(loop.talker, "reused_positions", 0)
-            stats.prompt_positions_reused += reused
+            stats.prompt_positions_reused += getattr(loop.talker, "reused_positions", 0)
+            stats.prompt_positions_prefilled += getattr(loop.talker, "prefilled_positions", len(loop.prompt.embeds))
             if stop.is_set():
                 return
     except BaseException as exc:  # handed to the consumer, who re-raises it

@@ -112,3 +112,43 @@ def test_ten_minutes_of_audio_keep_rss_flat(tiny_bundle):
     assert tts.last_stats.segments > 5
     after_first_minute = next(r for f, r in rss if f >= 750)
     assert max(r for _, r in rss) - after_first_minute < 64 * 2**20  # generous bound: no growth with length
+
+
+@needs_export
+def test_saved_voice_prefixes_come_back_after_other_voices(tiny_bundle):
+    """Voice A, then B, then A again: A's voice part is restored from its saved KV state (llama.cpp sequence
+    state), only the new text is prefilled, and the outputs equal a fresh prefill. A budget too small for two
+    voices keeps only the most recent one."""
+    from qwen3_tts_edge.runtime.backends.llama_cpp.talker import Talker
+
+    m = __import__("qwen3_tts_edge.runtime.bundle", fromlist=["load_bundle"]).load_bundle(tiny_bundle).manifest
+    path = tiny_bundle / m.component("talker", "f32").file
+    rng = np.random.default_rng(1)
+
+    def prompt(voice: np.ndarray, n_text: int) -> np.ndarray:
+        return np.concatenate([voice, rng.standard_normal((n_text, 64)).astype(np.float32)])
+
+    voice_a, voice_b = (rng.standard_normal((10, 64)).astype(np.float32) * 0.1 for _ in range(2))
+    plain = Talker(path, kv_type="f32", flash_attn=False)
+    cached = PrefixReusingTalker(Talker(path, kv_type="f32", flash_attn=False))
+    cached.prefill(prompt(voice_a, 3), voice_positions=10)
+    assert cached.saved_voices == 1 and cached.saved_bytes > 0
+    cached.prefill(prompt(voice_b, 4), voice_positions=10)
+    assert (cached.reused_positions, cached.saved_voices) == (0, 2)
+    again = prompt(voice_a, 5)
+    out = cached.prefill(again, voice_positions=10)
+    assert (cached.reused_positions, cached.prefilled_positions) == (10, 5) and cached.n_past == 15
+    ref = plain.prefill(again)
+    np.testing.assert_allclose(out.logits, ref.logits, atol=1e-4)
+    np.testing.assert_allclose(out.hidden, ref.hidden, atol=1e-4)
+
+    one_voice = PrefixReusingTalker(Talker(path, kv_type="f32", flash_attn=False),
+                                    cache_bytes=cached.saved_bytes // 2 + 1)
+    one_voice.prefill(prompt(voice_a, 3), voice_positions=10)
+    one_voice.prefill(prompt(voice_b, 3), voice_positions=10)
+    assert one_voice.saved_voices == 1  # A was evicted for B
+    one_voice.prefill(prompt(voice_a, 3), voice_positions=10)
+    assert one_voice.reused_positions == 0
+    no_save = PrefixReusingTalker(Talker(path, kv_type="f32", flash_attn=False), cache_bytes=0)
+    no_save.prefill(prompt(voice_a, 3), voice_positions=10)
+    assert no_save.saved_voices == 0

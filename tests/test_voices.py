@@ -175,7 +175,9 @@ def test_greedy_clone_equals_official_generate(base_bundle, ref_wav, mode, strea
     model = load_official(resolve_model("random:tiny-base").path)
     manifest = load_bundle(base_bundle).manifest
     tok = TextTokenizer.from_folder(base_bundle / "tokenizer")
-    text, frames = "A brand new sentence in the cloned voice, spoken slowly.", 120
+    text = ("A brand new sentence in the cloned voice, spoken slowly and clearly, with a few more words so that "
+            "the random model keeps talking for a while.")
+    frames = 200
     tables = TorchTables(model)
     prompt = build_prompt(ModelIds.from_manifest(manifest), tok, tables, text, language="english",
                           voice=voice.prompt(), streaming_text=streaming)
@@ -196,3 +198,46 @@ def test_greedy_clone_equals_official_generate(base_bundle, ref_wav, mode, strea
     official = codes[0].numpy()
     assert len(official) == frames, "random weights emitted EOS early; pick another text"
     assert np.array_equal(ours, official)
+
+    # The waveform: the official decodes reference + new codes in one forward and cuts the reference part
+    # off proportionally; ours primes the streaming decoder with the reference codes and emits the new frames.
+    from qwen3_tts_edge.export.decoder_onnx import load_official_decoder, offline_decode
+
+    decoder = TTS(base_bundle).decoder
+    if icl:
+        decoder.prime(voice.ref_codes)
+    else:
+        decoder.reset()
+    pcm = np.concatenate([decoder.decode(ours[i:i + 8]) for i in range(0, frames, 8)])
+    full = offline_decode(load_official_decoder(resolve_model("random:tiny-base").path)[0],
+                          np.concatenate([voice.ref_codes, official]) if icl else official)
+    ref_len = len(voice.ref_codes) if icl else 0
+    cut = int(ref_len / (ref_len + frames) * len(full))  # the official cut formula (generate_voice_clone)
+    want = full[cut:]
+    assert len(pcm) == frames * 1920 and len(want) - len(pcm) in (0, 1)  # the cut may keep one extra sample
+    want = want[len(want) - len(pcm):]
+    assert np.max(np.abs(pcm - want)) < 1e-4
+
+
+def test_voices_alternating_reuse_their_saved_prefix(base_bundle, ref_wav):
+    """ICL voice, x-vector voice, the ICL voice again: the third request restores the ICL voice's prefix (role,
+    tags, x-vector, reference transcript) and prefills the rest; the codes equal an engine without any cache."""
+    from qwen3_tts_edge.runtime import TTS
+    from qwen3_tts_edge.runtime.prompt import build_prompt
+
+    tts = TTS(base_bundle, talker_precision="f32")
+    plain = TTS(base_bundle, talker_precision="f32", prefix_cache=False)
+    icl = tts.create_voice(ref_wav, "This is what the reference clip says.")
+    xvec = tts.create_voice(ref_wav, x_vector_only=True)
+    opts = dict(greedy=True, max_frames=8, frames_per_text_token=None)
+    for voice, text in [(icl, "First line."), (xvec, "Second line."), (icl, "A third, longer line.")]:
+        with tts.stream(text, voice=voice, **opts) as ours, plain.stream(text, voice=voice, **opts) as ref:
+            assert np.array_equal(np.concatenate([c.codes for c in ours]), np.concatenate([c.codes for c in ref]))
+        stats = ours.stats
+    prompt = build_prompt(tts.ids, tts.tokenizer, tts.tables, "A third, longer line.", voice=icl.prompt())
+    ref_tokens = len(tts.tokenizer.encode(icl.ref_text))
+    assert prompt.voice_positions == 3 + 5 + ref_tokens  # role, codec tags + x-vector + pad, the transcript
+    assert stats.prompt_positions_reused == prompt.voice_positions
+    assert stats.prompt_positions_prefilled == len(prompt.embeds) - prompt.voice_positions
+    # Both voices come from one clip, so the x-vector voice's whole voice part was already live (no save).
+    assert tts.talker.saved_voices == 1

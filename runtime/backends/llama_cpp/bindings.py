@@ -414,6 +414,29 @@ class LlamaContext:
             raise LlamaError(f"llama.cpp could not remove positions >= {n_past}")
         self.n_past = n_past
 
+    def save_state(self) -> tuple[int, np.ndarray]:
+        """(n_past, bytes) of the sequence's KV state, to ``load_state`` later (llama_state_seq_get_data)."""
+        lc = api()
+        size = int(lc.llama_state_seq_get_size(self._ptr, 0))
+        buf = np.empty(size, dtype=np.uint8)
+        written = int(lc.llama_state_seq_get_data(self._ptr, buf.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)),
+                                                  size, 0))
+        if written == 0 and self.n_past:
+            raise LlamaError(f"llama.cpp could not save the sequence state:\n{recent_log()}")
+        return self.n_past, buf[:written]
+
+    def load_state(self, state: tuple[int, np.ndarray]) -> None:
+        """Replace the sequence by a state from ``save_state`` (same model and context settings)."""
+        n_past, buf = state
+        lc = api()
+        self.clear()
+        data = np.ascontiguousarray(buf, dtype=np.uint8)
+        read = int(lc.llama_state_seq_set_data(self._ptr, data.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)),
+                                               data.size, 0))
+        if read == 0 and data.size:
+            raise LlamaError(f"llama.cpp could not restore a sequence state:\n{recent_log()}")
+        self.n_past = int(n_past)
+
     def set_threads(self, n_threads: int, n_threads_batch: int | None = None) -> None:
         api().llama_set_n_threads(self._ptr, int(n_threads), int(n_threads_batch or n_threads))
 

@@ -84,6 +84,13 @@ class Talker:
         """Drop every position from ``n_past`` on (e.g. to reuse a cached prompt prefix)."""
         self.ctx.truncate(n_past)
 
+    def save_state(self) -> tuple[int, np.ndarray]:
+        """The KV state of the positions so far (a voice prefix, say), restorable with ``load_state``."""
+        return self.ctx.save_state()
+
+    def load_state(self, state: tuple[int, np.ndarray]) -> None:
+        self.ctx.load_state(state)
+
     def _out(self) -> StepOutput:
         logits = self.ctx.logits()[self.text_vocab_size:].copy()
         return StepOutput(logits=logits, hidden=self.ctx.hidden().copy())
