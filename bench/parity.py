@@ -11,12 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..runtime.bundle import Bundle, BundleError, load_bundle
+from ..runtime.cli import csv_list
 from ..runtime.errors import Qwen3TTSEdgeError
 from ..runtime.prompt import ModelIds, build_prompt
 from ..runtime.sampler import CodeSampler, SamplingParams
@@ -175,16 +177,27 @@ def source_checkpoint(model: str, bundle: Bundle) -> Path:
     return Path(source.path)
 
 
-def parity_report(bundle_dir: Path, model: str, *, frames: int = 200, progress=lambda msg: None) -> dict[str, Any]:
-    """The full parity report of a bundle against MODEL (which must be the checkpoint it was exported from)."""
+STAGES = ("talker", "decoder", "voices")
+
+
+def parity_report(bundle_dir: Path, model: str, *, frames: int = 200, stages: Sequence[str] = STAGES,
+                  ref_audio: Sequence[Path] | None = None, progress=lambda msg: None) -> dict[str, Any]:
+    """The parity report of a bundle against MODEL (which must be the checkpoint it was exported from).
+
+    ``stages``: talker (talker + predictor), decoder, voices (speaker and codec encoders, Base bundles).
+    """
     from ..export.decoder_onnx import parity_report as decoder_parity
     from ..export.torch_reference import load_official
     from .parity_llama import parity as llama_parity
+    from .parity_voices import voice_parity
 
     bundle = load_bundle(bundle_dir)
     checkpoint = source_checkpoint(model, bundle)
-    precisions = sorted(c.precision for c in bundle.manifest.find("talker"))
+    precisions = sorted(c.precision for c in bundle.manifest.find("talker")) if "talker" in stages else []
     report: dict[str, Any] = {"bundle": str(bundle_dir), "model": model, "frames": frames}
+    if "voices" in stages and bundle.manifest.find("speaker_encoder"):
+        progress(f"voice encoders vs the official clone path ({len(ref_audio) if ref_audio else 'synthetic'} clips)")
+        report["voices"] = voice_parity(checkpoint, bundle, list(ref_audio) if ref_audio else None)
     if precisions:
         progress(f"talker/predictor logits along a teacher-forced trajectory: {', '.join(precisions)}")
         llama = llama_parity(checkpoint, bundle.root, precisions)
@@ -200,7 +213,7 @@ def parity_report(bundle_dir: Path, model: str, *, frames: int = 200, progress=l
         best = "f32" if "f32" in precisions else precisions[0]
         report["prompt_max_abs"] = prompt_max_abs(official, bundle, best)
         report["prompt_precision"] = best
-    if bundle.manifest.find("decoder"):
+    if "decoder" in stages and bundle.manifest.find("decoder"):
         progress("decoder: streaming vs offline, SNR, log-mel")
         report.update(decoder_parity(checkpoint, bundle.root))
     return report
@@ -224,6 +237,10 @@ def format_report(report: dict[str, Any]) -> str:
     for p, r in report.get("decoder", {}).items():
         lines.append(f"  decoder   {p:<7} stream vs offline {r['stream_vs_offline_max_abs']:.2e}  "
                      f"SNR {r['snr_db']:.1f} dB  log-mel {r['logmel_dist']:.4f} dB")
+    if "voices" in report:
+        from .parity_voices import format_voice_parity
+
+        lines.extend(format_voice_parity(report["voices"]))
     return "\n".join(lines)
 
 
@@ -240,6 +257,10 @@ def add_parity_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, metavar="MODEL")
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the report as JSON")
     p.add_argument("--frames", type=int, default=200, help="greedy free-running frames to compare (default 200)")
+    p.add_argument("--stages", type=csv_list, default=list(STAGES), metavar="LIST",
+                   help=f"which stages to compare (default all: {','.join(STAGES)})")
+    p.add_argument("--ref-audio", type=Path, action="append", metavar="FILE",
+                   help="reference clip for the voice encoders (repeatable; default: synthetic voiced clips)")
 
 
 def cmd_parity(args: argparse.Namespace) -> int:
@@ -251,7 +272,10 @@ def cmd_parity(args: argparse.Namespace) -> int:
         raise ParityError(f"parity needs the [export] extra (missing: {', '.join(missing)}); see the README's setup")
     if args.frames < 1:
         raise ParityError("--frames must be at least 1")
-    report = parity_report(args.bundle, args.model, frames=args.frames,
+    unknown = sorted(set(args.stages) - set(STAGES))
+    if unknown:
+        raise ParityError(f"unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}")
+    report = parity_report(args.bundle, args.model, frames=args.frames, stages=args.stages, ref_audio=args.ref_audio,
                            progress=lambda msg: print(f"qwen3-tts-edge: {msg}", file=sys.stderr, flush=True))
     print(format_report(report))
     if args.json:

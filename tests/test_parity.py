@@ -51,3 +51,19 @@ def test_greedy_f32_follows_official_generate_for_200_frames_up_to_ties(report):
 def test_parity_refuses_a_different_checkpoint(tiny_bundle, capsys):
     assert cli.main(["parity", "-b", str(tiny_bundle), "--model", "random:tiny-custom_voice@1"]) == cli.EXIT_ERROR
     assert "not the checkpoint this bundle was exported from" in capsys.readouterr().err
+
+
+def test_voice_encoder_parity_of_a_base_bundle(base_bundle, ref_wav, tmp_path, capsys):
+    """`parity --stages voices` on a Base bundle: our file → voice path against the official clone path."""
+    out = tmp_path / "v.json"
+    assert cli.main(["parity", "-b", str(base_bundle), "--model", "random:tiny-base", "--stages", "voices",
+                     "--ref-audio", str(ref_wav), "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert set(report) == {"bundle", "model", "frames", "voices"}  # only the stage asked for
+    v = report["voices"]
+    assert [c["clip"] for c in v["clips"]] == ["ref.wav"] and v["clips"][0]["frames"] == 26
+    assert v["x_vector_cos_min"] >= 0.99999 and v["code_mismatches"] == 0
+    assert v["clips"][0]["wave_max_abs"] < 1e-6
+    assert "voices    x-vector (64 wide)" in capsys.readouterr().out
+    assert cli.main(["parity", "-b", str(base_bundle), "--model", "random:tiny-base", "--stages", "voice"]) == 1
+    assert "unknown stage(s) voice; choose from talker, decoder, voices" in capsys.readouterr().err
