@@ -241,3 +241,31 @@ def test_voices_alternating_reuse_their_saved_prefix(base_bundle, ref_wav):
     assert stats.prompt_positions_prefilled == len(prompt.embeds) - prompt.voice_positions
     # Both voices come from one clip, so the x-vector voice's whole voice part was already live (no save).
     assert tts.talker.saved_voices == 1
+
+
+def test_voice_design_then_clone(base_bundle, tmp_path):
+    """The official workflow, from the outside: design a voice with an instruction on a VoiceDesign bundle, make
+    a voice from that clip on a Base bundle, speak new lines with it (README: "Voice Design, then clone")."""
+    import soundfile as sf
+
+    from qwen3_tts_edge.export.build import export_bundle
+
+    design = tmp_path / "voice-design"
+    export_bundle("random:tiny-voice_design", design, talker=["q8_0"], decoder=["fp32"], progress=lambda m: None)
+    line = "Hello, I am the narrator of this story."
+    res = _run("speak", line, "-b", design, "--instruct", "A calm, deep male voice, speaking slowly.", "--language",
+               "english", "--seed", "1", "--max-frames", "30", "-o", tmp_path / "designed.wav")
+    assert res.returncode == 0, res.stderr
+    res = _run("voice", "create", tmp_path / "designed.wav", "-b", base_bundle, "--text", line, "--language",
+               "english", "-o", tmp_path / "narrator.voice")
+    assert res.returncode == 0, res.stderr
+    info = json.loads(_run("voice", "info", tmp_path / "narrator.voice").stdout)
+    designed = sf.read(tmp_path / "designed.wav")[0]
+    assert info["mode"] == "icl" and info["ref_text"] == line and info["language"] == "english"
+    assert info["ref_frames"] == len(designed) // 1920
+    for i, text in enumerate(["A new line in the designed voice.", "And another one."]):
+        out = tmp_path / f"line{i}.wav"
+        res = _run("speak", text, "-b", base_bundle, "--voice", tmp_path / "narrator.voice", "--max-frames", "6",
+                   "--seed", str(i), "-o", out)
+        assert res.returncode == 0, res.stderr
+        assert len(sf.read(out)[0]) == 6 * 1920
