@@ -56,6 +56,10 @@ class PrefixReusingTalker:
         return len(self._saved)
 
     @property
+    def saved_positions(self) -> int:
+        return sum(n for n, _ in self._saved.values())
+
+    @property
     def saved_bytes(self) -> int:
         return sum(int(state.nbytes) for _, state in self._saved.values())
 

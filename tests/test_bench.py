@@ -171,3 +171,28 @@ def test_weight_bytes(tiny_bundle):
     talker_file = b.manifest.component("talker", "f32").size
     assert 0 < f32["talker"] < talker_file  # token_embd (host lookups only) is not streamed
     assert f32["total"] == f32["talker"] + f32["predictor"] + f32["heads"]
+
+
+@needs_export
+def test_voice_clone_bench(base_bundle, ref_wav, tmp_path, capsys):
+    """The voice bench's figures on the tiny Base bundle: creation per second of audio, and what each kind of
+    voice prefills (speed itself is not asserted)."""
+    from qwen3_tts_edge.bench import voice_clone
+
+    out = tmp_path / "v.json"
+    assert voice_clone.main(["-b", str(base_bundle), "--clip", str(ref_wav), "--text", "What the clip says.",
+                             "--repeats", "1", "--threads", "1", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    c = r["creation"][0]
+    assert c["ref_frames"] == 26 and c["speaker_ms_per_s"] > 0 and c["codec_ms_per_s"] > 0
+    t = r["ttfa"][0]
+    assert all(t[k]["ttfa_ms"] > 0 for k in ("x-vector", "icl cold", "icl cached", "icl no cache"))
+    assert t["icl no cache"]["reused"] == 0 and t["x-vector"]["reused"] == 0
+    # The cached voice restores its prefix (role, tags, x-vector, transcript) and prefills only the rest.
+    assert t["icl cached"]["reused"] > t["icl cold"]["reused"]
+    assert t["icl cached"]["prefilled"] < t["icl no cache"]["prefilled"]
+    assert r["voice_cache_bytes_per_position"] > 0
+    assert "| ICL cached |" in capsys.readouterr().out
+    assert voice_clone.main(["-b", str(base_bundle), "--clip", str(ref_wav), "--clip", str(ref_wav), "--text",
+                             "One transcript."]) == 1
+    assert "give one --text per --clip" in capsys.readouterr().err

@@ -1,0 +1,151 @@
+"""Voice-cloning bench on a Base bundle: voice creation cost and time to first audio per kind of voice.
+
+    python -m qwen3_tts_edge.bench.voice_clone -b BASE_BUNDLE --clip ref.wav --text "what the clip says" \\
+        [--clip other.wav --text "..."] [--threads 2] [--repeats 3] [--json F] [--markdown F]
+
+Creation: the speaker encoder path (load, resample, mel, x-vector) and the codec encoder, in ms per second of
+reference audio, per clip. Time to first audio (one engine, warm, medians over repeats) for:
+- ``x-vector``: an x-vector-only voice, not cached (the prompt layout of a preset speaker: one speaker row);
+- ``icl cold``: an in-context voice seen for the first time (its reference frames and transcript prefilled);
+- ``icl cached``: the same voice again after another voice spoke in between: its saved voice prefix
+  (role, tags, x-vector, transcript) is restored and the rest prefilled;
+- ``icl no cache``: the same voice on an engine without any prompt reuse.
+Random-weight bundles make noise, not speech; their timing is the real one for the shapes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ..runtime import TTS
+from ..runtime.errors import Qwen3TTSEdgeError
+from ..runtime.voices.audio_in import load_reference
+from .machine import describe as describe_machine
+
+TEXTS = ("The weather is lovely today.", "Please remind me to call my sister at six.",
+         "Turning on the kitchen lights now.", "Your package will arrive tomorrow morning.")
+
+
+class VoiceBenchError(Qwen3TTSEdgeError):
+    """A voice bench request that cannot run as asked."""
+
+
+def _ttfa_ms(tts: TTS, voice, text: str, seed: int) -> tuple[float, int, int]:
+    """(time to first audio in ms, prompt positions prefilled, reused) of one short request."""
+    with tts.stream(text, voice=voice, max_frames=4, frames_per_text_token=None, seed=seed) as stream:
+        for _ in stream:
+            pass
+    s = stream.stats
+    return s.ttfa_s * 1e3, s.prompt_positions_prefilled, s.prompt_positions_reused
+
+
+def _median(rows: list[tuple[float, int, int]]) -> dict[str, Any]:
+    return {"ttfa_ms": statistics.median(r[0] for r in rows), "prefilled": rows[-1][1], "reused": rows[-1][2],
+            "runs_ms": [round(r[0], 1) for r in rows]}
+
+
+def run(bundle: Path, clips: list[tuple[Path, str]], *, threads: int, repeats: int) -> dict[str, Any]:
+    tts = TTS(bundle, threads=threads)
+    plain = TTS(bundle, threads=threads, prefix_cache=False)
+    if tts.ids.model_type != "base":
+        raise VoiceBenchError(f"{bundle} is a {tts.ids.model_type} bundle; the voice bench needs a Base bundle")
+    creation = []
+    voices = []
+    for path, text in clips:
+        seconds = len(load_reference(path)) / 24000
+        speaker_ms, total_ms = [], []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            tts.create_voice(path, x_vector_only=True)
+            t1 = time.perf_counter()
+            voice = tts.create_voice(path, text)
+            t2 = time.perf_counter()
+            speaker_ms.append((t1 - t0) * 1e3)
+            total_ms.append((t2 - t1) * 1e3)
+        sp, tot = statistics.median(speaker_ms), statistics.median(total_ms)
+        creation.append({"clip": path.name, "seconds": round(seconds, 2), "ref_frames": int(len(voice.ref_codes)),
+                         "speaker_ms": round(sp, 1), "codec_ms": round(tot - sp, 1),
+                         "speaker_ms_per_s": round(sp / seconds, 1), "codec_ms_per_s": round((tot - sp) / seconds, 1),
+                         "icl_voice_ms_per_s": round(tot / seconds, 1)})
+        voices.append((path.name, voice, tts.create_voice(path, x_vector_only=True)))
+
+    _ttfa_ms(tts, voices[0][2], TEXTS[0], 0)  # warm-up: first-call costs stay out of every figure
+    _ttfa_ms(plain, voices[0][2], TEXTS[0], 0)
+    ttfa = []
+    for name, icl, xvec in voices:
+        rows: dict[str, list[tuple[float, int, int]]] = {"x-vector": [], "icl cold": [], "icl cached": [],
+                                                         "icl no cache": []}
+        for r in range(repeats):
+            text = TEXTS[(r + 1) % len(TEXTS)]
+            tts.talker.forget()  # nothing known: both kinds start cold
+            rows["x-vector"].append(_ttfa_ms(tts, xvec, text, r))
+            tts.talker.forget()
+            _ttfa_ms(tts, xvec, TEXTS[0], r)  # the engine is warm and something else is live
+            rows["icl cold"].append(_ttfa_ms(tts, icl, text, r))
+            _ttfa_ms(tts, xvec, TEXTS[0], r)  # another voice in between: the ICL prefix comes from the LRU
+            rows["icl cached"].append(_ttfa_ms(tts, icl, TEXTS[(r + 2) % len(TEXTS)], r))
+            rows["icl no cache"].append(_ttfa_ms(plain, icl, text, r))
+        ttfa.append({"clip": name, "ref_frames": int(len(icl.ref_codes)),
+                     **{kind: _median(v) for kind, v in rows.items()}})
+    saved = tts.talker.saved_bytes / max(1, tts.talker.saved_positions)
+    m = tts.bundle.manifest
+    return {"bundle": str(bundle), "model": m.source.get("model"), "size": m.model.get("tts_model_size"),
+            "talker": tts.talker_precision, "decoder": tts.decoder_precision, "threads": threads, "repeats": repeats,
+            "creation": creation, "ttfa": ttfa, "voice_cache_bytes_per_position": round(saved),
+            "machine": describe_machine(threads)}
+
+
+def format_markdown(r: dict[str, Any]) -> str:
+    lines = [f"## Voice cloning: {r['model']} (talker {r['talker']}, decoder {r['decoder']}, {r['threads']} threads)",
+             "", f"Voice creation (median of {r['repeats']}):", "",
+             "| clip | seconds | frames | speaker encoder ms (per s) | codec encoder ms (per s) | ICL voice ms per s |",
+             "|---|---|---|---|---|---|"]
+    for c in r["creation"]:
+        lines.append(f"| {c['clip']} | {c['seconds']} | {c['ref_frames']} | {c['speaker_ms']} ({c['speaker_ms_per_s']})"
+                     f" | {c['codec_ms']} ({c['codec_ms_per_s']}) | {c['icl_voice_ms_per_s']} |")
+    lines += ["", "Time to first audio, ms (median; prompt positions prefilled / reused):", "",
+              "| clip | ref frames | x-vector voice | ICL cold | ICL cached | ICL without cache |",
+              "|---|---|---|---|---|---|"]
+    for t in r["ttfa"]:
+        cells = [f"{t[k]['ttfa_ms']:.0f} ({t[k]['prefilled']}/{t[k]['reused']})"
+                 for k in ("x-vector", "icl cold", "icl cached", "icl no cache")]
+        lines.append(f"| {t['clip']} | {t['ref_frames']} | " + " | ".join(cells) + " |")
+    lines += ["", f"Saved voice prefixes cost {r['voice_cache_bytes_per_position'] / 1e3:.0f} KB per position."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m qwen3_tts_edge.bench.voice_clone", description=__doc__.split("\n")[0])
+    p.add_argument("-b", "--bundle", required=True, type=Path)
+    p.add_argument("--clip", type=Path, action="append", required=True, help="reference clip (repeatable)")
+    p.add_argument("--text", action="append", required=True, help="its transcript (one per --clip)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", type=Path)
+    p.add_argument("--markdown", type=Path)
+    args = p.parse_args(argv)
+    try:
+        if len(args.clip) != len(args.text):
+            raise VoiceBenchError("give one --text per --clip")
+        report = run(args.bundle, list(zip(args.clip, args.text, strict=True)), threads=args.threads,
+                     repeats=args.repeats)
+    except Qwen3TTSEdgeError as exc:
+        print(f"voice_clone: error: {exc}", file=sys.stderr)
+        return 1
+    md = format_markdown(report)
+    print(md)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    if args.markdown:
+        args.markdown.write_text(md, encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
