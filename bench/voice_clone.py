@@ -6,10 +6,11 @@
 Creation: the speaker encoder path (load, resample, mel, x-vector) and the codec encoder, in ms per second of
 reference audio, per clip. Time to first audio (one engine, warm, medians over repeats) for:
 - ``x-vector``: an x-vector-only voice, not cached (the prompt layout of a preset speaker: one speaker row);
-- ``icl cold``: an in-context voice seen for the first time (its reference frames and transcript prefilled);
-- ``icl cached``: the same voice again after another voice spoke in between: its saved voice prefix
-  (role, tags, x-vector, transcript) is restored and the rest prefilled;
-- ``icl no cache``: the same voice on an engine without any prompt reuse.
+- ``icl cold``: an in-context voice seen for the first time: its whole prompt prefilled and the decoder primed
+  with its reference codes (decoding the reference, as the official decodes reference + new codes together);
+- ``icl cached``: the same voice again after another voice spoke in between: its saved voice prefix (role,
+  tags, x-vector, transcript) and its primed decoder state are restored, the rest of the prompt prefilled.
+An engine without caches (``TTS(prefix_cache=False)``) pays the cold figure on every request.
 Random-weight bundles make noise, not speech; their timing is the real one for the shapes.
 """
 
@@ -52,7 +53,6 @@ def _median(rows: list[tuple[float, int, int]]) -> dict[str, Any]:
 
 def run(bundle: Path, clips: list[tuple[Path, str]], *, threads: int, repeats: int) -> dict[str, Any]:
     tts = TTS(bundle, threads=threads)
-    plain = TTS(bundle, threads=threads, prefix_cache=False)
     if tts.ids.model_type != "base":
         raise VoiceBenchError(f"{bundle} is a {tts.ids.model_type} bundle; the voice bench needs a Base bundle")
     creation = []
@@ -76,21 +76,18 @@ def run(bundle: Path, clips: list[tuple[Path, str]], *, threads: int, repeats: i
         voices.append((path.name, voice, tts.create_voice(path, x_vector_only=True)))
 
     _ttfa_ms(tts, voices[0][2], TEXTS[0], 0)  # warm-up: first-call costs stay out of every figure
-    _ttfa_ms(plain, voices[0][2], TEXTS[0], 0)
     ttfa = []
     for name, icl, xvec in voices:
-        rows: dict[str, list[tuple[float, int, int]]] = {"x-vector": [], "icl cold": [], "icl cached": [],
-                                                         "icl no cache": []}
+        rows: dict[str, list[tuple[float, int, int]]] = {"x-vector": [], "icl cold": [], "icl cached": []}
         for r in range(repeats):
             text = TEXTS[(r + 1) % len(TEXTS)]
-            tts.talker.forget()  # nothing known: both kinds start cold
+            tts.forget_voices()  # nothing known: both kinds start cold
             rows["x-vector"].append(_ttfa_ms(tts, xvec, text, r))
-            tts.talker.forget()
+            tts.forget_voices()
             _ttfa_ms(tts, xvec, TEXTS[0], r)  # the engine is warm and something else is live
             rows["icl cold"].append(_ttfa_ms(tts, icl, text, r))
             _ttfa_ms(tts, xvec, TEXTS[0], r)  # another voice in between: the ICL prefix comes from the LRU
             rows["icl cached"].append(_ttfa_ms(tts, icl, TEXTS[(r + 2) % len(TEXTS)], r))
-            rows["icl no cache"].append(_ttfa_ms(plain, icl, text, r))
         ttfa.append({"clip": name, "ref_frames": int(len(icl.ref_codes)),
                      **{kind: _median(v) for kind, v in rows.items()}})
     saved = tts.talker.saved_bytes / max(1, tts.talker.saved_positions)
@@ -110,11 +107,10 @@ def format_markdown(r: dict[str, Any]) -> str:
         lines.append(f"| {c['clip']} | {c['seconds']} | {c['ref_frames']} | {c['speaker_ms']} ({c['speaker_ms_per_s']})"
                      f" | {c['codec_ms']} ({c['codec_ms_per_s']}) | {c['icl_voice_ms_per_s']} |")
     lines += ["", "Time to first audio, ms (median; prompt positions prefilled / reused):", "",
-              "| clip | ref frames | x-vector voice | ICL cold | ICL cached | ICL without cache |",
-              "|---|---|---|---|---|---|"]
+              "| clip | ref frames | x-vector voice | ICL cold | ICL cached |", "|---|---|---|---|---|"]
     for t in r["ttfa"]:
         cells = [f"{t[k]['ttfa_ms']:.0f} ({t[k]['prefilled']}/{t[k]['reused']})"
-                 for k in ("x-vector", "icl cold", "icl cached", "icl no cache")]
+                 for k in ("x-vector", "icl cold", "icl cached")]
         lines.append(f"| {t['clip']} | {t['ref_frames']} | " + " | ".join(cells) + " |")
     lines += ["", f"Saved voice prefixes cost {r['voice_cache_bytes_per_position'] / 1e3:.0f} KB per position."]
     return "\n".join(lines) + "\n"

@@ -158,6 +158,16 @@ class TTS:
         language = voice.language if o.language == "auto" and voice.language else o.language
         return o.replace(voice=voice.prompt(), language=language)
 
+    def forget_voices(self) -> None:
+        """Drop every cached voice state: talker prompt prefixes and primed decoder states (memory, or a cold
+        measurement); later requests rebuild what they need."""
+        forget = getattr(self.talker, "forget", None)
+        if forget is not None:
+            forget()
+        forget_primed = getattr(self.decoder, "forget_primed", None)
+        if forget_primed is not None:
+            forget_primed()
+
     @property
     def speakers(self) -> list[str]:
         return sorted(self.ids.speakers)

@@ -267,6 +267,17 @@ def test_prime_continues_after_the_reference(fp32_decoder, long_codes, long_offl
     assert fp32_decoder.frames_decoded == n
     out = _stream(fp32_decoder, long_codes[n:130], 4)
     assert fidelity.max_abs(long_offline[n * 1920 : 130 * 1920], out) <= FP32_TOL
+    # The same reference again (a cached voice): its primed state is restored, not decoded again.
+    calls = []
+    run = fp32_decoder._session.run
+    fp32_decoder._session.run = lambda *a, **k: calls.append(1) or run(*a, **k)
+    try:
+        fp32_decoder.prime(long_codes[100:110], chunk=32)  # another voice in between
+        fp32_decoder.prime(ref, chunk=32)
+        assert len(calls) == 1 and fp32_decoder.frames_decoded == n
+        assert np.array_equal(_stream(fp32_decoder, long_codes[n:130], 4), out)
+    finally:
+        fp32_decoder._session.run = run
 
 
 def test_unavailable_provider_warns_and_falls_back(exported):
