@@ -240,14 +240,19 @@ def _cmd_speak(args: argparse.Namespace) -> int:
     return 0
 
 
-# Subcommands that live in the layers above the runtime (export/, bench/): module, argument adder, runner, help.
-# Named by string and imported only when chosen, so the runtime never imports upward and `speak` stays light.
+# Subcommands that live in the layers above the runtime (export/, bench/) or behind an extra (runtime/servers,
+# the [server] extra): module, argument adder, runner, help. Named by string and imported only when chosen, so
+# the runtime never imports upward and `speak` stays light.
 PLUGGED: dict[str, tuple[str, str, str, str]] = {
     "export": ("qwen3_tts_edge.export.cli", "add_arguments", "run", "export a checkpoint into an artifact bundle"),
     "parity": ("qwen3_tts_edge.bench.parity", "add_parity_arguments", "cmd_parity",
                "compare a bundle's stages with the official PyTorch model"),
     "bench": ("qwen3_tts_edge.bench.run", "add_bench_arguments", "cmd_bench",
               "time to first audio, real-time factor, memory, fidelity per precision"),
+    "serve": ("qwen3_tts_edge.runtime.servers.cli", "add_serve_arguments", "cmd_serve",
+              "OpenAI-compatible speech API (/v1/audio/speech) over HTTP"),
+    "wyoming": ("qwen3_tts_edge.runtime.servers.cli", "add_wyoming_arguments", "cmd_wyoming",
+                "Wyoming TTS server for Home Assistant"),
 }
 
 

@@ -1,0 +1,184 @@
+"""The servers' voice catalogue: the bundle's preset speakers plus the voice files saved in ``--voices DIR``.
+
+A saved voice is ``DIR/<name>.voice`` (the runtime's voice file, made by ``qwen3-tts-edge voice create`` or
+uploaded through ``POST /v1/audio/voices``). The folder is read on every listing, so voices copied in by
+hand appear without a restart. New files are written atomically (a temporary file renamed into place), and
+names are checked so a request can never write outside the folder.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import Qwen3TTSEdgeError
+from ..voices.voice_file import Voice
+
+SUFFIX = ".voice"
+NAME_RULE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# Model language names and the ISO 639-1 codes clients (Home Assistant) group voices by.
+LANGUAGE_CODES = {"chinese": "zh", "english": "en", "japanese": "ja", "korean": "ko", "german": "de",
+                  "french": "fr", "russian": "ru", "portuguese": "pt", "spanish": "es", "italian": "it"}
+DEFAULT_VOICE = "default"  # the one voice of a bundle without preset speakers (VoiceDesign: instruct decides)
+
+
+class VoiceRequestError(Qwen3TTSEdgeError):
+    """A voice request that cannot be served; ``status`` and ``param`` say how to answer it over HTTP."""
+
+    status = 400
+
+    def __init__(self, message: str, param: str | None = "voice"):
+        super().__init__(message)
+        self.param = param
+
+
+class UnknownVoice(VoiceRequestError):
+    pass
+
+
+class VoiceNotFound(VoiceRequestError):
+    status = 404
+
+
+class VoiceExists(VoiceRequestError):
+    status = 409
+
+
+@dataclass(frozen=True)
+class VoiceChoice:
+    """What a voice name means here: a preset speaker, a saved voice, or neither (the bundle's default)."""
+
+    name: str
+    speaker: str | None = None
+    voice: Voice | None = None
+
+
+def language_code(name: str) -> str:
+    """The short code of a model language name ('english' -> 'en'); unknown names are kept as they are."""
+    return LANGUAGE_CODES.get(name, name)
+
+
+def language_name(value: str | None, known: list[str]) -> str:
+    """A request's language (a model name such as 'english', or a code such as 'en' / 'en-US') to the model's
+    name; ``known`` is the bundle's list (with 'auto'). Raises ``VoiceRequestError`` naming the choices."""
+    if value is None or value == "":
+        return "auto"
+    v = value.strip().lower().replace("_", "-")
+    if v in known:
+        return v
+    by_code = {language_code(n): n for n in known}
+    base = v.split("-")[0]
+    if base in by_code:
+        return by_code[base]
+    choices = ", ".join(f"{n} ({language_code(n)})" if language_code(n) != n else n for n in known)
+    raise VoiceRequestError(f"unsupported language {value!r}; choose one of {choices}", param="language")
+
+
+class VoiceCatalog:
+    """Preset speakers of the bundle plus saved voices in ``directory`` (None: presets only)."""
+
+    def __init__(self, speakers: list[str], model_type: str, directory: str | Path | None = None):
+        self.speakers = sorted(speakers)
+        self.model_type = model_type
+        self.directory = Path(directory) if directory is not None else None
+        if self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        self._cache: dict[Path, tuple[tuple[int, int], Voice]] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def presets(self) -> list[str]:
+        if self.speakers:
+            return list(self.speakers)
+        return [DEFAULT_VOICE] if self.model_type != "base" else []
+
+    def saved(self) -> list[str]:
+        # Voice files hold a Base checkpoint's x-vector: only a Base bundle can speak with them.
+        if self.model_type != "base" or self.directory is None or not self.directory.is_dir():
+            return []
+        return sorted(p.name[: -len(SUFFIX)] for p in self.directory.glob(f"*{SUFFIX}")
+                      if p.is_file() and NAME_RULE.match(p.name[: -len(SUFFIX)]))
+
+    def names(self) -> list[str]:
+        return self.presets + self.saved()
+
+    def default_name(self) -> str | None:
+        names = self.names()
+        return names[0] if names else None
+
+    def listing(self) -> list[dict[str, str]]:
+        """Voices as objects (Open WebUI reads ``id``): presets first, then saved voices."""
+        return ([{"id": n, "name": n.replace("_", " ").title() if n in self.speakers else n, "type": "preset"}
+                 for n in self.presets] + [{"id": n, "name": n, "type": "saved"} for n in self.saved()])
+
+    def _path(self, name: str) -> Path:
+        if not NAME_RULE.match(name or ""):
+            raise VoiceRequestError(f"voice name {name!r} is not allowed: use 1-64 letters, digits, '_', '-' or '.', "
+                                    "starting with a letter or digit", param="name")
+        if self.directory is None:
+            raise VoiceRequestError("this server keeps no saved voices; start it with --voices DIR", param=None)
+        return self.directory / f"{name}{SUFFIX}"
+
+    def resolve(self, name: str | None) -> VoiceChoice:
+        """A request's voice name to what to speak with; an unknown name lists the voices there are."""
+        if name is None or name == "":
+            name = self.default_name()
+            if name is None:
+                raise UnknownVoice("this Base bundle has no voices yet: upload one (POST /v1/audio/voices, or "
+                                   "`qwen3-tts-edge voice create` into the --voices folder) or pass ref_audio")
+        lowered = name.strip().lower()
+        if lowered in self.speakers:
+            return VoiceChoice(lowered, speaker=lowered)
+        if lowered == DEFAULT_VOICE and DEFAULT_VOICE in self.presets:
+            return VoiceChoice(DEFAULT_VOICE)
+        if name in self.saved():
+            return VoiceChoice(name, voice=self.load(name))
+        available = self.names()
+        hint = ", ".join(available) if available else "none yet (upload one with POST /v1/audio/voices)"
+        raise UnknownVoice(f"unknown voice {name!r}; available voices: {hint}")
+
+    def load(self, name: str) -> Voice:
+        """A saved voice, read once and kept while its file is unchanged."""
+        path = self._path(name)
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            raise VoiceNotFound(f"no saved voice {name!r}") from None
+        key = (st.st_mtime_ns, st.st_size)
+        with self._lock:
+            hit = self._cache.get(path)
+            if hit is not None and hit[0] == key:
+                return hit[1]
+        voice = Voice.load(path)
+        with self._lock:
+            self._cache[path] = (key, voice)
+        return voice
+
+    def check_new_name(self, name: str) -> Path:
+        """The file a new voice would get; refuses bad names, preset names and existing voices."""
+        path = self._path(name)
+        if name.lower() in self.speakers or name.lower() == DEFAULT_VOICE:
+            raise VoiceExists(f"{name!r} is a preset voice of this bundle; choose another name", param="name")
+        if path.exists():
+            raise VoiceExists(f"a voice named {name!r} exists; delete it first (DELETE /v1/audio/voices/{name})",
+                              param="name")
+        return path
+
+    def create(self, name: str, voice: Voice) -> Path:
+        """Save a new voice atomically (``Voice.save`` writes a temporary file and renames it)."""
+        path = self.check_new_name(name)
+        return voice.save(path)
+
+    def delete(self, name: str) -> None:
+        if name.lower() in self.speakers or name.lower() == DEFAULT_VOICE:
+            raise VoiceRequestError(f"{name!r} is a preset voice of the bundle and cannot be deleted", param="name")
+        path = self._path(name)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            raise VoiceNotFound(f"no saved voice {name!r}; saved voices: {', '.join(self.saved()) or 'none'}",
+                                param="name") from None
+        with self._lock:
+            self._cache.pop(path, None)
