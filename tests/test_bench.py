@@ -196,3 +196,17 @@ def test_voice_clone_bench(base_bundle, ref_wav, tmp_path, capsys):
     assert voice_clone.main(["-b", str(base_bundle), "--clip", str(ref_wav), "--clip", str(ref_wav), "--text",
                              "One transcript."]) == 1
     assert "give one --text per --clip" in capsys.readouterr().err
+
+
+@needs_export
+def test_memory_breakdown(tiny_bundle, tmp_path, capsys):
+    """`bench.memory` on the tiny bundle: every step is there, memory only grows, the peak covers it."""
+    from qwen3_tts_edge.bench import memory
+
+    out = tmp_path / "m.json"
+    assert memory.main(["-b", str(tiny_bundle), "--talker", "q8_0", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert [s["step"].split()[0] for s in r["steps"]] == ["python", "talker", "decoder", "after"]
+    totals = [s["resident_mb"] for s in r["steps"]]
+    assert totals[1] > totals[0] and r["peak_mb"] >= max(totals) - 1
+    assert "| talker q8_0 + predictor + tables (n_ctx 4096) |" in capsys.readouterr().out

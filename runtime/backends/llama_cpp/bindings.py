@@ -173,9 +173,14 @@ def _blas_controllers() -> list[Any]:
 
 
 class LlamaModel:
-    """A GGUF model loaded by llama.cpp (weights mmapped where the format allows)."""
+    """A GGUF model loaded by llama.cpp.
 
-    def __init__(self, path: Path | str, *, n_gpu_layers: int = 0, use_mmap: bool = True) -> None:
+    Read into memory rather than mmapped by default: on CPUs llama.cpp repacks k-quant weights (q4_k_m...) into
+    its GEMM kernels' interleaved layout, and with mmap the original pages stay resident beside the repacked copy
+    (measured: 250 MB more peak RSS for the 0.6B q4_k_m talker, the same speed; no difference for q8_0).
+    """
+
+    def __init__(self, path: Path | str, *, n_gpu_layers: int = 0, use_mmap: bool = False) -> None:
         lc = api()
         self.path = Path(path)
         if not self.path.is_file():
