@@ -203,7 +203,8 @@ def _cmd_speak(args: argparse.Namespace) -> int:
                                repetition_penalty=args.repetition_penalty, chunk_frames=schedule,
                                max_frames=args.max_frames, voice=args.voice)
         tts = TTS(args.bundle, talker_precision=args.talker_precision, decoder_precision=args.decoder_precision,
-                  threads=args.threads, providers=args.provider, n_gpu_layers=args.n_gpu_layers)
+                  threads=args.threads, decoder_threads=args.decoder_threads, providers=args.provider,
+                  n_gpu_layers=args.n_gpu_layers)
         if args.ref_audio is not None:
             options = options.replace(voice=tts.create_voice(args.ref_audio, ref_text,
                                                              x_vector_only=args.x_vector_only))
@@ -295,7 +296,8 @@ def build_parser(wanted: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--chunk-frames", default="1,2,4,8", help="decode schedule: frames per chunk, last repeats")
     p.add_argument("--talker-precision", help="talker/predictor GGUF precision in the bundle")
     p.add_argument("--decoder-precision", help="decoder ONNX precision in the bundle")
-    p.add_argument("--threads", type=int)
+    p.add_argument("--threads", type=int, help="CPU threads for llama.cpp (default: all cores)")
+    p.add_argument("--decoder-threads", type=int, help="CPU threads for the ONNX decoder (default: 1)")
     p.add_argument("--provider", action="append", help="onnxruntime execution provider (repeatable)")
     p.add_argument("--n-gpu-layers", type=int, default=0, help="llama.cpp layers to offload (CUDA builds)")
     p.add_argument("--stats", action="store_true", help="print time to first audio, RTF, per-stage ms to stderr")

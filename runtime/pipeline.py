@@ -53,11 +53,15 @@ def _pick(bundle: Bundle, role: str, wanted: str | None, preference: Sequence[st
     return next((p for p in preference if p in have), have[0])
 
 
+DEFAULT_DECODER_THREADS = 1
+
+
 class TTS:
     """A loaded bundle ready to speak. Not thread-safe: one request at a time per instance."""
 
     def __init__(self, bundle: str | Path, *, talker_precision: str | None = None,
                  decoder_precision: str | None = None, threads: int | None = None,
+                 decoder_threads: int | None = None,
                  providers: Sequence[str] | None = None, n_gpu_layers: int = 0, verify: bool = True,
                  max_queued_frames: int = 64, backends: Backends | None = None, n_ctx: int = 4096,
                  prefix_cache: bool = True, voice_cache_bytes: int = DEFAULT_CACHE_BYTES):
@@ -87,8 +91,12 @@ class TTS:
         if backends.decoder is not None:
             self.decoder = backends.decoder
         else:
+            # The decoder runs on the consumer's thread while llama.cpp generates. Default: one thread, which
+            # keeps up with real time (int8 ~47 ms per 80 ms frame) and leaves the other cores to llama.cpp;
+            # measured on 2 cores (bench/README, "Thread placement"): 0.6B q4_k_m + int8 RTF 1.78 vs 1.90
+            # (medians of 5 and 4 alternated runs) and q8_0 + int8 2.58 vs 2.95 with both engines on both cores.
             self.decoder = load_engines("decoder", self.bundle, self.decoder_precision, providers=providers,
-                                        threads=threads)
+                                        threads=decoder_threads or DEFAULT_DECODER_THREADS)
         self.tokenizer = TextTokenizer.from_folder(self.bundle.root / "tokenizer")
         self.ids = ModelIds.from_manifest(m)
         self.sample_rate = int(m.audio["sample_rate"])
