@@ -29,6 +29,7 @@ def memory_bandwidth_gbs(size_mb: int = 512, repeats: int = 5) -> float:
     return buf.nbytes / best / 1e9
 
 
-def describe(threads: int | None = None) -> dict:
-    """The machine fields of a benchmark report (with llama.cpp's system-info line: which kernels ran)."""
-    return {**runtime_machine.describe(), "threads_used": threads}
+def describe(threads: int | None = None, decoder_threads: int | None = None) -> dict:
+    """The machine fields of a benchmark report (with llama.cpp's system-info line: which kernels ran) and the
+    thread counts the run used: llama.cpp's and the ONNX decoder's."""
+    return {**runtime_machine.describe(), "threads_used": threads, "decoder_threads_used": decoder_threads}

@@ -76,7 +76,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frames", type=int, help="force exactly N frames per request (equal work across configurations)")
     p.add_argument("--repeats", type=int, default=3,
                    help="rounds; each configuration runs once per round in a fresh process (default 3)")
-    p.add_argument("--threads", type=int, default=2, help="llama.cpp / onnxruntime / torch threads (default 2)")
+    p.add_argument("--threads", type=int, default=2, help="llama.cpp / torch threads (default 2)")
+    p.add_argument("--decoder-threads", type=int, default=1,
+                   help="onnxruntime decoder threads (default 1, the runtime's default placement)")
     p.add_argument("--talker", type=csv_list, metavar="PRECISIONS", help="talker precisions to run (default: all)")
     p.add_argument("--decoder", type=csv_list, metavar="PRECISIONS", help="decoder precisions to run (default: all)")
     p.add_argument("--provider", action="append", metavar="EP",
@@ -162,8 +164,8 @@ def _checked_settings(args: argparse.Namespace) -> tuple[list[int], list[BenchTe
         raise BenchError("--frames must be at least 1")
     if args.repeats < 1:
         raise BenchError("--repeats must be at least 1")
-    if args.threads < 1:
-        raise BenchError("--threads must be at least 1")
+    if args.threads < 1 or args.decoder_threads < 1:
+        raise BenchError("--threads and --decoder-threads must be at least 1")
     try:
         schedule = [int(v) for v in args.chunk_frames]
     except ValueError as exc:
@@ -265,7 +267,8 @@ def run_bench(args: argparse.Namespace, progress=lambda msg: None) -> dict[str, 
     bw = [machine.memory_bandwidth_gbs()]
     frames = args.frames
     warm = min(frames, WARMUP_FRAMES) if frames else WARMUP_FRAMES
-    base = {"bundle": str(bundle.root), "threads": args.threads, "n_gpu_layers": args.n_gpu_layers,
+    base = {"bundle": str(bundle.root), "threads": args.threads, "decoder_threads": args.decoder_threads,
+            "n_gpu_layers": args.n_gpu_layers,
             "frames": frames, "texts": [asdict(t) for t in texts], "seed": args.seed, "chunk_frames": schedule,
             "warmup_frames": warm, **request}
     configs = [(t, d, p) for p in providers for t in talkers for d in decoders]
@@ -286,14 +289,16 @@ def run_bench(args: argparse.Namespace, progress=lambda msg: None) -> dict[str, 
     return {
         "schema": rep.SCHEMA,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {**machine.describe(args.threads), "bandwidth_gbs": max(bw), "bandwidth_samples_gbs": bw,
+        "machine": {**machine.describe(args.threads, args.decoder_threads), "bandwidth_gbs": max(bw),
+                    "bandwidth_samples_gbs": bw,
                     "bandwidth_how": "bench/machine.memory_bandwidth_gbs: best of 5 single-stream numpy reductions "
                                      "over 512 MiB, measured before and after the timed runs",
                     "load_average": {"start": list(start_load), "end": list(end_load)}},
         "bundle": {"path": str(bundle.root), "model": m.source.get("model"),
                    "model_type": m.model.get("tts_model_type"), "model_size": m.model.get("tts_model_size"),
                    "total_mb": sum(c.size for c in m.components) / 1e6},
-        "settings": {"frames": frames, "repeats": args.repeats, "threads": args.threads, "seed": args.seed,
+        "settings": {"frames": frames, "repeats": args.repeats, "threads": args.threads,
+                     "decoder_threads": args.decoder_threads, "seed": args.seed,
                      "chunk_frames": schedule, "providers": providers, "n_gpu_layers": args.n_gpu_layers,
                      "texts": [asdict(t) for t in texts], "request": request,
                      "warmup": f"one {warm}-frame request of {texts[0].id} per process, not timed",

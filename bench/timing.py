@@ -141,8 +141,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         tts, official_decoder = _reference_tts(spec)
     else:
         tts = TTS(spec["bundle"], talker_precision=spec["talker"], decoder_precision=spec["decoder"],
-                  threads=spec["threads"], providers=[spec["provider"]], n_gpu_layers=int(spec.get("n_gpu_layers", 0)),
-                  verify=False)
+                  threads=spec["threads"], decoder_threads=spec.get("decoder_threads"), providers=[spec["provider"]],
+                  n_gpu_layers=int(spec.get("n_gpu_layers", 0)), verify=False)
     load_s = time.perf_counter() - t0
     rss_loaded = _rss_mb()
     texts, frames = spec["texts"], spec.get("frames")

@@ -49,6 +49,8 @@ def test_report_schema(bench_run):
     assert r["schema"] == rep.SCHEMA == 1
     assert r["machine"]["cpu"] and _positive(r["machine"]["bandwidth_gbs"])
     assert r["settings"]["frames"] == 8 and r["settings"]["repeats"] == 1 and r["settings"]["threads"] == 1
+    assert r["settings"]["decoder_threads"] == 1 and r["machine"]["decoder_threads_used"] == 1
+    assert "CPU :" in r["machine"]["llama_cpp_system_info"]  # which kernels ran
     assert "not timed" in r["settings"]["warmup"]
     assert {(x["talker"], x["decoder"], x["provider"]) for x in r["runs"]} == {
         ("f32", "fp32", "CPUExecutionProvider"), ("q8_0", "fp32", "CPUExecutionProvider")}
