@@ -26,7 +26,7 @@ from typing import Any
 
 from ..runtime import TTS
 from ..runtime.errors import Qwen3TTSEdgeError
-from ..runtime.voices.audio_in import load_reference
+from ..runtime.pipeline import DEFAULT_DECODER_THREADS
 from .machine import describe as describe_machine
 
 TEXTS = ("The weather is lovely today.", "Please remind me to call my sister at six.",
@@ -58,22 +58,22 @@ def run(bundle: Path, clips: list[tuple[Path, str]], *, threads: int, repeats: i
     creation = []
     voices = []
     for path, text in clips:
-        seconds = len(load_reference(path)) / 24000
         speaker_ms, total_ms = [], []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            tts.create_voice(path, x_vector_only=True)
+            xvec = tts.create_voice(path, x_vector_only=True)
             t1 = time.perf_counter()
             voice = tts.create_voice(path, text)
             t2 = time.perf_counter()
             speaker_ms.append((t1 - t0) * 1e3)
             total_ms.append((t2 - t1) * 1e3)
         sp, tot = statistics.median(speaker_ms), statistics.median(total_ms)
+        seconds = voice.provenance["seconds_24k"]
         creation.append({"clip": path.name, "seconds": round(seconds, 2), "ref_frames": int(len(voice.ref_codes)),
                          "speaker_ms": round(sp, 1), "codec_ms": round(tot - sp, 1),
                          "speaker_ms_per_s": round(sp / seconds, 1), "codec_ms_per_s": round((tot - sp) / seconds, 1),
                          "icl_voice_ms_per_s": round(tot / seconds, 1)})
-        voices.append((path.name, voice, tts.create_voice(path, x_vector_only=True)))
+        voices.append((path.name, voice, xvec))
 
     _ttfa_ms(tts, voices[0][2], TEXTS[0], 0)  # warm-up: first-call costs stay out of every figure
     ttfa = []
@@ -95,7 +95,7 @@ def run(bundle: Path, clips: list[tuple[Path, str]], *, threads: int, repeats: i
     return {"bundle": str(bundle), "model": m.source.get("model"), "size": m.model.get("tts_model_size"),
             "talker": tts.talker_precision, "decoder": tts.decoder_precision, "threads": threads, "repeats": repeats,
             "creation": creation, "ttfa": ttfa, "voice_cache_bytes_per_position": round(saved),
-            "machine": describe_machine(threads)}
+            "machine": describe_machine(threads, DEFAULT_DECODER_THREADS)}
 
 
 def format_markdown(r: dict[str, Any]) -> str:

@@ -64,7 +64,7 @@ class PrefixReusingTalker:
         return sum(int(state.nbytes) for _, state in self._saved.values())
 
     def prefill_prompt(self, prompt) -> object:
-        return self.prefill(prompt.embeds, voice_positions=getattr(prompt, "voice_positions", 0))
+        return self.prefill(prompt.embeds, voice_positions=prompt.voice_positions)
 
     def prefill(self, embeds: np.ndarray, voice_positions: int = 0):
         embeds = np.ascontiguousarray(embeds, dtype=np.float32)

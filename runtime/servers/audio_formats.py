@@ -18,6 +18,8 @@ import struct
 
 import numpy as np
 
+from ..audio import to_s16le
+
 FORMATS = ("mp3", "opus", "flac", "wav", "pcm")
 CONTENT_TYPES = {"pcm": "audio/pcm", "wav": "audio/wav", "flac": "audio/flac", "opus": "audio/ogg; codecs=opus",
                  "mp3": "audio/mpeg"}
@@ -27,12 +29,6 @@ _SOUNDFILE = {"flac": ("FLAC", "PCM_16"), "opus": ("OGG", "OPUS"), "mp3": ("MP3"
 
 class UnsupportedFormat(ValueError):
     """A response format this server cannot write (the message lists the supported ones)."""
-
-
-def to_s16le(pcm: np.ndarray) -> bytes:
-    """float32 [-1, 1] to 16-bit little-endian bytes (clipped, rounded)."""
-    x = np.clip(np.asarray(pcm, np.float32), -1.0, 1.0)
-    return np.round(x * 32767.0).astype("<i2").tobytes()
 
 
 def wav_header(sample_rate: int, channels: int = 1, bits: int = 16, data_bytes: int | None = None) -> bytes:

@@ -31,9 +31,9 @@ from wyoming.info import Attribution, Describe, Info, TtsProgram, TtsVoice
 from wyoming.server import AsyncEventHandler
 from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop, SynthesizeStopped, SynthesizeVoice
 
+from ..audio import to_s16le
 from ..errors import Qwen3TTSEdgeError
 from ..options import SpeakOptions
-from .audio_formats import to_s16le
 from .pool import SERVER_CHUNK_FRAMES, EnginePool, Job
 from .voices import VoiceCatalog, language_code, language_name
 

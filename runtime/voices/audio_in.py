@@ -40,11 +40,18 @@ def to_mono(samples: np.ndarray) -> np.ndarray:
     return a
 
 
-def resample(samples: np.ndarray, rate: int, target: int = ENCODER_SAMPLE_RATE) -> np.ndarray:
-    """Mono float32 at ``target`` Hz, ``ceil(n * (target / rate))`` samples (soxr HQ, as librosa's default)."""
+def _sample_rate(rate) -> int:
     if isinstance(rate, bool) or not isinstance(rate, int | np.integer) or rate <= 0:
         raise AudioInputError(f"sample rate must be a positive integer, got {rate!r}")
-    mono = to_mono(samples)
+    return int(rate)
+
+
+def resample(samples: np.ndarray, rate: int, target: int = ENCODER_SAMPLE_RATE) -> np.ndarray:
+    """Mono float32 at ``target`` Hz, ``ceil(n * (target / rate))`` samples (soxr HQ, as librosa's default)."""
+    return _resample_mono(to_mono(samples), _sample_rate(rate), target)
+
+
+def _resample_mono(mono: np.ndarray, rate: int, target: int = ENCODER_SAMPLE_RATE) -> np.ndarray:
     if rate == target:
         return mono
     import soxr
@@ -89,8 +96,9 @@ def _read_file(path: Path) -> tuple[np.ndarray, int]:
     import soundfile as sf
 
     try:
-        info = sf.info(str(path))
-        samples, rate = sf.read(str(path), dtype="float32", always_2d=False)
+        with sf.SoundFile(str(path)) as f:  # one open: the header facts and the samples
+            fmt, frames, rate, extra = f.format, f.frames, f.samplerate, f.extra_info
+            samples = f.read(dtype="float32", always_2d=False)
     except (sf.LibsndfileError, RuntimeError) as exc:
         why = str(exc).strip()
         if "malformed" in why or "lost sync" in why or "decoder" in why:  # a known format, damaged inside
@@ -98,15 +106,15 @@ def _read_file(path: Path) -> tuple[np.ndarray, int]:
         raise AudioInputError(f"cannot read {path} as audio ({why}); use wav, flac, ogg or mp3") from exc
     # libsndfile reads what is there of a cut WAV and says so only in its header dump; a streamed WAV's
     # "unknown length" sizes (0, 0xFFFFFFFF) are not a cut.
-    declared = re.search(r"^data : (\d+) \(should be (\d+)\)", info.extra_info, re.MULTILINE)
+    declared = re.search(r"^data : (\d+) \(should be (\d+)\)", extra, re.MULTILINE)
     short = declared is not None and 0 < int(declared.group(2)) < int(declared.group(1)) < 0xFFFFFFF0
     # Compressed formats state their length up front (MP3's is an estimate: allow 2 %).
-    if info.format == "MP3":
-        short = short or len(samples) < 0.98 * info.frames
-    elif info.format == "OGG":  # Ogg states no length, but its last page carries the end-of-stream flag
+    if fmt == "MP3":
+        short = short or len(samples) < 0.98 * frames
+    elif fmt == "OGG":  # Ogg states no length, but its last page carries the end-of-stream flag
         short = short or not _ogg_ends(path)
-    elif info.frames > 0 and info.format != "WAV":
-        short = short or len(samples) < info.frames
+    elif frames > 0 and fmt != "WAV":
+        short = short or len(samples) < frames
     if short:
         raise AudioInputError(f"{path} is truncated (its header promises more audio than the file holds); "
                               "copy or download it again")
@@ -131,11 +139,9 @@ def load_reference(source: str | Path | tuple[np.ndarray, int]) -> np.ndarray:
         if len(samples) == 0:
             raise AudioInputError(f"{path} holds no samples")
         name = str(path)
-    mono = to_mono(samples)
-    if isinstance(rate, bool) or not isinstance(rate, int | np.integer) or rate <= 0:
-        raise AudioInputError(f"sample rate must be a positive integer, got {rate!r}")
-    check_reference(mono, int(rate), name)
-    return resample(mono, int(rate))
+    mono, rate = to_mono(samples), _sample_rate(rate)
+    check_reference(mono, rate, name)
+    return _resample_mono(mono, rate)
 
 
 def describe_source(source: str | Path | tuple[np.ndarray, int]) -> dict:
