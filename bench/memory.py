@@ -1,6 +1,6 @@
 """Where a loaded engine's memory goes: resident memory per component, file-backed vs anonymous.
 
-    python -m qwen3_tts_edge.bench.memory -b BUNDLE [--talker q8_0] [--decoder fp32] [--n-ctx 4096] [--json F]
+    python -m qwen3_tts_edge.bench.memory -b BUNDLE [--talker q8_0] [--decoder fp32] [--n-ctx 2048] [--json F]
 
 The engine is built piece by piece in this process (talker, code predictor, predictor tables, decoder) and
 the resident set is read from ``/proc/self/smaps`` after each piece and after two short requests, split into
@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ..runtime.backends import TALKER_CONTEXT
 
 MB = 1e6
 
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-b", "--bundle", required=True, type=Path)
     p.add_argument("--talker")
     p.add_argument("--decoder")
-    p.add_argument("--n-ctx", type=int, default=4096)
+    p.add_argument("--n-ctx", type=int, default=TALKER_CONTEXT)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)

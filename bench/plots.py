@@ -4,7 +4,7 @@
     one point per configuration, colour = talker precision, marker = decoder precision;
 (b) decoder cost vs decoder fidelity: decoder ms per frame against the end-to-end log-mel distance to the
     official decode (or the decoder's own log-mel distance when no e2e figure exists);
-(c) per-stage stacked bars: talker / predictor / decoder / overhead ms per frame, the reference included, with
+(c) per-stage stacked bars: talker / predictor / decoder / host ms per frame, the reference included, with
     the talker + predictor bandwidth floor marked;
 (d) time to first audio: every timed request of every configuration (box plot).
 """
@@ -20,7 +20,7 @@ from .report import STAGES
 COLOURS = {"f32": "#555555", "f16": "#1f77b4", "bf16": "#17becf", "q8_0": "#2ca02c", "q5_k_m": "#bcbd22",
            "q4_k_m": "#d62728", "torch-fp32": "#000000"}
 MARKERS = {"fp32": "o", "fp16": "s", "int8": "^", "torch-fp32": "*"}
-STAGE_COLOURS = {"talker": "#1f77b4", "predictor": "#ff7f0e", "decoder": "#2ca02c", "overhead": "#bbbbbb"}
+STAGE_COLOURS = {"talker": "#1f77b4", "predictor": "#ff7f0e", "decoder": "#2ca02c", "host": "#bbbbbb"}
 
 
 def require_matplotlib() -> None:

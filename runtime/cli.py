@@ -170,7 +170,7 @@ def _cmd_voice_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _format_stats(stats) -> str:
+def _format_stats(stats, tts) -> str:
     per = stats.per_frame_ms()
     ttfa = f"{stats.ttfa_s * 1e3:.0f} ms" if stats.ttfa_s is not None else "n/a"
     rtf = f"{stats.rtf:.3f}" if stats.rtf is not None else "n/a"
@@ -179,7 +179,8 @@ def _format_stats(stats) -> str:
     return (f"time to first audio {ttfa}; real-time factor {rtf}; {stats.frames} frames = {stats.audio_s:.2f} s "
             f"of audio in {stats.total_s:.2f} s (stop: {stats.stop_reason}); prefill {stats.prefill_ms:.0f} ms "
             f"({stats.prompt_positions_prefilled} positions, {stats.prompt_positions_reused} reused); "
-            f"ms/frame: {stages}; devices: {devices}")
+            f"ms/frame: {stages}; precisions: talker {tts.talker_precision}, predictor {tts.predictor_precision}, "
+            f"decoder {tts.decoder_precision}; devices: {devices}")
 
 
 def _cmd_speak(args: argparse.Namespace) -> int:
@@ -203,7 +204,8 @@ def _cmd_speak(args: argparse.Namespace) -> int:
                                repetition_penalty=args.repetition_penalty, chunk_frames=schedule,
                                max_frames=args.max_frames, voice=args.voice)
         tts = TTS(args.bundle, talker_precision=args.talker_precision, decoder_precision=args.decoder_precision,
-                  threads=args.threads, decoder_threads=args.decoder_threads, providers=args.provider,
+                  predictor_precision=args.predictor_precision, threads=args.threads,
+                  decoder_threads=args.decoder_threads, providers=args.provider,
                   n_gpu_layers=args.n_gpu_layers)
         if args.ref_audio is not None:
             options = options.replace(voice=tts.create_voice(args.ref_audio, ref_text,
@@ -222,7 +224,7 @@ def _cmd_speak(args: argparse.Namespace) -> int:
             for chunk in stream:
                 sink.write(chunk.pcm)
             if args.stats:
-                print(f"{PROG}: {_format_stats(stream.stats)}", file=sys.stderr)
+                print(f"{PROG}: {_format_stats(stream.stats, tts)}", file=sys.stderr)
         sink.close()
     except BrokenPipeError as exc:  # the reader of --raw went away: stop generating, say so once
         sink.abort()
@@ -295,6 +297,8 @@ def build_parser(wanted: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--max-frames", type=int, help="hard cap on 80 ms frames")
     p.add_argument("--chunk-frames", default="1,2,4,8", help="decode schedule: frames per chunk, last repeats")
     p.add_argument("--talker-precision", help="talker/predictor GGUF precision in the bundle")
+    p.add_argument("--predictor-precision", help="code-predictor precision if other than the talker's (e.g. "
+                   "q8_0 with a q4_k_m talker)")
     p.add_argument("--decoder-precision", help="decoder ONNX precision in the bundle")
     p.add_argument("--threads", type=int, help="CPU threads for llama.cpp (default: all cores)")
     p.add_argument("--decoder-threads", type=int, help="CPU threads for the ONNX decoder (default: 1)")

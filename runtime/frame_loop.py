@@ -36,6 +36,7 @@ class Frame:
     talker_ms: float
     predictor_ms: float
     text_wait_ms: float = 0.0  # incremental text: time this frame's input waited for its text token
+    host_ms: float = 0.0  # the loop's own work: choosing code 0, building the next input (text wait excluded)
 
 
 @dataclass(frozen=True)
@@ -93,8 +94,9 @@ class FrameLoop:
             talker_ms = self.prefill_ms
             k = run = 0
             last_c0 = -1
-            text_wait_ms = 0.0
+            text_wait_ms = prep_ms = 0.0
             while True:
+                t_c0 = time.perf_counter()
                 c0 = self.sampler.choose_c0(out.logits, k, allow_eos=self.prompt.text_finished())
                 if c0 == eos:
                     self.stop_reason = STOP_EOS
@@ -104,8 +106,10 @@ class FrameLoop:
                 t2 = time.perf_counter()
                 codes = np.concatenate([[c0], np.asarray(residual, dtype=np.int64)])
                 self.frames = k + 1
+                host_ms = prep_ms + (t1 - t_c0 + time.perf_counter() - t2) * 1e3
                 yield Frame(index=k, codes=codes, talker_ms=talker_ms, predictor_ms=(t2 - t1) * 1e3,
-                            text_wait_ms=text_wait_ms)
+                            text_wait_ms=text_wait_ms, host_ms=host_ms)
+                t_prep = time.perf_counter()
                 run = run + 1 if c0 == last_c0 else 1
                 last_c0 = c0
                 if self.guards.repeat_frames is not None and run >= self.guards.repeat_frames:
@@ -126,6 +130,7 @@ class FrameLoop:
                     self.text_wait_ms += text_wait_ms
                 embed = self.tables.frame_embeds(codes[None])[0] + text_vec
                 t3 = time.perf_counter()
+                prep_ms = (t3 - t_prep) * 1e3 - text_wait_ms
                 out = self.talker.step(embed.astype(np.float32))
                 talker_ms = (time.perf_counter() - t3) * 1e3
                 k += 1

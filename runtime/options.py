@@ -141,6 +141,7 @@ class StreamStats:
     talker_ms: float = 0.0
     predictor_ms: float = 0.0
     decoder_ms: float = 0.0
+    host_ms: float = 0.0  # the generation loop's own work per frame (code-0 sampling, next input), see Frame
     text_wait_ms: float = 0.0  # incremental text: generation waited this long for text still arriving
     stop_reason: str | None = None
     segments: int = 0
@@ -156,7 +157,7 @@ class StreamStats:
     def per_frame_ms(self) -> dict[str, float]:
         n = max(self.frames, 1)
         stages = {"talker": self.talker_ms / n, "predictor": self.predictor_ms / n, "decoder": self.decoder_ms / n}
+        stages["host"] = self.host_ms / n
         if self.text_wait_ms:
             stages["text_wait"] = self.text_wait_ms / n
-        stages["overhead"] = max(0.0, self.total_s * 1e3 / n - sum(stages.values()))
         return stages

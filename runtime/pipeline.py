@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .backends import TALKER_CONTEXT
 from .backends import load as load_engines
 from .bundle import DECODER_PREFERENCE, TALKER_PREFERENCE, Bundle, BundleError, load_bundle
 from .checks import require_int
@@ -60,10 +61,11 @@ class TTS:
     """A loaded bundle ready to speak. Not thread-safe: one request at a time per instance."""
 
     def __init__(self, bundle: str | Path, *, talker_precision: str | None = None,
-                 decoder_precision: str | None = None, threads: int | None = None,
+                 decoder_precision: str | None = None, predictor_precision: str | None = None,
+                 threads: int | None = None,
                  decoder_threads: int | None = None,
                  providers: Sequence[str] | None = None, n_gpu_layers: int = 0, verify: bool = True,
-                 max_queued_frames: int = 64, backends: Backends | None = None, n_ctx: int = 4096,
+                 max_queued_frames: int = 64, backends: Backends | None = None, n_ctx: int = TALKER_CONTEXT,
                  prefix_cache: bool = True, voice_cache_bytes: int = DEFAULT_CACHE_BYTES):
         self.bundle = load_bundle(Path(bundle), verify=verify)
         m = self.bundle.manifest
@@ -72,8 +74,12 @@ class TTS:
         self.decoder_precision = _pick(self.bundle, "decoder", decoder_precision, DECODER_PREFERENCE)
         if backends is None:
             self.talker_precision = _pick(self.bundle, "talker", talker_precision, TALKER_PREFERENCE)
+            # The predictor is two thirds of generation time (15 calls per frame) and decides most of the
+            # speed and code fidelity, so it can be paired separately (default: the talker's precision).
+            self.predictor_precision = _pick(self.bundle, "predictor", predictor_precision or self.talker_precision,
+                                             TALKER_PREFERENCE)
             engines = load_engines("generation", self.bundle, self.talker_precision, n_ctx=n_ctx, threads=threads,
-                                   n_gpu_layers=n_gpu_layers)
+                                   n_gpu_layers=n_gpu_layers, predictor_precision=self.predictor_precision)
             backends = Backends(engines.talker, engines.predictor, engines.tables)
             for name, engine in (("talker", engines.talker), ("predictor", engines.predictor)):
                 if n_gpu_layers and engine.placement.device != "gpu":
@@ -81,7 +87,7 @@ class TTS:
                                   f"({engine.placement.note or 'this llama-cpp-python build has no GPU backend'})",
                                   RuntimeWarning, stacklevel=2)
         else:
-            self.talker_precision = backends.name
+            self.talker_precision = self.predictor_precision = backends.name
         self.talker, self.predictor, self.tables = backends.talker, backends.predictor, backends.tables
         if prefix_cache and hasattr(self.talker, "rewind"):
             # Keeps the last prompt's KV and, within voice_cache_bytes, the voice prefixes of recent voices.

@@ -132,6 +132,7 @@ def run_stream(loops: Iterator[tuple[int, FrameLoop]], decoder: DecoderBackend, 
             stats.frames += 1
             stats.talker_ms += item.talker_ms
             stats.predictor_ms += item.predictor_ms
+            stats.host_ms += item.host_ms
             pending.append(item.codes)
             if len(pending) >= schedule[min(chunk_index, len(schedule) - 1)]:
                 yield flush(final=False)

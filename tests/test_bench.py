@@ -16,7 +16,7 @@ from qwen3_tts_edge.bench import report as rep
 from qwen3_tts_edge.bench.run import TEXTS, main
 from qwen3_tts_edge.runtime.bundle import load_bundle
 
-STAGES = ("talker", "predictor", "decoder", "overhead")
+STAGES = ("talker", "predictor", "decoder", "host")
 
 
 def _has_matplotlib() -> bool:
@@ -46,7 +46,7 @@ def _positive(x) -> bool:
 @needs_export
 def test_report_schema(bench_run):
     _, r = bench_run
-    assert r["schema"] == rep.SCHEMA == 1
+    assert r["schema"] == rep.SCHEMA == 2
     assert r["machine"]["cpu"] and _positive(r["machine"]["bandwidth_gbs"])
     assert r["settings"]["frames"] == 8 and r["settings"]["repeats"] == 1 and r["settings"]["threads"] == 1
     assert r["settings"]["decoder_threads"] == 1 and r["machine"]["decoder_threads_used"] == 1
@@ -211,4 +211,4 @@ def test_memory_breakdown(tiny_bundle, tmp_path, capsys):
     assert [s["step"].split()[0] for s in r["steps"]] == ["python", "talker", "decoder", "after"]
     totals = [s["resident_mb"] for s in r["steps"]]
     assert totals[1] > totals[0] and r["peak_mb"] >= max(totals) - 1
-    assert "| talker q8_0 + predictor + tables (n_ctx 4096) |" in capsys.readouterr().out
+    assert "| talker q8_0 + predictor + tables (n_ctx 2048) |" in capsys.readouterr().out

@@ -41,9 +41,19 @@ def test_speak_to_file_with_stats(tiny_bundle, tmp_path):
     assert res.stdout == b""
     err = res.stderr.decode()
     assert "time to first audio" in err and "real-time factor" in err and "ms/frame" in err and "devices" in err
+    assert "precisions: talker q8_0, predictor q8_0, decoder fp32;" in err
     pcm, sr = sf.read(out)
     assert sr == 24000 and len(pcm) == 12 * 1920
     assert [p.name for p in tmp_path.iterdir()] == ["hello.wav"]  # no temp file left
+
+
+def test_predictor_precision_pairs_with_another_talker(tiny_bundle, tmp_path):
+    """A q8_0 talker with the f32 predictor of the same bundle: both load, and --stats says which ran."""
+    out = tmp_path / "mixed.wav"
+    res = _speak(tiny_bundle, "Hello there.", "-o", str(out), "--stats", "--predictor-precision", "f32", *BASE)
+    assert res.returncode == 0, res.stderr
+    assert "precisions: talker q8_0, predictor f32, decoder fp32;" in res.stderr.decode()
+    assert out.stat().st_size > 12 * 1920 * 2
 
 
 def test_raw_stdin_lines_go_to_stdout_only(tiny_bundle):
@@ -81,6 +91,7 @@ def test_hundred_thousand_characters_stream_in_bounded_memory(tiny_bundle, tmp_p
     (["--language", "klingon"], "unsupported language 'klingon'"),
     (["--speaker", "nobody"], "unknown speaker 'nobody'"),
     (["--talker-precision", "q2_k"], "no talker in precision 'q2_k'"),
+    (["--predictor-precision", "q4_k_m"], "no predictor in precision 'q4_k_m'"),
     (["--temperature", "0"], "temperature must be a positive number"),
     (["--chunk-frames", "0"], "chunk_frames"),
 ])

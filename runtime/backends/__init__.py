@@ -17,6 +17,11 @@ import numpy as np
 
 from ..bundle import Bundle, BundleError
 
+# Talker context (positions) an engine reserves by default. 2048 holds a segment of ~200 text tokens with its
+# frames (long text is split to fit) and a 30 s voice-clone reference; the KV cache is allocated up front, so
+# 4096 cost 235 MB more resident memory on 0.6B (470 vs 235 MB of f16 KV) for no audible gain (bench/README).
+TALKER_CONTEXT = 2048
+
 
 @dataclass(frozen=True)
 class StepOutput:

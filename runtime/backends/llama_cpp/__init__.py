@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from ...bundle import Bundle
-from .. import GenerationEngines
+from .. import TALKER_CONTEXT, GenerationEngines
 
 
 class EngineTables:
@@ -36,16 +36,19 @@ class EngineTables:
         return out
 
 
-def load_generation(bundle: Bundle, precision: str, *, n_ctx: int = 4096, threads: int | None = None,
-                    n_gpu_layers: int = 0, **engine: Any) -> GenerationEngines:
-    """The talker + predictor of ``bundle`` at ``precision`` (``engine``: e.g. kv_type, flash_attn)."""
+def load_generation(bundle: Bundle, precision: str, *, n_ctx: int = TALKER_CONTEXT, threads: int | None = None,
+                    n_gpu_layers: int = 0, predictor_precision: str | None = None,
+                    **engine: Any) -> GenerationEngines:
+    """The talker of ``bundle`` at ``precision`` and its code predictor at ``predictor_precision`` (default: the
+    same; a bundle exported with several talker precisions holds a predictor for each, so they can be mixed,
+    e.g. a q4_k_m talker with the q8_0 predictor). ``engine``: e.g. kv_type, flash_attn."""
     from .predictor import CodePredictor
     from .talker import Talker
 
     m, path = bundle.manifest, bundle.path
+    pp = predictor_precision or precision
     talker = Talker(path(m.component("talker", precision)), n_ctx=n_ctx, n_threads=threads,
                     n_gpu_layers=n_gpu_layers, **engine)
-    predictor = CodePredictor(path(m.component("predictor", precision)),
-                              path(m.component("predictor_tables", precision)), n_threads=threads,
-                              n_gpu_layers=n_gpu_layers, **engine)
+    predictor = CodePredictor(path(m.component("predictor", pp)), path(m.component("predictor_tables", pp)),
+                              n_threads=threads, n_gpu_layers=n_gpu_layers, **engine)
     return GenerationEngines(talker, predictor, EngineTables(talker, predictor))

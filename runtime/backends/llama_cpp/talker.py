@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import StepOutput
+from .. import TALKER_CONTEXT, StepOutput
 from .bindings import LlamaContext, LlamaError, LlamaModel, blas_single_thread
 from .gguf_tables import GGUFTables
 
@@ -26,8 +26,9 @@ class Talker:
     ("f16" default, "f32" for strict parity) and ``flash_attn`` (None = llama.cpp's choice).
     """
 
-    def __init__(self, path: Path | str, *, n_ctx: int = 4096, n_threads: int | None = None, n_batch: int = 512,
-                 n_gpu_layers: int = 0, kv_type: str = "f16", flash_attn: bool | None = None) -> None:
+    def __init__(self, path: Path | str, *, n_ctx: int = TALKER_CONTEXT, n_threads: int | None = None,
+                 n_batch: int = 512, n_gpu_layers: int = 0, kv_type: str = "f16",
+                 flash_attn: bool | None = None) -> None:
         self.path = Path(path)
         self.model = LlamaModel(self.path, n_gpu_layers=n_gpu_layers)
         if self.model.arch != "qwen3tts":
