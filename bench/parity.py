@@ -23,6 +23,7 @@ from ..runtime.errors import Qwen3TTSEdgeError
 from ..runtime.prompt import ModelIds, build_prompt
 from ..runtime.sampler import CodeSampler, SamplingParams
 from ..runtime.text import TextTokenizer, assistant_text, instruct_text, ref_text_template
+from .report import onnx_generation_fidelity
 from .requests import representative_request
 
 PARITY_TEXT = "The quick brown fox jumps over the lazy dog, again and again, until the sun goes down."
@@ -77,10 +78,12 @@ def official_prompt(model: Any, tok: TextTokenizer, text: str, *, language: str,
 
 
 def _engines(bundle: Bundle, precision: str, strict: bool):
-    from ..runtime.backends.llama_cpp import load_generation
+    """The bundle's engines for ``precision`` (llama.cpp GGUF or ONNX Runtime graphs, by component format)."""
+    from ..runtime.backends import load
 
-    kw: dict[str, Any] = {"kv_type": "f32", "flash_attn": False} if strict else {}
-    engines = load_generation(bundle, precision, n_ctx=8192, **kw)
+    gguf = bundle.manifest.component("talker", precision).format == "gguf"
+    kw: dict[str, Any] = {"kv_type": "f32", "flash_attn": False} if strict and gguf else {}
+    engines = load("generation", bundle, precision, n_ctx=8192, **kw)
     return engines.talker, engines.predictor, engines.tables
 
 
@@ -199,10 +202,16 @@ def parity_report(bundle_dir: Path, model: str, *, frames: int = 200, stages: Se
         progress(f"voice encoders vs the official clone path ({len(ref_audio) if ref_audio else 'synthetic'} clips)")
         report["voices"] = voice_parity(checkpoint, bundle, list(ref_audio) if ref_audio else None)
     if precisions:
-        progress(f"talker/predictor logits along a teacher-forced trajectory: {', '.join(precisions)}")
-        llama = llama_parity(checkpoint, bundle.root, precisions)
-        report["talker"] = {p: llama[p]["talker"] for p in precisions}
-        report["predictor"] = {p: llama[p]["predictor"] for p in precisions}
+        gguf = [p for p in precisions if bundle.manifest.component("talker", p).format == "gguf"]
+        report["talker"], report["predictor"] = {}, {}
+        if gguf:
+            progress(f"talker/predictor logits along a teacher-forced trajectory: {', '.join(gguf)}")
+            llama = llama_parity(checkpoint, bundle.root, gguf)
+            report["talker"] = {p: llama[p]["talker"] for p in gguf}
+            report["predictor"] = {p: llama[p]["predictor"] for p in gguf}
+        for p in precisions:
+            if p not in gguf:  # ONNX graphs: their export check against the official modules
+                report["talker"][p], report["predictor"][p] = onnx_generation_fidelity(bundle, p)
         official = load_official(checkpoint)
         report["greedy_identical_frames"], report["greedy"] = {}, {}
         for p in precisions:
@@ -224,6 +233,10 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [f"parity of {report['bundle']} against {report['model']}"]
     for stage in ("talker", "predictor"):
         for p, r in report.get(stage, {}).items():
+            if "logit_cos" not in r:  # ONNX graphs: minimum cosine of their export check
+                top1 = f"  greedy codes {r['top1']:.3f}" if r.get("top1") is not None else ""
+                lines.append(f"  {stage:<9} {p:<7} logit cos min {r['logit_cos_min']:.6f} ({r['vs']}){top1}")
+                continue
             lines.append(f"  {stage:<9} {p:<7} logit cos {r['logit_cos']:.6f}  KL {r['kl']:.2e}  top-1 {r['top1']:.3f}")
     for p, g in report.get("greedy", {}).items():
         flips = g["flips"]

@@ -104,7 +104,7 @@ def plot_report(report: dict[str, Any], path: Path) -> Path:
         bottom = [x + v for x, v in zip(bottom, vals, strict=True)]
     floors = report.get("floor_ms_per_frame", {})
     for i, r in enumerate(rows):
-        if r is not ref and r["talker"] in floors:
+        if r is not ref and floors.get(r["talker"]) is not None:
             c.plot([i - 0.4, i + 0.4], [floors[r["talker"]]] * 2, color="black", linewidth=2,
                    label="talker+predictor bandwidth floor" if i == (1 if ref else 0) else None)
     frame_ms = 1000.0 / 12.5

@@ -81,6 +81,11 @@ def floor_section(bundle: Bundle, talkers: Iterable[str], decoders: Iterable[str
     bw = bandwidth_gbs * 1e9
     talker = {}
     for p in talkers:
+        if bundle.manifest.component("talker", p).format != "gguf":
+            # ONNX generation graphs hold the 15 steps' heads and tables beside the shared layers; without
+            # splitting the initialisers per step there is no honest per-frame byte count, so no floor.
+            talker[p] = {"floor_ms_per_frame": None, "note": "not computed for ONNX generation graphs"}
+            continue
         b = weight_bytes_per_frame(bundle, p)
         talker[p] = {**{f"{k}_bytes": v for k, v in b.items()}, "floor_ms_per_frame": b["total"] / bw * 1e3}
     calls = decoder_calls(frames, schedule)
@@ -167,7 +172,8 @@ def bundle_bytes(bundle: Bundle, talker: str | None, decoder: str) -> int:
     m = bundle.manifest
     roles = {"text_tokenizer": None, "decoder_state": None, "decoder": decoder}
     if talker is not None:
-        roles.update(talker=talker, predictor=talker, predictor_tables=talker)
+        tables = talker if m.find("predictor_tables", talker) else "fp32"  # ONNX graphs share the fp32 tables
+        roles.update(talker=talker, predictor=talker, predictor_tables=tables, onnx_data=talker)
     total = 0
     for c in m.components:
         if c.role in roles and (roles[c.role] is None or c.precision == roles[c.role]):
@@ -180,7 +186,7 @@ def refused(bundle: Bundle) -> list[dict[str, str]]:
     out = []
     for c in bundle.manifest.components:
         for precision, why in (c.meta.get("rejected") or {}).items():
-            out.append({"role": c.role, "precision": precision, "reason": str(why)})
+            out.append({"role": c.meta.get("rejected_for", c.role), "precision": precision, "reason": str(why)})
     return out
 
 
@@ -196,13 +202,30 @@ def manifest_fidelity(bundle: Bundle, talker: str, decoder: str) -> dict[str, An
     tf = (t.meta.get("fidelity") if t else None) or {}
     df = (d.meta.get("fidelity") if d else None) or {}
     out: dict[str, Any] = {"source": "manifest (export-time gates, not the official reference)"}
-    if tf:
+    if t is not None and t.format == "onnx":
+        out["talker"], out["predictor"] = onnx_generation_fidelity(bundle, talker)
+    elif tf:
         out["talker"] = {k[len("talker_"):]: v for k, v in tf.items() if k.startswith("talker_")}
         out["predictor"] = {k[len("predictor_"):]: v for k, v in tf.items() if k.startswith("predictor_")}
         out["talker"]["vs"] = out["predictor"]["vs"] = tf.get("vs")
     if df:
         out["decoder"] = {k: df.get(k) for k in ("snr_db", "logmel_dist", "cosine", "reference") if k in df}
     return out
+
+
+def onnx_generation_fidelity(bundle: Bundle, precision: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Talker and predictor fidelity of ONNX generation graphs: their export checks against the official fp32
+    modules on the same weights (logit cosine; predictor top-1 = greedy frames whose 15 codes all agree)."""
+    m = bundle.manifest
+    tf = m.component("talker", precision).meta.get("fidelity") or {}
+    pf = m.component("predictor", precision).meta.get("fidelity") or {}
+    vs = "official fp32 module (export check)"
+    talker = {"logit_cos_min": tf.get("logit_cos_min"), "vs": vs}
+    frames = pf.get("frames") or 0
+    # fp32: greedy frames whose 15 codes all agree; int8/int4: teacher-forced per-step agreement
+    top1 = pf.get("top1", pf["codes_equal"] / frames if frames and "codes_equal" in pf else None)
+    predictor = {"logit_cos_min": pf.get("logit_cos_min"), "top1": top1, "vs": vs}
+    return talker, predictor
 
 
 def fidelity_section(checkpoint: Path, bundle: Bundle, talkers: Sequence[str], decoders: Sequence[str],
@@ -219,11 +242,15 @@ def fidelity_section(checkpoint: Path, bundle: Bundle, talkers: Sequence[str], d
     from .parity_llama import parity as llama_parity
 
     out: dict[str, Any] = {"talker": {}, "predictor": {}, "decoder": {}, "e2e": {}}
-    if talkers:
-        progress(f"fidelity: talker / code predictor logits under teacher forcing ({', '.join(talkers)})")
-        llama = llama_parity(checkpoint, bundle.root, list(talkers), n_threads=threads, seed=seed)
-        for p in talkers:
+    gguf = [p for p in talkers if bundle.manifest.component("talker", p).format == "gguf"]
+    if gguf:
+        progress(f"fidelity: talker / code predictor logits under teacher forcing ({', '.join(gguf)})")
+        llama = llama_parity(checkpoint, bundle.root, gguf, n_threads=threads, seed=seed)
+        for p in gguf:
             out["talker"][p], out["predictor"][p] = llama[p]["talker"], llama[p]["predictor"]
+    for p in talkers:
+        if p not in gguf:
+            out["talker"][p], out["predictor"][p] = onnx_generation_fidelity(bundle, p)
     if decoders:
         progress("fidelity: decoder SNR / log-mel per precision")
         out["decoder"] = dx.parity_report(checkpoint, bundle.root)["decoder"]
@@ -326,6 +353,9 @@ def floor_table(report: dict[str, Any]) -> str:
              "predictor ms/frame | x floor |", "|---|---|---|---|---|"]
     for p, f in floor["talker"].items():
         measured = report.get("measured_talker_predictor_ms", {}).get(p)
+        if f["floor_ms_per_frame"] is None:
+            lines.append(f"| {p} | {f.get('note', 'n/a')} | n/a | {_f(measured, '.1f')} | |")
+            continue
         ratio = _ratio(measured, f["floor_ms_per_frame"])
         lines.append(f"| {p} | {f['total_bytes'] / 1e6:.0f} ({f['talker_bytes'] / 1e6:.0f} + "
                      f"{f['predictor_bytes'] / 1e6:.0f} + {f['heads_bytes'] / 1e6:.0f}) | "

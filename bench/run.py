@@ -28,7 +28,14 @@ from typing import Any
 
 import numpy as np
 
-from ..runtime.bundle import DECODER_PRECISIONS, TALKER_PRECISIONS, Bundle, BundleError, load_bundle
+from ..runtime.bundle import (
+    DECODER_PRECISIONS,
+    ONNX_GENERATION_PRECISIONS,
+    TALKER_PRECISIONS,
+    Bundle,
+    BundleError,
+    load_bundle,
+)
 from ..runtime.cli import csv_list
 from ..runtime.errors import Qwen3TTSEdgeError
 from ..runtime.prompt import ModelIds
@@ -37,7 +44,7 @@ from . import report as rep
 from .requests import representative_request
 
 PROG = "qwen3-tts-edge bench"
-TALKER_ORDER = TALKER_PRECISIONS
+TALKER_ORDER = TALKER_PRECISIONS + ONNX_GENERATION_PRECISIONS
 DECODER_ORDER = DECODER_PRECISIONS
 CPU = "CPUExecutionProvider"
 WARMUP_FRAMES = 16  # enough for every chunk size of the default schedule (1+2+4+8) and to page the weights in

@@ -24,7 +24,9 @@ from ..runtime.bundle import (
     DECODER_PRECISIONS,
     DEFAULT_EXPORT,
     FORMAT_VERSION,
+    GENERATION_BACKENDS,
     MANIFEST_NAME,
+    ONNX_GENERATION_PRECISIONS,
     OPTIONAL_TOKENIZER_FILES,
     SPEAKER_ENCODER_PRECISIONS,
     TALKER_PRECISIONS,
@@ -55,6 +57,8 @@ TOOL_PACKAGES = ("qwen3-tts-edge", "qwen-tts", "torch", "transformers", "onnx", 
 STAGES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     # One stage writes talker, predictor and predictor_tables GGUFs for each precision.
     "talker": ("qwen3_tts_edge.export.llama_gguf", "export_llama", TALKER_PRECISIONS),
+    # The ONNX Runtime engine's talker + fused predictor graphs + tables (ONNX precision names in --talker).
+    "talker_onnx": ("qwen3_tts_edge.export.generation_onnx", "export_onnx_generation", ONNX_GENERATION_PRECISIONS),
     "decoder": ("qwen3_tts_edge.export.decoder_onnx", "export_decoder", DECODER_PRECISIONS),
     # Base models only (the other checkpoints have no speaker encoder).
     "speaker_encoder": ("qwen3_tts_edge.export.speaker_encoder_onnx", "export_speaker_encoder",
@@ -80,10 +84,29 @@ def missing_export_modules() -> list[str]:
     return missing
 
 
+def _talker_request(talker: Sequence[str] | None, backends: Sequence[str] | None) -> tuple[str, ...]:
+    """The talker precisions to write, each engine's default where only ``backends`` is given."""
+    bad = [b for b in backends or () if b not in GENERATION_BACKENDS]
+    if bad:
+        raise ExportError(f"unknown backend(s) {bad}; choose from {', '.join(GENERATION_BACKENDS)}")
+    if talker is None:
+        return tuple(p for b in (backends or ("llama.cpp",)) for p in GENERATION_BACKENDS[b].default)
+    known = {p: name for name, b in GENERATION_BACKENDS.items() for p in b.precisions}
+    unknown = [p for p in talker if p not in known]
+    if unknown:
+        choices = "; ".join(f"{name}: {', '.join(b.precisions)}" for name, b in GENERATION_BACKENDS.items())
+        raise ExportError(f"unknown talker precision(s) {unknown}; choose from {choices}")
+    off = [p for p in talker if backends and known[p] not in backends]
+    if off:
+        raise ExportError(f"talker precision(s) {off} belong to {', '.join(sorted({known[p] for p in off}))}, "
+                          f"not to --backend {','.join(backends)}; name the backend too or leave --backend out")
+    return tuple(talker)
+
+
 def _speakable(requested: dict[str, tuple[str, ...]]) -> None:
     """Refuse, before any work, a request for a bundle that `speak` could not use."""
     for stage, flag, default in (("talker", "--talker", DEFAULT_TALKER), ("decoder", "--decoder", DEFAULT_DECODER)):
-        if not requested[stage]:
+        if not requested[stage] and not (stage == "talker" and requested.get("talker_onnx")):
             raise ExportError(f"a bundle without a {stage} cannot speak; name at least one {stage} precision "
                               f"({flag} {','.join(default)}, or leave {flag} out for that default)")
 
@@ -234,22 +257,27 @@ def _planned_steps(requested: dict[str, tuple[str, ...]]) -> int:
     """Progress steps: the checkpoint, then per stage its shared work and one step per precision."""
     talker, decoder = requested["talker"], requested["decoder"]
     return (1 + (2 + len(talker) if talker else 0) + (1 + len([p for p in decoder if p != "fp32"]) if decoder else 0)
+            + len(requested.get("talker_onnx") or ())
             + sum(len(requested.get(stage) or ()) for stage in VOICE_STAGES))
 
 
 def export_bundle(model: str, out: Path, *, talker: Sequence[str] | None = None,
                   decoder: Sequence[str] | None = None, speaker_encoder: Sequence[str] | None = None,
                   codec_encoder: Sequence[str] | None = None, force: bool = False,
-                  progress: Progress | None = None) -> Manifest:
+                  backends: Sequence[str] | None = None, progress: Progress | None = None) -> Manifest:
     """Export MODEL into the bundle folder ``out`` and return its manifest.
 
     ``talker`` / ``decoder`` / ``speaker_encoder`` / ``codec_encoder`` name the precisions to write; None
     means the defaults (``DEFAULT_EXPORT``: talker q8_0, decoder fp32, and for Base models both voice encoders
-    in fp32), so a plain export can speak. ``progress`` receives messages; without one, a
-    progress bar (plain lines off a terminal) goes to stderr.
+    in fp32), so a plain export can speak. Talker precisions name their engine (GGUF ``q8_0`` for llama.cpp,
+    ONNX ``fp32`` for ONNX Runtime); ``backends`` (``GENERATION_BACKENDS`` names) replaces the default talker
+    precisions with each engine's default when ``talker`` is None. ``progress`` receives messages; without
+    one, a progress bar (plain lines off a terminal) goes to stderr.
     """
     out = Path(out)
-    requested = {"talker": DEFAULT_TALKER if talker is None else tuple(talker),
+    talkers = _talker_request(talker, backends)
+    requested = {"talker": tuple(p for p in talkers if p in TALKER_PRECISIONS),
+                 "talker_onnx": tuple(p for p in talkers if p in ONNX_GENERATION_PRECISIONS),
                  "decoder": DEFAULT_DECODER if decoder is None else tuple(decoder)}
     exporters = {stage: _stage_exporter(stage, precs) for stage, precs in requested.items() if precs}
     _speakable(requested)

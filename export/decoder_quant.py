@@ -181,35 +181,58 @@ class _CalibrationReader:
 
 def quantize_int8(fp32_path: Path, path: Path, sequences: dict[str, np.ndarray],
                   chunk: int = CALIBRATION_CHUNK) -> dict[str, int]:
-    """Static QDQ int8 on the policy's nodes: per-channel symmetric int8 weights, uint8 activations with
+    """int8 on the policy's nodes, in two passes over the fp32 graph.
+
+    ``int8`` nodes (convs): static QDQ, per-channel symmetric int8 weights, uint8 activations with
     99.999th-percentile ranges. Calibration streams the real state, so carried contexts are in range too.
+    ``int8_dynamic`` nodes (linear layers, constant weights only): per-channel int8 weights, activations
+    quantised per call from their own range (onnxruntime ``DynamicQuantizeMatMul``); no calibration.
 
     Measured on the 0.6b shape (random weights): percentile ranges gave +1 dB SNR over min/max; a 3x
-    larger calibration set changed nothing; onnxruntime fuses the QDQ pairs into QLinearConv.
+    larger calibration set changed nothing; onnxruntime fuses the QDQ pairs into QLinearConv. Dynamic int8
+    on the transformer/ConvNeXt linears cost < 0.1 dB and cut their weight traffic 4x (see the policy notes).
     """
-    import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    import tempfile
 
-    model = onnx.load(str(fp32_path))
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    model = onnx.load(str(fp32_path), load_external_data=False)
     assigned = precision_map(model, "int8")
     nodes = assigned.get("int8", [])
     if not nodes:
         raise ValueError("int8 policy selects no nodes")
+    dynamic = set(assigned.get("int8_dynamic", []))
+    if dynamic:  # only products with a constant weight can be quantised ahead; the rest stay fp32
+        constant = {t.name for t in model.graph.initializer}
+        weighted = {n.name for n in model.graph.node if n.name in dynamic and n.op_type == "MatMul"
+                    and len(n.input) > 1 and n.input[1] in constant}
+        assigned["fp32"] = assigned.get("fp32", []) + sorted(dynamic - weighted)
+        assigned["int8_dynamic"] = [n for n in assigned["int8_dynamic"] if n in weighted]
+        if not assigned["int8_dynamic"]:
+            del assigned["int8_dynamic"]
+        dynamic = weighted
     by_name = {n.name: n.op_type for n in model.graph.node}
     del model
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # onnxruntime advises "pre-processing" and prints calibration chatter
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), tempfile.TemporaryDirectory(dir=Path(path).parent) as tmp:
+            static_path = Path(tmp) / "static.onnx" if dynamic else Path(path)
             quantize_static(
-                str(fp32_path), str(path), _CalibrationReader(fp32_path, sequences, chunk),
+                str(fp32_path), str(static_path), _CalibrationReader(fp32_path, sequences, chunk),
                 quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
                 weight_type=QuantType.QInt8, nodes_to_quantize=nodes,
                 op_types_to_quantize=sorted({by_name[n] for n in nodes}),
                 calibrate_method=CalibrationMethod.Percentile,
                 extra_options={"CalibPercentile": 99.999},
             )
+            if dynamic:
+                quantize_dynamic(
+                    str(static_path), str(path), op_types_to_quantize=["MatMul"], nodes_to_quantize=sorted(dynamic),
+                    per_channel=True, weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": True},
+                )
     finally:
         root.setLevel(level)
     return {k: len(v) for k, v in assigned.items()}

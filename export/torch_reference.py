@@ -78,6 +78,7 @@ def load_official_talker(checkpoint_dir: Path) -> tuple[Any, dict[str, Any]]:
     Lighter than :func:`load_official` (no speech tokenizer, no full-model copy) for checks of the talker and
     code predictor alone.
     """
+    qwen_tts()  # imports qwen_tts the supported way first (its torchaudio stub), so the import below works
     from qwen_tts.core.models.modeling_qwen3_tts import Qwen3TTSTalkerForConditionalGeneration
 
     config, cfg = _config(Path(checkpoint_dir))

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from importlib import import_module
 from pathlib import Path
 
-from .bundle import BundleError, Manifest, load_bundle
+from .bundle import GENERATION_BACKENDS, BundleError, Manifest, load_bundle
 from .errors import Qwen3TTSEdgeError
 
 PROG = "qwen3-tts-edge"
@@ -78,7 +78,7 @@ def format_manifest(m: Manifest) -> str:
         lines.append(f"  {c.role:<16} {c.precision:<7} {c.format:<5} {_format_size(c.size):>9}  {c.file}"
                      f"  sha256:{c.sha256[:12]}{extra}")
         for precision, why in (c.meta.get("rejected") or {}).items():
-            lines.append(f"  {c.role:<16} {precision:<7} not shipped: {why}")
+            lines.append(f"  {c.meta.get('rejected_for', c.role):<16} {precision:<7} not shipped: {why}")
     lines.append("voice cloning   " + _cloning_line(m))
     lines.append("tools           " + ", ".join(f"{k} {v}" for k, v in m.tools.items()))
     return "\n".join(lines)
@@ -179,8 +179,8 @@ def _format_stats(stats, tts) -> str:
     return (f"time to first audio {ttfa}; real-time factor {rtf}; {stats.frames} frames = {stats.audio_s:.2f} s "
             f"of audio in {stats.total_s:.2f} s (stop: {stats.stop_reason}); prefill {stats.prefill_ms:.0f} ms "
             f"({stats.prompt_positions_prefilled} positions, {stats.prompt_positions_reused} reused); "
-            f"ms/frame: {stages}; precisions: talker {tts.talker_precision}, predictor {tts.predictor_precision}, "
-            f"decoder {tts.decoder_precision}; devices: {devices}")
+            f"ms/frame: {stages}; precisions: talker {tts.talker_precision} ({tts.backend}), predictor "
+            f"{tts.predictor_precision}, decoder {tts.decoder_precision}; devices: {devices}")
 
 
 def _cmd_speak(args: argparse.Namespace) -> int:
@@ -204,7 +204,7 @@ def _cmd_speak(args: argparse.Namespace) -> int:
                                repetition_penalty=args.repetition_penalty, chunk_frames=schedule,
                                max_frames=args.max_frames, voice=args.voice)
         tts = TTS(args.bundle, talker_precision=args.talker_precision, decoder_precision=args.decoder_precision,
-                  predictor_precision=args.predictor_precision, threads=args.threads,
+                  predictor_precision=args.predictor_precision, backend=args.backend, threads=args.threads,
                   decoder_threads=args.decoder_threads, providers=args.provider,
                   n_gpu_layers=args.n_gpu_layers)
         if args.ref_audio is not None:
@@ -297,6 +297,8 @@ def build_parser(wanted: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--max-frames", type=int, help="hard cap on 80 ms frames")
     p.add_argument("--chunk-frames", default="1,2,4,8", help="decode schedule: frames per chunk, last repeats")
     p.add_argument("--talker-precision", help="talker/predictor GGUF precision in the bundle")
+    p.add_argument("--backend", choices=tuple(GENERATION_BACKENDS), help="talker + predictor engine (default: "
+                   "the bundle's preferred precision: llama.cpp q8_0 where present)")
     p.add_argument("--predictor-precision", help="code-predictor precision if other than the talker's (e.g. "
                    "q8_0 with a q4_k_m talker)")
     p.add_argument("--decoder-precision", help="decoder ONNX precision in the bundle")

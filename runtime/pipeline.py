@@ -17,7 +17,7 @@ import numpy as np
 
 from .backends import TALKER_CONTEXT
 from .backends import load as load_engines
-from .bundle import DECODER_PREFERENCE, TALKER_PREFERENCE, Bundle, BundleError, load_bundle
+from .bundle import DECODER_PREFERENCE, GENERATION_BACKENDS, TALKER_PREFERENCE, Bundle, BundleError, load_bundle
 from .checks import require_int
 from .frame_loop import STOP_CONTEXT, STOP_MAX_FRAMES, FrameLoop, Guards
 from .options import AudioChunk, SpeakOptions, StreamStats
@@ -42,14 +42,20 @@ class Backends:
     decoder: object | None = None
 
 
-def _pick(bundle: Bundle, role: str, wanted: str | None, preference: Sequence[str]) -> str:
-    have = [c.precision for c in bundle.manifest.find(role)]
+def _pick(bundle: Bundle, role: str, wanted: str | None, preference: Sequence[str],
+          backend: str | None = None) -> str:
+    fmt = GENERATION_BACKENDS[backend].format if backend else None
+    have = [c.precision for c in bundle.manifest.find(role) if fmt is None or c.format == fmt]
     if not have:
+        if backend:
+            raise BundleError(f"bundle {bundle.root} has no {role} for the {backend} backend; export one with "
+                              f"`qwen3-tts-edge export MODEL -o {bundle.root} --force --backend {backend}`")
         raise BundleError(f"bundle {bundle.root} has no {role}; export it with `qwen3-tts-edge export MODEL -o "
                           f"{bundle.root} --force --talker q8_0 --decoder fp32`")
     if wanted is not None:
         if wanted not in have:
-            raise BundleError(f"bundle has no {role} in precision {wanted!r}; available: {sorted(have)}")
+            engine = f" for the {backend} backend" if backend else ""
+            raise BundleError(f"bundle has no {role} in precision {wanted!r}{engine}; available: {sorted(have)}")
         return wanted
     return next((p for p in preference if p in have), have[0])
 
@@ -62,7 +68,7 @@ class TTS:
 
     def __init__(self, bundle: str | Path, *, talker_precision: str | None = None,
                  decoder_precision: str | None = None, predictor_precision: str | None = None,
-                 threads: int | None = None,
+                 backend: str | None = None, threads: int | None = None,
                  decoder_threads: int | None = None,
                  providers: Sequence[str] | None = None, n_gpu_layers: int = 0, verify: bool = True,
                  max_queued_frames: int = 64, backends: Backends | None = None, n_ctx: int = TALKER_CONTEXT,
@@ -73,13 +79,19 @@ class TTS:
         self.max_queued_frames = max_queued_frames
         self.decoder_precision = _pick(self.bundle, "decoder", decoder_precision, DECODER_PREFERENCE)
         if backends is None:
-            self.talker_precision = _pick(self.bundle, "talker", talker_precision, TALKER_PREFERENCE)
+            if backend is not None and backend not in GENERATION_BACKENDS:
+                raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(GENERATION_BACKENDS)}")
+            self.talker_precision = _pick(self.bundle, "talker", talker_precision, TALKER_PREFERENCE, backend)
+            talker_format = m.component("talker", self.talker_precision).format
+            self.backend = next(n for n, b in GENERATION_BACKENDS.items() if b.format == talker_format)
             # The predictor is two thirds of generation time (15 calls per frame) and decides most of the
-            # speed and code fidelity, so it can be paired separately (default: the talker's precision).
+            # speed and code fidelity, so it can be paired separately (default: the talker's precision) — from
+            # the same engine, which runs both.
             self.predictor_precision = _pick(self.bundle, "predictor", predictor_precision or self.talker_precision,
-                                             TALKER_PREFERENCE)
+                                             TALKER_PREFERENCE, self.backend)
             engines = load_engines("generation", self.bundle, self.talker_precision, n_ctx=n_ctx, threads=threads,
-                                   n_gpu_layers=n_gpu_layers, predictor_precision=self.predictor_precision)
+                                   n_gpu_layers=n_gpu_layers, predictor_precision=self.predictor_precision,
+                                   providers=providers)
             backends = Backends(engines.talker, engines.predictor, engines.tables)
             for name, engine in (("talker", engines.talker), ("predictor", engines.predictor)):
                 if n_gpu_layers and engine.placement.device != "gpu":
@@ -87,7 +99,7 @@ class TTS:
                                   f"({engine.placement.note or 'this llama-cpp-python build has no GPU backend'})",
                                   RuntimeWarning, stacklevel=2)
         else:
-            self.talker_precision = self.predictor_precision = backends.name
+            self.talker_precision = self.predictor_precision = self.backend = backends.name
         self.talker, self.predictor, self.tables = backends.talker, backends.predictor, backends.tables
         if prefix_cache and hasattr(self.talker, "rewind"):
             # Keeps the last prompt's KV and, within voice_cache_bytes, the voice prefixes of recent voices.

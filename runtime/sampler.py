@@ -149,6 +149,14 @@ class CodeSampler:
             scores = _top_k_top_p(scores, p.subtalker_top_k, p.subtalker_top_p)
         return scores
 
+    def residual_uniforms(self, n: int) -> np.ndarray:
+        """The next ``n`` numbers of the residual stream: what ``n`` sampled ``choose_residual`` calls consume.
+
+        An engine that samples inside its own graph (the fused ONNX predictor) draws a frame's 15 numbers up
+        front, so a seed replays the same codes whichever engine runs (``Generator.random(n)`` yields the same
+        numbers as ``n`` calls)."""
+        return self._rng_res.random(n)
+
     def choose_residual(self, step: int, logits: np.ndarray) -> int:
         """Pick residual codebook ``step + 1`` (the code predictor's ``choose`` callback)."""
         scores = self.process_residual(logits)

@@ -37,11 +37,13 @@ def tiny_checkpoint() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory) -> Path:
-    """A bundle exported from random:tiny-custom_voice with every stage (read-only for tests)."""
+    """A bundle exported from random:tiny-custom_voice with every stage and both generation engines (llama.cpp
+    f32 + q8_0, ONNX Runtime fp32; read-only for tests)."""
     from qwen3_tts_edge.export.build import export_bundle
 
     out = tmp_path_factory.mktemp("bundles") / "tiny"
-    export_bundle("random:tiny-custom_voice", out, talker=["f32", "q8_0"], decoder=["fp32"], progress=lambda msg: None)
+    export_bundle("random:tiny-custom_voice", out, talker=["f32", "q8_0", "fp32"], decoder=["fp32"],
+                  progress=lambda msg: None)
     return out
 
 

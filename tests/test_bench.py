@@ -52,8 +52,9 @@ def test_report_schema(bench_run):
     assert r["settings"]["decoder_threads"] == 1 and r["machine"]["decoder_threads_used"] == 1
     assert "CPU :" in r["machine"]["llama_cpp_system_info"]  # which kernels ran
     assert "not timed" in r["settings"]["warmup"]
-    assert {(x["talker"], x["decoder"], x["provider"]) for x in r["runs"]} == {
-        ("f32", "fp32", "CPUExecutionProvider"), ("q8_0", "fp32", "CPUExecutionProvider")}
+    assert {(x["talker"], x["decoder"], x["provider"]) for x in r["runs"]} == {  # both engines: GGUF and ONNX
+        ("f32", "fp32", "CPUExecutionProvider"), ("q8_0", "fp32", "CPUExecutionProvider"),
+        ("fp32", "fp32", "CPUExecutionProvider")}
     assert r["refused"] == [] and r["skipped"] == []
     for run in r["runs"] + [r["reference"]]:
         assert _positive(run["ttfa_ms"]) and _positive(run["rtf"]) and _positive(run["peak_rss_mb"])
@@ -82,8 +83,12 @@ def test_reference_ratios_and_floor(bench_run):
         assert vs["peak_rss"] == pytest.approx(run["peak_rss_mb"] / ref["peak_rss_mb"])
         floor = r["floor_ms_per_frame"][run["talker"]]
         measured = run["ms_per_frame"]["talker"] + run["ms_per_frame"]["predictor"]
+        if run["talker"] == "fp32":  # ONNX graphs: no per-frame byte count, so no floor (said in the report)
+            assert floor is None and run["floor_ratio"] is None
+            continue
         assert run["floor_ratio"] == pytest.approx(measured / floor)
-    assert set(r["floor_ms_per_frame"]) == {"f32", "q8_0"}
+    assert set(r["floor_ms_per_frame"]) == {"f32", "q8_0", "fp32"}
+    assert "not computed for ONNX generation graphs" in rep.floor_table(r)
     f32, q8 = r["floor"]["talker"]["f32"], r["floor"]["talker"]["q8_0"]
     assert q8["talker_bytes"] < f32["talker_bytes"]  # q8_0 streams fewer bytes per frame than f32
     assert f32["predictor_bytes"] == 15 * f32["predictor_per_call_bytes"]
@@ -99,6 +104,8 @@ def test_fidelity_per_precision(bench_run):
             assert 0.9 < by[p][stage]["logit_cos"] <= 1.0 + 1e-9 and 0.0 <= by[p][stage]["top1"] <= 1.0
         assert by[p]["e2e"]["logmel_dist"] >= 0.0 and by[p]["decoder"]["logmel_dist"] >= 0.0
     assert by["f32"]["talker"]["kl"] < by["q8_0"]["talker"]["kl"]
+    # the ONNX engine's row: its export check against the official modules
+    assert by["fp32"]["talker"]["logit_cos_min"] >= 0.99999 and by["fp32"]["predictor"]["top1"] == 1.0
     assert "reference's own codes" in r["fidelity"]["e2e_codes"]
 
 

@@ -24,8 +24,9 @@ def test_report_has_every_section(report):
     for key in ("talker", "predictor", "greedy_identical_frames", "prompt_max_abs", "decoder"):
         assert key in report
     for stage in ("talker", "predictor"):
-        assert set(report[stage]) == {"f32", "q8_0"}
+        assert set(report[stage]) == {"f32", "q8_0", "fp32"}  # both engines: llama.cpp GGUF and ONNX graphs
         assert {"logit_cos", "kl", "top1"} <= set(report[stage]["f32"])
+        assert report[stage]["fp32"]["logit_cos_min"] >= 0.99999  # the ONNX graphs' export check
     assert {"stream_vs_offline_max_abs", "snr_db", "logmel_dist"} <= set(report["decoder"]["fp32"])
 
 
@@ -46,6 +47,8 @@ def test_greedy_f32_follows_official_generate_for_200_frames_up_to_ties(report):
     assert g["all_flips_are_ties"], g["flips"]
     assert len(g["flips"]) <= 3  # near-ties are rare; many flips would mean drift, not ties
     assert report["greedy_identical_frames"]["f32"] == (g["flips"][0]["frame"] if g["flips"] else 200)
+    onnx = report["greedy"]["fp32"]  # the ONNX engine along the same trajectory: fp32 graphs, no looser
+    assert onnx["frames"] == 200 and onnx["all_flips_are_ties"] and len(onnx["flips"]) <= len(g["flips"])
 
 
 def test_parity_refuses_a_different_checkpoint(tiny_bundle, capsys):

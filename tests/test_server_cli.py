@@ -60,8 +60,10 @@ def test_serve_from_the_command_line_with_an_api_key(tiny_bundle):
     pytest.importorskip("fastapi")
     port = _free_port()
     proc = subprocess.Popen([EXE, "serve", "-b", str(tiny_bundle), "--port", str(port), "--api-key", "k1",
-                             "--max-frames", "4", "--threads", "1"], stderr=subprocess.PIPE, text=True)
+                             "--max-frames", "4", "--threads", "1", "--backend", "onnxruntime"],
+                            stderr=subprocess.PIPE, text=True)
     try:
+        _wait_for(proc, r"onnxruntime talker fp32, decoder fp32")  # the engine options reach every worker
         _wait_for(proc, r"Uvicorn running on")
         base = f"http://127.0.0.1:{port}/v1"
         with pytest.raises(openai.AuthenticationError) as e:

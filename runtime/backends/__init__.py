@@ -1,9 +1,10 @@
 """Engines behind one contract: what the frame loop and ``TTS`` need from a talker, a code predictor, their
 embedding tables and a decoder, and the table that says which engine loads which bundle component.
 
-A new engine (say TensorRT, or ONNX Runtime for the talker) is one sub-package here that implements these
-Protocols, one row in :data:`LOADERS`, and one export stage that writes its files. ``llama_cpp/`` runs the
-GGUF talker and predictor; ``onnxruntime/`` runs the streaming ONNX decoder; the official PyTorch modules
+A new engine (say TensorRT) is one sub-package here that implements these Protocols, one row in
+:data:`LOADERS`, and one export stage that writes its files. ``llama_cpp/`` runs the GGUF talker and
+predictor; ``onnxruntime/`` runs the streaming ONNX decoder and the ONNX talker + fused predictor (CPU, CUDA
+or TensorRT execution providers); the official PyTorch modules
 (``export/torch_reference.py``) implement the same Protocols as the parity reference.
 """
 
@@ -105,6 +106,7 @@ class GenerationEngines:
 # GenerationEngines; decoder loaders take (bundle, precision, **settings) and return a DecoderBackend.
 LOADERS: dict[tuple[str, str], str] = {
     ("generation", "gguf"): "qwen3_tts_edge.runtime.backends.llama_cpp:load_generation",
+    ("generation", "onnx"): "qwen3_tts_edge.runtime.backends.onnxruntime.generation:load_generation_onnx",
     ("decoder", "onnx"): "qwen3_tts_edge.runtime.backends.onnxruntime:load_decoder",
     ("speaker_encoder", "onnx"): "qwen3_tts_edge.runtime.voices.speaker:load_speaker_encoder",
     ("codec_encoder", "onnx"): "qwen3_tts_edge.runtime.voices.codec:load_codec_encoder",

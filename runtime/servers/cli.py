@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
+from ..bundle import GENERATION_BACKENDS
 from ..errors import Qwen3TTSEdgeError
 from . import require
 
@@ -47,6 +48,12 @@ def _common(p: argparse.ArgumentParser) -> None:
                    "with one worker, else the cores shared among the workers)")
     p.add_argument("--max-frames", type=_positive, metavar="N",
                    help="cap on 80 ms frames per request (default: the bundle's max_new_tokens)")
+    engine = p.add_argument_group("engine (as for speak)")
+    engine.add_argument("--backend", choices=tuple(GENERATION_BACKENDS), help="talker + predictor engine")
+    engine.add_argument("--talker-precision", help="talker precision in the bundle (default: its preferred one)")
+    engine.add_argument("--predictor-precision", help="code-predictor precision if other than the talker's")
+    engine.add_argument("--decoder-precision", help="decoder precision in the bundle")
+    engine.add_argument("--provider", action="append", help="onnxruntime execution provider (repeatable)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -83,7 +90,10 @@ def _load(args: argparse.Namespace, max_queue: int):
     if threads is None and args.workers > 1:  # share the cores instead of every engine taking all of them
         threads = max(1, (os.cpu_count() or 1) // args.workers)
     try:
-        pool = EnginePool.load(args.bundle, workers=args.workers, max_queue=max_queue, threads=threads)
+        pool = EnginePool.load(args.bundle, workers=args.workers, max_queue=max_queue, threads=threads,
+                               backend=args.backend, talker_precision=args.talker_precision,
+                               predictor_precision=args.predictor_precision,
+                               decoder_precision=args.decoder_precision, providers=args.provider)
     except BundleError as exc:
         raise ServeError(str(exc)) from exc
     engine = pool.engines[0]
@@ -100,8 +110,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _logging(args.log_level)
     pool, catalog = _load(args, args.max_queue)
     app = create_app(pool, catalog, api_key=args.api_key, model=args.model_name, max_frames=args.max_frames)
+    e = pool.engines[0]
     print(f"{PROG}: serving {app.state.api.model} on http://{args.host}:{args.port}/v1 ({args.workers} worker(s), "
-          f"queue {args.max_queue}; voices: {', '.join(catalog.names()) or 'none yet'})", file=sys.stderr)
+          f"queue {args.max_queue}; {e.backend} talker {e.talker_precision}, decoder {e.decoder_precision}; "
+          f"voices: {', '.join(catalog.names()) or 'none yet'})", file=sys.stderr)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
     server = uvicorn.Server(config)
     server.run()

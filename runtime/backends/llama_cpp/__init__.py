@@ -37,11 +37,12 @@ class EngineTables:
 
 
 def load_generation(bundle: Bundle, precision: str, *, n_ctx: int = TALKER_CONTEXT, threads: int | None = None,
-                    n_gpu_layers: int = 0, predictor_precision: str | None = None,
+                    n_gpu_layers: int = 0, predictor_precision: str | None = None, providers: Any = None,
                     **engine: Any) -> GenerationEngines:
     """The talker of ``bundle`` at ``precision`` and its code predictor at ``predictor_precision`` (default: the
     same; a bundle exported with several talker precisions holds a predictor for each, so they can be mixed,
-    e.g. a q4_k_m talker with the q8_0 predictor). ``engine``: e.g. kv_type, flash_attn."""
+    e.g. a q4_k_m talker with the q8_0 predictor). ``engine``: e.g. kv_type, flash_attn. ``providers`` (ONNX
+    Runtime's execution providers) do not apply: llama.cpp's device is its build and ``n_gpu_layers``."""
     from .predictor import CodePredictor
     from .talker import Talker
 

@@ -20,10 +20,10 @@ import numpy as np
 import onnxruntime as ort
 
 from ...bundle import DECODER_METADATA_KEY
+from .providers import CPU, provider_entries, select_providers
 
 METADATA_KEY = DECODER_METADATA_KEY  # the bundle contract names it
 SUPPORTED_FORMAT = 1
-CPU = "CPUExecutionProvider"
 PRIMED_VOICES = 8  # primed decoder states kept (one per recent ICL reference)
 
 
@@ -48,20 +48,6 @@ def read_metadata(session: ort.InferenceSession) -> dict:
     return meta
 
 
-def select_providers(requested: Sequence[str] | None) -> list[str]:
-    """Requested providers that this onnxruntime build offers, CPU always last as the fallback."""
-    available = ort.get_available_providers()
-    wanted = list(requested) if requested else [CPU]
-    missing = [p for p in wanted if p not in available]
-    if missing:
-        warnings.warn(f"execution providers {missing} are not available in this onnxruntime build "
-                      f"(available: {available}); falling back", RuntimeWarning, stacklevel=3)
-    chosen = [p for p in wanted if p in available]
-    if CPU not in chosen:
-        chosen.append(CPU)
-    return chosen
-
-
 class StreamingDecoder:
     """Stateful 12 Hz codec decoder: ``decode(codes[N, 16]) → pcm[N · samples_per_frame]``.
 
@@ -79,7 +65,8 @@ class StreamingDecoder:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
         chosen = select_providers(providers)
-        self._session = ort.InferenceSession(str(model_path), options, providers=chosen)
+        self._session = ort.InferenceSession(str(model_path), options,
+                                             providers=provider_entries(chosen, Path(model_path)))
         self.providers: list[str] = list(self._session.get_providers())
         fell_back = [p for p in chosen if p not in self.providers]
         if fell_back:  # e.g. onnxruntime-gpu without CUDA libraries silently runs on CPU

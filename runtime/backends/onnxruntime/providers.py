@@ -1,0 +1,61 @@
+"""Execution providers for every ONNX Runtime engine: which of the requested ones this build has, and the
+options each needs (TensorRT: fp16 engines cached on disk, so only the first run pays for the build).
+
+TensorRT cannot be installed on the project's machines; the options here follow onnxruntime's documented
+TensorRT execution provider settings and are checked as data by the tests, not run.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import onnxruntime as ort
+
+CPU = "CPUExecutionProvider"
+TENSORRT = "TensorrtExecutionProvider"
+CACHE_ENV = "QWEN3_TTS_EDGE_TRT_CACHE"  # where TensorRT engines are kept (default ~/.cache/qwen3-tts-edge/tensorrt)
+
+
+def select_providers(requested: Sequence[str] | None) -> list[str]:
+    """Requested providers that this onnxruntime build offers, CPU always last as the fallback."""
+    available = ort.get_available_providers()
+    wanted = list(requested) if requested else [CPU]
+    missing = [p for p in wanted if p not in available]
+    if missing:
+        warnings.warn(f"execution providers {missing} are not available in this onnxruntime build "
+                      f"(available: {available}); falling back", RuntimeWarning, stacklevel=3)
+    chosen = [p for p in wanted if p in available]
+    if CPU not in chosen:
+        chosen.append(CPU)
+    return chosen
+
+
+def tensorrt_cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "qwen3-tts-edge" / "tensorrt")
+
+
+def provider_entries(chosen: Sequence[str], graph: Path, *, cache_dir: Path | None = None) -> list[Any]:
+    """``providers=`` for an InferenceSession: names, or (name, options) where a provider needs settings.
+
+    TensorRT builds an engine per graph and input-shape profile on first use (minutes on a Jetson); with the
+    engine and timing caches on disk later sessions start in seconds. fp16 is what the GPU variants are for.
+    """
+    out: list[Any] = []
+    for name in chosen:
+        if name != TENSORRT:
+            out.append(name)
+            continue
+        folder = Path(cache_dir) if cache_dir else tensorrt_cache_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        if not any(folder.glob(f"*{Path(graph).stem}*")):
+            print(f"qwen3-tts-edge: building TensorRT engines for {Path(graph).name} (first run only; cached in "
+                  f"{folder})", file=sys.stderr)
+        out.append((name, {"trt_fp16_enable": True, "trt_engine_cache_enable": True,
+                           "trt_engine_cache_path": str(folder), "trt_engine_cache_prefix": Path(graph).stem,
+                           "trt_timing_cache_enable": True, "trt_timing_cache_path": str(folder)}))
+    return out
