@@ -20,7 +20,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ...bundle import DECODER_METADATA_KEY
-from .providers import CPU, provider_entries, select_providers
+from .providers import CPU, open_inference_session
 
 METADATA_KEY = DECODER_METADATA_KEY  # the bundle contract names it
 SUPPORTED_FORMAT = 1
@@ -57,21 +57,8 @@ class StreamingDecoder:
 
     def __init__(self, model_path: Path | str, providers: Sequence[str] | None = None,
                  threads: int | None = None) -> None:
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads is not None:
-            if threads < 1:
-                raise ValueError(f"threads must be >= 1, got {threads}")
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-        chosen = select_providers(providers)
-        self._session = ort.InferenceSession(str(model_path), options,
-                                             providers=provider_entries(chosen, Path(model_path)))
+        self._session = open_inference_session(model_path, threads=threads, providers=providers)
         self.providers: list[str] = list(self._session.get_providers())
-        fell_back = [p for p in chosen if p not in self.providers]
-        if fell_back:  # e.g. onnxruntime-gpu without CUDA libraries silently runs on CPU
-            warnings.warn(f"requested providers {fell_back} could not be initialised; running on "
-                          f"{self.providers}", RuntimeWarning, stacklevel=2)
         meta = read_metadata(self._session)
         self.metadata = meta
         self.precision: str = meta["precision"]

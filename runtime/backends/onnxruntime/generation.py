@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ import onnxruntime as ort
 
 from ...bundle import Bundle
 from .. import GenerationEngines, Placement, StepOutput
-from .providers import provider_entries, select_providers
+from .providers import open_inference_session
 
 METADATA_KEY = "qwen3_tts_edge.generation"  # written by export/talker_onnx.py:export_graph
 SUPPORTED_FORMAT = 1
@@ -48,19 +47,7 @@ def open_session(path: Path | str, *, threads: int | None = None, providers: Seq
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no ONNX graph at {path}")
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads is not None:
-        if threads < 1:
-            raise ValueError(f"threads must be >= 1, got {threads}")
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    chosen = select_providers(providers)
-    session = ort.InferenceSession(str(path), options, providers=provider_entries(chosen, path))
-    fell_back = [p for p in chosen if p not in session.get_providers()]
-    if fell_back:
-        warnings.warn(f"{path.name}: providers {fell_back} could not be initialised; running on "
-                      f"{session.get_providers()}", RuntimeWarning, stacklevel=3)
+    session = open_inference_session(path, threads=threads, providers=providers)
     raw = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
     if raw is None:
         raise OnnxEngineError(f"{path.name} is not a qwen3-tts-edge generation graph (metadata {METADATA_KEY!r} "

@@ -35,6 +35,28 @@ def select_providers(requested: Sequence[str] | None) -> list[str]:
     return chosen
 
 
+def open_inference_session(path: Path | str, *, threads: int | None = None,
+                           providers: Sequence[str] | None = None) -> ort.InferenceSession:
+    """A session for one of our graphs: full graph optimisation, ``threads`` intra-op threads (one inter-op),
+    the requested providers this build has (CPU last) with their options, and a warning naming any provider
+    that was asked for but could not be initialised (e.g. onnxruntime-gpu without its CUDA libraries)."""
+    path = Path(path)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    chosen = select_providers(providers)
+    session = ort.InferenceSession(str(path), options, providers=provider_entries(chosen, path))
+    fell_back = [p for p in chosen if p not in session.get_providers()]
+    if fell_back:
+        warnings.warn(f"{path.name}: providers {fell_back} could not be initialised; running on "
+                      f"{session.get_providers()}", RuntimeWarning, stacklevel=3)
+    return session
+
+
 def tensorrt_cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "qwen3-tts-edge" / "tensorrt")
 
