@@ -33,12 +33,13 @@ from typing import Any
 
 import numpy as np
 
+from ..runtime.bundle import GENERATION_METADATA_KEY
 from .torch_reference import load_official_talker
 
 OPSET = 18
 TALKER_FILE = "talker.fp32.onnx"
 TABLES_FILE = "predictor_tables.fp32.npy"
-METADATA_KEY = "qwen3_tts_edge.generation"  # JSON record in the graph's metadata_props (sizes the runtime needs)
+METADATA_KEY = GENERATION_METADATA_KEY  # JSON record in the graph's metadata_props (sizes the runtime needs)
 FORMAT_VERSION = 1
 TRACE_T, TRACE_PAST = 3, 2  # neither 0 nor 1, so the tracer cannot specialise a length
 GATE = {"logit_cos_min": 0.99999, "hidden_rel_max_abs": 1e-4}  # hidden: max |Δ| / max(1, max |h|)

@@ -74,6 +74,7 @@ DECODER_PREFERENCE = ("fp32", "int8", "fp16")
 # Metadata keys inside component files.
 PREDICTOR_TABLES_ARCH = "qwen3tts_predictor_tables"  # general.architecture of the predictor's host tables GGUF
 DECODER_METADATA_KEY = "qwen3_tts_edge.decoder"  # ONNX custom metadata: the streaming decoder's JSON description
+GENERATION_METADATA_KEY = "qwen3_tts_edge.generation"  # ONNX custom metadata of the talker / predictor graphs
 
 
 class BundleError(Qwen3TTSEdgeError):

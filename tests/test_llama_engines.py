@@ -203,7 +203,8 @@ def test_predictor_f32_matches_official_for_all_steps(llama_export, reference):
 def test_predictor_greedy_matches_official_generate(llama_export, reference):
     import torch
 
-    from qwen3_tts_edge.runtime.backends.llama_cpp.predictor import CodePredictor, greedy
+    from qwen3_tts_edge.runtime.backends import greedy
+    from qwen3_tts_edge.runtime.backends.llama_cpp.predictor import CodePredictor
 
     out, _ = llama_export
     talker, n = reference.talker, reference.n_prompt

@@ -215,7 +215,7 @@ def test_talker_n_ctx_is_enforced(onnx_export, reference):
 def test_predictor_greedy_matches_official_generate(engines, reference):
     import torch
 
-    from qwen3_tts_edge.runtime.backends.onnxruntime.generation import greedy
+    from qwen3_tts_edge.runtime.backends import greedy
 
     p, talker, n = engines.predictor, reference.talker, reference.n_prompt
     for k in range(4):

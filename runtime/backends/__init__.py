@@ -24,6 +24,12 @@ from ..bundle import Bundle, BundleError
 TALKER_CONTEXT = 2048
 
 
+def greedy(_step: int, logits: np.ndarray) -> int:
+    """The argmax chooser for ``PredictorBackend.predict`` (what the sampler reduces to without sampling); an
+    engine that can take the argmax itself (the fused ONNX predictor) recognises this function."""
+    return int(np.argmax(logits))
+
+
 @dataclass(frozen=True)
 class StepOutput:
     """One talker forward: codec-0 logits (vocab,) and the final-normed hidden state (H,) of the last position."""

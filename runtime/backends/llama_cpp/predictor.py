@@ -17,16 +17,12 @@ from pathlib import Path
 import numpy as np
 
 from ...bundle import PREDICTOR_TABLES_ARCH
+from .. import greedy
 from .bindings import LlamaContext, LlamaError, LlamaModel, blas_single_thread
 from .gguf_tables import GGUFTables
 
 TABLES_ARCH = PREDICTOR_TABLES_ARCH
 Choose = Callable[[int, np.ndarray], int]
-
-
-def greedy(_step: int, logits: np.ndarray) -> int:
-    """The argmax chooser (what the sampler reduces to without sampling)."""
-    return int(np.argmax(logits))
 
 
 class CodePredictor:

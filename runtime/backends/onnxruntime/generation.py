@@ -12,7 +12,6 @@ codes, 15 runs). Sizes come from the graphs' metadata, never from constants here
 from __future__ import annotations
 
 import json
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,11 +20,11 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from ...bundle import GENERATION_METADATA_KEY as METADATA_KEY
 from ...bundle import Bundle
-from .. import GenerationEngines, Placement, StepOutput
+from .. import GenerationEngines, Placement, StepOutput, greedy
 from .providers import open_inference_session
 
-METADATA_KEY = "qwen3_tts_edge.generation"  # written by export/talker_onnx.py:export_graph
 SUPPORTED_FORMAT = 1
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider", "ROCMExecutionProvider",
                  "DmlExecutionProvider", "CoreMLExecutionProvider")
@@ -34,11 +33,6 @@ Choose = Callable[[int, np.ndarray], int]
 
 class OnnxEngineError(RuntimeError):
     """A generation graph or tables file that this runtime cannot use (wrong file, stale export)."""
-
-
-def greedy(_step: int, logits: np.ndarray) -> int:
-    """The argmax chooser; :class:`OnnxPredictor` recognises it and takes the argmax inside the graph."""
-    return int(np.argmax(logits))
 
 
 def open_session(path: Path | str, *, threads: int | None = None, providers: Sequence[str] | None = None
@@ -173,13 +167,6 @@ def _fused_sampler(choose: Any) -> Any:
     return None
 
 
-def _is_greedy(choose: Any) -> bool:
-    if choose is greedy:
-        return True
-    llama = sys.modules.get("qwen3_tts_edge.runtime.backends.llama_cpp.predictor")  # only if already imported
-    return llama is not None and choose is getattr(llama, "greedy", None)
-
-
 class OnnxPredictor:
     """Codebooks 1..15 of a frame from the talker's hidden state and code 0, in one graph run."""
 
@@ -256,7 +243,7 @@ class OnnxPredictor:
                                     top_p=p.subtalker_top_p, do_sample=True)
             else:
                 codes, _ = self.run(past_hidden, c0)
-        elif _is_greedy(choose):
+        elif choose is greedy:
             codes, _ = self.run(past_hidden, c0)
         else:
             codes = self._per_step(past_hidden, c0, choose)
