@@ -50,20 +50,21 @@ def peak_mb() -> float:
 
 
 def measure(bundle_dir: Path, talker: str | None, decoder: str | None, n_ctx: int, threads: int) -> dict[str, Any]:
-    from ..runtime import backends
-    from ..runtime.bundle import DECODER_PREFERENCE, TALKER_PREFERENCE, load_bundle
-    from ..runtime.pipeline import TTS, Backends, _pick
+    from ..runtime.bundle import load_bundle
+    from ..runtime.engine.assemble import DECODER, GENERATION, assemble
+    from ..runtime.engine.config import EngineConfig
+    from ..runtime.pipeline import TTS
 
     steps: list[tuple[str, dict[str, float]]] = [("python + runtime imports", resident())]
     bundle = load_bundle(bundle_dir, verify=False)
-    talker = _pick(bundle, "talker", talker, TALKER_PREFERENCE)
-    decoder_precision = _pick(bundle, "decoder", decoder, DECODER_PREFERENCE)
-    engines = backends.load("generation", bundle, talker, n_ctx=n_ctx, threads=threads)
-    steps.append((f"talker {talker} + predictor + tables (n_ctx {n_ctx})", resident()))
-    dec = backends.load("decoder", bundle, decoder_precision, threads=threads)
-    steps.append((f"decoder {decoder_precision}", resident()))
-    tts = TTS(bundle_dir, backends=Backends(engines.talker, engines.predictor, engines.tables, talker, dec),
-              verify=False, threads=threads)
+    config = EngineConfig(talker_precision=talker, decoder_precision=decoder, n_ctx=n_ctx, threads=threads,
+                          decoder_threads=threads, verify=False)
+    engines = assemble(bundle, config, load=())
+    engines.load(GENERATION)
+    steps.append((f"talker {engines.talker_precision} + predictor + tables (n_ctx {n_ctx})", resident()))
+    engines.load(DECODER)
+    steps.append((f"decoder {engines.decoder_precision}", resident()))
+    tts = TTS.from_engines(engines)
     speaker = tts.speakers[0] if tts.speakers else None
     voice = None
     if tts.ids.model_type == "base":  # a Base bundle speaks with a voice: an x-vector of zeros will do here
@@ -82,8 +83,8 @@ def measure(bundle_dir: Path, talker: str | None, decoder: str | None, n_ctx: in
         delta = {k: round(v - before.get(k, 0.0)) for k, v in now.items() if round(v - before.get(k, 0.0))}
         rows.append({"step": label, "resident_mb": round(now["total"]), "added_mb": delta})
         before = now
-    return {"bundle": str(bundle_dir), "talker": talker, "decoder": decoder_precision, "n_ctx": n_ctx,
-            "threads": threads, "steps": rows, "final": {k: round(v) for k, v in steps[-1][1].items()},
+    return {"bundle": str(bundle_dir), "talker": engines.talker_precision, "decoder": engines.decoder_precision,
+            "n_ctx": n_ctx, "threads": threads, "steps": rows, "final": {k: round(v) for k, v in steps[-1][1].items()},
             "peak_mb": round(peak_mb())}
 
 

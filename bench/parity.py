@@ -21,7 +21,7 @@ from ..runtime.bundle import Bundle, BundleError, load_bundle
 from ..runtime.cli import csv_list
 from ..runtime.errors import Qwen3TTSEdgeError
 from ..runtime.prompt import ModelIds, build_prompt
-from ..runtime.sampler import CodeSampler, SamplingParams
+from ..runtime.sampler import CodeSampler, ResidualSampling, SamplingParams
 from ..runtime.text import TextTokenizer, assistant_text, instruct_text, ref_text_template
 from .report import onnx_generation_fidelity
 from .requests import representative_request
@@ -79,7 +79,7 @@ def official_prompt(model: Any, tok: TextTokenizer, text: str, *, language: str,
 
 def _engines(bundle: Bundle, precision: str, strict: bool):
     """The bundle's engines for ``precision`` (llama.cpp GGUF or ONNX Runtime graphs, by component format)."""
-    from ..runtime.backends import load
+    from ..runtime.engine.assemble import load_stage as load
 
     gguf = bundle.manifest.component("talker", precision).format == "gguf"
     kw: dict[str, Any] = {"kv_type": "f32", "flash_attn": False} if strict and gguf else {}
@@ -95,7 +95,7 @@ def _logits_of(predictor: Any, hidden: np.ndarray, c0: int, forced: np.ndarray |
         seen.append(np.array(logits, copy=True))
         return int(np.argmax(logits)) if forced is None else int(forced[step])
 
-    predictor.predict(hidden, c0, choose)
+    predictor.predict(hidden, c0, ResidualSampling.host(choose))
     return seen
 
 

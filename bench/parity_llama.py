@@ -30,6 +30,7 @@ from ..export.torch_reference import (
     official_text_embeds,
 )
 from ..quant.metrics import logit_metrics
+from ..runtime.sampler import ResidualSampling
 
 # ----------------------------------------------------------------------------------------------------------
 # the official reference
@@ -154,7 +155,7 @@ def run_predictor(ref: Reference, model_path: Path, tables_path: Path, *, n_thre
                 got.append(logits.copy())
                 return int(forced[j + 1])
 
-            p.predict(ref.hidden[ref.n_prompt - 1 + k], int(forced[0]), choose)
+            p.predict(ref.hidden[ref.n_prompt - 1 + k], int(forced[0]), ResidualSampling.host(choose))
             out.append(np.stack(got))
     return np.stack(out)
 

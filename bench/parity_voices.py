@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from ..runtime import backends
 from ..runtime.bundle import Bundle
+from ..runtime.engine.assemble import load_stage
 from ..runtime.voices.audio_in import load_reference
 
 # (rate, seconds): lengths whose 24 kHz sample counts are not multiples of the 1920-sample frame.
@@ -58,8 +58,8 @@ def voice_parity(checkpoint: Path, bundle: Bundle, clips: list[Path] | None = No
     from ..export.decoder_onnx import load_official_tokenizer
     from ..export.torch_reference import load_official
 
-    speaker = backends.load("speaker_encoder", bundle, "fp32")
-    codec = backends.load("codec_encoder", bundle, "fp32") if bundle.manifest.find("codec_encoder") else None
+    speaker = load_stage("speaker_encoder", bundle, "fp32")
+    codec = load_stage("codec_encoder", bundle, "fp32") if bundle.manifest.find("codec_encoder") else None
     model, tokenizer = load_official(checkpoint), (load_official_tokenizer(checkpoint) if codec else None)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

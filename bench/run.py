@@ -28,15 +28,10 @@ from typing import Any
 
 import numpy as np
 
-from ..runtime.bundle import (
-    DECODER_PRECISIONS,
-    ONNX_GENERATION_PRECISIONS,
-    TALKER_PRECISIONS,
-    Bundle,
-    BundleError,
-    load_bundle,
-)
+from ..runtime.bundle import Bundle, BundleError, load_bundle
 from ..runtime.cli import csv_list
+from ..runtime.engine.config import EngineConfig, add_engine_arguments
+from ..runtime.engine.specs import precisions
 from ..runtime.errors import Qwen3TTSEdgeError
 from ..runtime.prompt import ModelIds
 from . import machine
@@ -44,8 +39,10 @@ from . import report as rep
 from .requests import representative_request
 
 PROG = "qwen3-tts-edge bench"
-TALKER_ORDER = TALKER_PRECISIONS + ONNX_GENERATION_PRECISIONS
-DECODER_ORDER = DECODER_PRECISIONS
+TALKER_ORDER = precisions("generation")
+DECODER_ORDER = precisions("decoder")
+# Engine settings the bench sweeps with its own flags (--talker, --decoder lists) instead of taking one value.
+BENCH_SWEPT = ("backend", "talker_precision", "decoder_precision")
 CPU = "CPUExecutionProvider"
 WARMUP_FRAMES = 16  # enough for every chunk size of the default schedule (1+2+4+8) and to page the weights in
 
@@ -83,14 +80,12 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frames", type=int, help="force exactly N frames per request (equal work across configurations)")
     p.add_argument("--repeats", type=int, default=3,
                    help="rounds; each configuration runs once per round in a fresh process (default 3)")
-    p.add_argument("--threads", type=int, default=2, help="llama.cpp / torch threads (default 2)")
-    p.add_argument("--decoder-threads", type=int, default=1,
-                   help="onnxruntime decoder threads (default 1, the runtime's default placement)")
     p.add_argument("--talker", type=csv_list, metavar="PRECISIONS", help="talker precisions to run (default: all)")
     p.add_argument("--decoder", type=csv_list, metavar="PRECISIONS", help="decoder precisions to run (default: all)")
-    p.add_argument("--provider", action="append", metavar="EP",
-                   help=f"onnxruntime execution provider for the decoder (repeatable; default {CPU})")
-    p.add_argument("--n-gpu-layers", type=int, default=0, help="llama.cpp layers to offload (CUDA builds)")
+    # The engine flags of speak/serve (EngineConfig); --talker/--decoder above sweep precisions instead, each
+    # --provider is a configuration of its own, and the thread counts are pinned so runs compare.
+    add_engine_arguments(p.add_argument_group("engine (as for speak; --provider: one run each, default "
+                                              f"{CPU})"), skip=BENCH_SWEPT, defaults={"threads": 2})
     p.add_argument("--texts", type=csv_list, metavar="IDS", help=f"bench texts to use (default all: "
                    f"{','.join(t.id for t in TEXTS)})")
     p.add_argument("--speaker", help="preset speaker (CustomVoice; default: the first in the bundle)")
@@ -171,8 +166,6 @@ def _checked_settings(args: argparse.Namespace) -> tuple[list[int], list[BenchTe
         raise BenchError("--frames must be at least 1")
     if args.repeats < 1:
         raise BenchError("--repeats must be at least 1")
-    if args.threads < 1 or args.decoder_threads < 1:
-        raise BenchError("--threads and --decoder-threads must be at least 1")
     try:
         schedule = [int(v) for v in args.chunk_frames]
     except ValueError as exc:
@@ -266,7 +259,7 @@ def run_bench(args: argparse.Namespace, progress=lambda msg: None) -> dict[str, 
     if not talkers or not decoders:
         raise BenchError(f"bundle {bundle.root} needs a talker and a decoder to bench; export it with "
                          f"`qwen3-tts-edge export MODEL -o {bundle.root} --force --talker q8_0 --decoder fp32`")
-    providers = _providers(args.provider, skipped)
+    providers = _providers(args.providers, skipped)
     checkpoint = _reference_checkpoint(args.vs_reference, bundle) if args.vs_reference else None
 
     start_load = os.getloadavg()
@@ -274,8 +267,9 @@ def run_bench(args: argparse.Namespace, progress=lambda msg: None) -> dict[str, 
     bw = [machine.memory_bandwidth_gbs()]
     frames = args.frames
     warm = min(frames, WARMUP_FRAMES) if frames else WARMUP_FRAMES
+    engine = asdict(EngineConfig.from_args(args, providers=None, verify=False))
     base = {"bundle": str(bundle.root), "threads": args.threads, "decoder_threads": args.decoder_threads,
-            "n_gpu_layers": args.n_gpu_layers,
+            "n_gpu_layers": args.n_gpu_layers, "engine": engine,
             "frames": frames, "texts": [asdict(t) for t in texts], "seed": args.seed, "chunk_frames": schedule,
             "warmup_frames": warm, **request}
     configs = [(t, d, p) for p in providers for t in talkers for d in decoders]

@@ -5,7 +5,7 @@ round: this module loads the bundle exactly as ``speak`` does (``TTS``), runs on
 then times ``TTS.stream`` on every bench text with a fixed seed and reports ``StreamStats`` per request plus the
 process's peak RSS. With ``reference`` set it runs the official PyTorch modules instead (fp32, the same
 checkpoint) through the same ``TTS.stream`` loop: talker, code predictor and embedding tables are the
-``export/torch_reference.py`` backends behind ``Backends``; the decoder stage is the official codec decoder in
+``export/torch_reference.py`` engines behind ``TTS.from_engines``; the decoder stage is the official codec decoder in
 torch fp32 with its streaming state threaded by ``export/decoder_stateful.StatefulDecoder`` (the module the ONNX graph
 is exported from), so every stage of the baseline is PyTorch and it streams on the same chunk schedule.
 
@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 REFERENCE_NAME = "torch-fp32"
-REFERENCE_HOW = ("official qwen-tts PyTorch modules (fp32, eager attention) behind runtime Backends, through the "
+REFERENCE_HOW = ("official qwen-tts PyTorch modules (fp32, eager attention) behind TTS.from_engines, through the "
                  "same TTS.stream frame loop, sampler and chunk schedule: export/torch_reference.py TorchTalker + "
                  "TorchPredictor + TorchTables; decoder stage = the official codec decoder in torch fp32, streamed "
                  "with its state carried by export/decoder_stateful.StatefulDecoder (the module the ONNX graph is "
@@ -58,6 +58,7 @@ class TorchStreamingDecoder:
         self.official = decoder
         self.module = StatefulDecoder(decoder).eval()
         self.providers = [REFERENCE_NAME]
+        self.capabilities: frozenset[str] = frozenset()
         self.reset()
 
     def reset(self) -> None:
@@ -81,15 +82,17 @@ def _reference_tts(spec: dict[str, Any]):
     import torch
 
     from ..export import torch_reference as ref
-    from ..runtime.pipeline import TTS, Backends
+    from ..runtime.engine.config import EngineConfig
+    from ..runtime.engine.contract import GenerationEngines
+    from ..runtime.pipeline import TTS
 
     torch.set_num_threads(int(spec["threads"]))
     model = ref.load_official(spec["reference"])
     official_decoder = model.speech_tokenizer.model.decoder.float().eval()
     # The decoder is handed in ready, so the fp32 ONNX graph is never loaded and cannot inflate the reference's RSS.
-    backends = Backends(ref.TorchTalker(model), ref.TorchPredictor(model), ref.TorchTables(model), name=REFERENCE_NAME,
-                        decoder=TorchStreamingDecoder(official_decoder))
-    tts = TTS(spec["bundle"], decoder_precision="fp32", threads=spec["threads"], verify=False, backends=backends)
+    engines = GenerationEngines(ref.TorchTalker(model), ref.TorchPredictor(model), ref.TorchTables(model))
+    tts = TTS.from_engines(engines, spec["bundle"], decoder=TorchStreamingDecoder(official_decoder),
+                           name=REFERENCE_NAME, config=EngineConfig(threads=spec["threads"], verify=False))
     return tts, official_decoder
 
 
@@ -125,6 +128,7 @@ def _one(tts, text: dict[str, Any], options) -> tuple[dict[str, Any], np.ndarray
 
 def run(spec: dict[str, Any]) -> dict[str, Any]:
     """Load one configuration, warm it up, time every text; the result record (see bench/README.md)."""
+    from ..runtime.engine.config import EngineConfig
     from ..runtime.pipeline import TTS
 
     caught: list[str] = []
@@ -140,9 +144,11 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     if spec.get("reference"):
         tts, official_decoder = _reference_tts(spec)
     else:
-        tts = TTS(spec["bundle"], talker_precision=spec["talker"], decoder_precision=spec["decoder"],
-                  threads=spec["threads"], decoder_threads=spec.get("decoder_threads"), providers=[spec["provider"]],
-                  n_gpu_layers=int(spec.get("n_gpu_layers", 0)), verify=False)
+        # The run's EngineConfig (bench flags), with this configuration's precisions and provider.
+        engine = spec.get("engine") or {"threads": spec["threads"], "decoder_threads": spec.get("decoder_threads") or 1,
+                                        "n_gpu_layers": int(spec.get("n_gpu_layers", 0)), "verify": False}
+        tts = TTS(spec["bundle"], EngineConfig(**engine), talker_precision=spec["talker"],
+                  decoder_precision=spec["decoder"], providers=[spec["provider"]])
     load_s = time.perf_counter() - t0
     rss_loaded = _rss_mb()
     texts, frames = spec["texts"], spec.get("frames")

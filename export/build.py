@@ -20,16 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from ..runtime.bundle import (
-    CODEC_ENCODER_PRECISIONS,
-    DECODER_PRECISIONS,
-    DEFAULT_EXPORT,
     FORMAT_VERSION,
-    GENERATION_BACKENDS,
     MANIFEST_NAME,
-    ONNX_GENERATION_PRECISIONS,
     OPTIONAL_TOKENIZER_FILES,
-    SPEAKER_ENCODER_PRECISIONS,
-    TALKER_PRECISIONS,
     TOKENIZER_FILES,
     VOICE_STAGES,
     Component,
@@ -37,6 +30,7 @@ from ..runtime.bundle import (
     validate_components,
     write_manifest,
 )
+from ..runtime.engine.specs import DEFAULT_EXPORT, GENERATION_ENGINES, exporter_precisions
 from ..runtime.errors import Qwen3TTSEdgeError
 from ..runtime.machine import package_version
 from .progress import ExportProgress, null_step
@@ -53,17 +47,20 @@ EXPORT_MODULES = ("torch", "transformers", "qwen_tts", "onnx", "onnxscript", "sa
 TOOL_PACKAGES = ("qwen3-tts-edge", "qwen-tts", "torch", "transformers", "onnx", "onnxruntime",
                  "llama-cpp-python", "gguf")
 
-# Stage exporters: stage -> (module, function, precisions it can produce), imported only when asked for.
+# Stage exporters: stage -> (module, function, precisions it can produce), imported only when asked for. The
+# stage names and precisions are the engine table's (runtime/engine/specs.py ``exporter``).
+_PRECISIONS = exporter_precisions()
 STAGES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     # One stage writes talker, predictor and predictor_tables GGUFs for each precision.
-    "talker": ("qwen3_tts_edge.export.llama_gguf", "export_llama", TALKER_PRECISIONS),
+    "talker": ("qwen3_tts_edge.export.llama_gguf", "export_llama", _PRECISIONS["talker"]),
     # The ONNX Runtime engine's talker + fused predictor graphs + tables (ONNX precision names in --talker).
-    "talker_onnx": ("qwen3_tts_edge.export.generation_onnx", "export_onnx_generation", ONNX_GENERATION_PRECISIONS),
-    "decoder": ("qwen3_tts_edge.export.decoder_onnx", "export_decoder", DECODER_PRECISIONS),
+    "talker_onnx": ("qwen3_tts_edge.export.generation_onnx", "export_onnx_generation", _PRECISIONS["talker_onnx"]),
+    "decoder": ("qwen3_tts_edge.export.decoder_onnx", "export_decoder", _PRECISIONS["decoder"]),
     # Base models only (the other checkpoints have no speaker encoder).
     "speaker_encoder": ("qwen3_tts_edge.export.speaker_encoder_onnx", "export_speaker_encoder",
-                        SPEAKER_ENCODER_PRECISIONS),
-    "codec_encoder": ("qwen3_tts_edge.export.codec_encoder_onnx", "export_codec_encoder", CODEC_ENCODER_PRECISIONS),
+                        _PRECISIONS["speaker_encoder"]),
+    "codec_encoder": ("qwen3_tts_edge.export.codec_encoder_onnx", "export_codec_encoder",
+                      _PRECISIONS["codec_encoder"]),
 }
 
 
@@ -86,15 +83,15 @@ def missing_export_modules() -> list[str]:
 
 def _talker_request(talker: Sequence[str] | None, backends: Sequence[str] | None) -> tuple[str, ...]:
     """The talker precisions to write, each engine's default where only ``backends`` is given."""
-    bad = [b for b in backends or () if b not in GENERATION_BACKENDS]
+    bad = [b for b in backends or () if b not in GENERATION_ENGINES]
     if bad:
-        raise ExportError(f"unknown backend(s) {bad}; choose from {', '.join(GENERATION_BACKENDS)}")
+        raise ExportError(f"unknown backend(s) {bad}; choose from {', '.join(GENERATION_ENGINES)}")
     if talker is None:
-        return tuple(p for b in (backends or ("llama.cpp",)) for p in GENERATION_BACKENDS[b].default)
-    known = {p: name for name, b in GENERATION_BACKENDS.items() for p in b.precisions}
+        return tuple(p for b in (backends or ("llama.cpp",)) for p in GENERATION_ENGINES[b].default)
+    known = {p: name for name, b in GENERATION_ENGINES.items() for p in b.precisions}
     unknown = [p for p in talker if p not in known]
     if unknown:
-        choices = "; ".join(f"{name}: {', '.join(b.precisions)}" for name, b in GENERATION_BACKENDS.items())
+        choices = "; ".join(f"{name}: {', '.join(b.precisions)}" for name, b in GENERATION_ENGINES.items())
         raise ExportError(f"unknown talker precision(s) {unknown}; choose from {choices}")
     off = [p for p in talker if backends and known[p] not in backends]
     if off:
@@ -270,14 +267,14 @@ def export_bundle(model: str, out: Path, *, talker: Sequence[str] | None = None,
     ``talker`` / ``decoder`` / ``speaker_encoder`` / ``codec_encoder`` name the precisions to write; None
     means the defaults (``DEFAULT_EXPORT``: talker q8_0, decoder fp32, and for Base models both voice encoders
     in fp32), so a plain export can speak. Talker precisions name their engine (GGUF ``q8_0`` for llama.cpp,
-    ONNX ``fp32`` for ONNX Runtime); ``backends`` (``GENERATION_BACKENDS`` names) replaces the default talker
+    ONNX ``fp32`` for ONNX Runtime); ``backends`` (``GENERATION_ENGINES`` names) replaces the default talker
     precisions with each engine's default when ``talker`` is None. ``progress`` receives messages; without
     one, a progress bar (plain lines off a terminal) goes to stderr.
     """
     out = Path(out)
     talkers = _talker_request(talker, backends)
-    requested = {"talker": tuple(p for p in talkers if p in TALKER_PRECISIONS),
-                 "talker_onnx": tuple(p for p in talkers if p in ONNX_GENERATION_PRECISIONS),
+    requested = {"talker": tuple(p for p in talkers if p in _PRECISIONS["talker"]),
+                 "talker_onnx": tuple(p for p in talkers if p in _PRECISIONS["talker_onnx"]),
                  "decoder": DEFAULT_DECODER if decoder is None else tuple(decoder)}
     exporters = {stage: _stage_exporter(stage, precs) for stage, precs in requested.items() if precs}
     _speakable(requested)

@@ -9,14 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..runtime.bundle import (
-    CODEC_ENCODER_PRECISIONS,
-    DECODER_PRECISIONS,
-    DEFAULT_EXPORT,
-    GENERATION_BACKENDS,
-    SPEAKER_ENCODER_PRECISIONS,
-)
 from ..runtime.cli import csv_list
+from ..runtime.engine.specs import DEFAULT_EXPORT, GENERATION_ENGINES, precisions
 from ..runtime.errors import Qwen3TTSEdgeError
 
 EXPORT_EXTRA_HINT = ("pip install 'qwen3-tts-edge[export]' && pip install --no-deps qwen-tts==0.1.1 "
@@ -31,16 +25,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help="Hugging Face id, local checkpoint folder, or "
                    "random:<tiny|0.6b|1.7b>-<base|custom_voice|voice_design>[@seed]")
     p.add_argument("-o", "--output", required=True, type=Path, metavar="BUNDLE", help="bundle folder to write")
-    talker_choices = "; ".join(f"{name}: {','.join(b.precisions)}" for name, b in GENERATION_BACKENDS.items())
-    for stage, fmt, choices in (("talker", "GGUF or ONNX", (talker_choices,)), ("decoder", "ONNX", DECODER_PRECISIONS),
-                                ("speaker_encoder", "ONNX", SPEAKER_ENCODER_PRECISIONS),
-                                ("codec_encoder", "ONNX", CODEC_ENCODER_PRECISIONS)):
+    talker_choices = "; ".join(f"{name}: {','.join(b.precisions)}" for name, b in GENERATION_ENGINES.items())
+    for stage, fmt, choices in (("talker", "GGUF or ONNX", (talker_choices,)),
+                                ("decoder", "ONNX", precisions("decoder")),
+                                ("speaker_encoder", "ONNX", precisions("speaker_encoder")),
+                                ("codec_encoder", "ONNX", precisions("codec_encoder"))):
         default = ",".join(DEFAULT_EXPORT[stage]) + (" for Base models" if stage.endswith("_encoder") else "")
         p.add_argument(f"--{stage.replace('_', '-')}", type=csv_list, default=None, metavar="PRECISIONS",
                        help=f"{stage.replace('_', ' ')} {fmt} precisions, comma-separated ({','.join(choices)}; "
                             f"default {default})")
     p.add_argument("--backend", type=csv_list, default=None, metavar="ENGINES",
-                   help=f"generation engine(s) to export for, comma-separated ({', '.join(GENERATION_BACKENDS)}; "
+                   help=f"generation engine(s) to export for, comma-separated ({', '.join(GENERATION_ENGINES)}; "
                         f"default llama.cpp): sets the default --talker precisions (llama.cpp q8_0, onnxruntime fp32)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle at BUNDLE")
 

@@ -25,7 +25,8 @@ from torch import nn
 from ..quant import gates
 from ..quant import metrics as fidelity
 from ..quant import onnx_policy as policies
-from ..runtime.bundle import DECODER_METADATA_KEY, DECODER_PRECISIONS
+from ..runtime.bundle import DECODER_METADATA_KEY
+from ..runtime.engine.specs import precisions
 from .decoder_quant import CALIBRATION_CHUNK, convert_fp16, open_runtime_decoder, quantize_int8
 from .decoder_stateful import StatefulDecoder
 from .official import qwen_tts
@@ -37,7 +38,7 @@ CODES_INPUT = "codes"
 PCM_OUTPUT = "pcm"
 STATE_FILE = "decoder.state.npz"
 CALIBRATION_FILE = "decoder.calibration.npz"
-DEFAULT_PRECISIONS = DECODER_PRECISIONS
+DEFAULT_PRECISIONS = precisions("decoder")
 OFFLINE_REFERENCE = "official offline forward of the whole sequence (torch fp32)"
 FP32_REFERENCE = "fp32 streaming ONNX decode of the same codes"
 
@@ -120,7 +121,7 @@ def ms_per_frame(model_path: Path, chunk: int, threads: int = 1, frames: int = 2
     """Milliseconds per frame on the CPU provider for calls of ``chunk`` frames.
 
     ``clock="cpu"`` (process CPU time, median of repeats, 1 thread) is the comparison metric: the build
-    machines are shared and wall time there swings 2-3x with neighbours, CPU time barely moves.
+    machines are shared and wall time there swings with neighbours while CPU time barely moves (bench/README).
     ``clock="wall"`` returns the best-of-repeats wall time, for reporting latency at ``threads``.
     """
     dec = open_runtime_decoder(model_path, threads=threads)

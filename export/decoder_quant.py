@@ -188,9 +188,10 @@ def quantize_int8(fp32_path: Path, path: Path, sequences: dict[str, np.ndarray],
     ``int8_dynamic`` nodes (linear layers, constant weights only): per-channel int8 weights, activations
     quantised per call from their own range (onnxruntime ``DynamicQuantizeMatMul``); no calibration.
 
-    Measured on the 0.6b shape (random weights): percentile ranges gave +1 dB SNR over min/max; a 3x
-    larger calibration set changed nothing; onnxruntime fuses the QDQ pairs into QLinearConv. Dynamic int8
-    on the transformer/ConvNeXt linears cost < 0.1 dB and cut their weight traffic 4x (see the policy notes).
+    Percentile ranges beat min/max ranges and a larger calibration set did not help (bench/README, "Numbers
+    behind code choices"); onnxruntime fuses the QDQ pairs into QLinearConv. Dynamic int8 on the
+    transformer/ConvNeXt linears costs next to no SNR and cuts their fp32 weight traffic to a quarter (see
+    the policy notes).
     """
     import tempfile
 

@@ -5,8 +5,9 @@ stage beside or instead of the GGUF one (``llama_gguf.export_llama``); a bundle 
 apart by the component format. The official talker is loaded once; the fp32 graphs are traced from it and
 checked against it (``talker_onnx``, ``predictor_onnx``); int8 / int4 are weight-only MatMulNBits variants of
 those graphs (``generation_quant``), checked against the same official modules and refused, not shipped, below
-their gate. One tables file (fp32 rows, memory-mapped) serves every precision. Graphs over 1.5 GB keep their
-weights in one ``<graph>.data`` file, listed as an ``onnx_data`` component so the checksums cover it.
+their gate (``quant.gates``). One tables file (fp32 rows, memory-mapped) serves every precision. Graphs over
+1.5 GB keep their weights in one ``<graph>.data`` file, listed as an ``onnx_data`` component so the checksums
+cover it.
 """
 
 from __future__ import annotations
@@ -20,14 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from ..runtime.bundle import ONNX_GENERATION_PRECISIONS
+from ..quant import gates
+from ..runtime.engine.specs import GENERATION_ENGINES
 
 Progress = Callable[[str], None]
-
-# Minimum logit cosine against the official fp32 modules (talker along a prompt + steps; predictor teacher-
-# forced on the official greedy codes). Measured on random 0.6B CustomVoice (issue #14): int8 talker 0.99961,
-# predictor 0.99932 (llama.cpp q8_0: 0.99955 / 0.99937); int4 0.960 / 0.945 (q4_k_m: 0.963 / 0.948).
-GATES = {"int8": {"talker": 0.999, "predictor": 0.999}, "int4": {"talker": 0.93, "predictor": 0.92}}
 
 
 def check_predictor_forced(path: Path, talker: Any, *, frames: int = 4, seed: int = 0) -> dict[str, Any]:
@@ -65,10 +62,10 @@ def export_onnx_generation(checkpoint_dir: Path, out_dir: Path, precisions: Sequ
 
     say = progress or (lambda _msg: None)
     done = step or (lambda _label: None)
-    bad = [p for p in precisions if p not in ONNX_GENERATION_PRECISIONS]
+    supported = GENERATION_ENGINES["onnxruntime"].precisions
+    bad = [p for p in precisions if p not in supported]
     if bad:
-        raise ValueError(f"unsupported ONNX generation precisions {bad}; choose from "
-                         f"{', '.join(ONNX_GENERATION_PRECISIONS)}")
+        raise ValueError(f"unsupported ONNX generation precisions {bad}; choose from {', '.join(supported)}")
     out_dir = Path(out_dir)
     t0 = time.perf_counter()
     talker = official_talker(Path(checkpoint_dir))
@@ -94,8 +91,8 @@ def export_onnx_generation(checkpoint_dir: Path, out_dir: Path, precisions: Sequ
                 graphs.append({"role": entry["role"], "file": name, "format": "onnx", "precision": p,
                                "meta": {**{k: v for k, v in entry["meta"].items() if k != "files"},
                                         "files": qmeta["files"], "quantization": qmeta}, "fidelity": fid})
-            misses = [f"{g['role']} logit cosine {g['fidelity']['logit_cos_min']:.4f} < {GATES[p][g['role']]}"
-                      for g in graphs if g["fidelity"]["logit_cos_min"] < GATES[p][g["role"]]]
+            misses = [f"{g['role']} {why}" for g in graphs
+                      for why in gates.gate(g["role"], p).failures(g["fidelity"], speed=False)]
             if misses:
                 rejected[p] = "; ".join(misses)
                 say(f"onnx generation: {p} REFUSED, {rejected[p]}")

@@ -2,10 +2,10 @@
 
 Both graphs are memory-bound GEMVs at generation time (one position per talker step, one per predictor step),
 so what costs is streaming fp32 weights: the fused predictor reads its 5 layers 15 times per frame. Blockwise
-weight-only quantisation (onnxruntime's ``MatMulNBitsQuantizer``) cuts the bytes ~3.8x (int8) / ~5x (int4,
-whose policy keeps the sensitive v_proj / down_proj at int8, one quantizer pass per bit width);
-``accuracy_level`` 4 lets the CPU kernel quantise the activation per block and run int8 dot products (level 0,
-fp32 compute, measured 13x slower on the fused predictor).
+weight-only quantisation (onnxruntime's ``MatMulNBitsQuantizer``) cuts those bytes (int8, or int4 whose policy
+keeps the sensitive v_proj / down_proj at int8, one quantizer pass per bit width); ``accuracy_level`` 4 lets
+the CPU kernel quantise the activation per block and run int8 dot products, where level 0 (fp32 compute) is
+far slower on the fused predictor (bench/README, "Numbers behind code choices").
 
 Which MatMuls are quantised comes from ``quant.onnx_policy`` (components ``talker`` / ``predictor``); the
 scope of a node is its exporter name without the leading ``/`` and the trailing op (``layers.3/mlp/up_proj_7``,

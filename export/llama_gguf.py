@@ -34,14 +34,15 @@ from ..quant import metrics
 from ..quant.gguf_policy import PRECISIONS, policy
 from ..runtime.backends.llama_cpp import bindings as llm
 from ..runtime.backends.llama_cpp.gguf_tables import GGUFTables
+from ..runtime.backends.llama_cpp.predictor import TABLES_FORMAT_VERSION
 from ..runtime.bundle import PREDICTOR_TABLES_ARCH
 from ..runtime.errors import Qwen3TTSEdgeError
+from ..runtime.sampler import ResidualSampling
 from .llama_cpp_src import run_converter
 
 Progress = Callable[[str], None]
 
 TABLES_ARCH = PREDICTOR_TABLES_ARCH
-TABLES_FORMAT_VERSION = 1
 PREDICTOR_DUMMY_VOCAB = 1  # llama.cpp needs token_embd; inputs are embeddings, so one dummy row suffices
 
 _PRED_LAYER_MAP = {
@@ -335,7 +336,7 @@ def _engine_run(talker_path: Path, pred_path: Path, tab_path: Path, prompt: np.n
                 got.append(lg.copy())
                 return int(frame[j + 1])
 
-            p.predict(hid[k], int(frame[0]), choose)
+            p.predict(hid[k], int(frame[0]), ResidualSampling.host(choose))
             pred.append(np.stack(got))
     return logits, hid, np.stack(pred)
 

@@ -32,11 +32,12 @@ from typing import Any
 
 import numpy as np
 
+from ..quant import gates
+from ..runtime.sampler import ResidualSampling
 from .talker_onnx import OPSET, ExplicitCache, causal_mask, eager_attention, export_graph, official_talker
 
 PREDICTOR_FILE = "predictor.fp32.onnx"
 INPUTS = ("past_hidden", "c0", "uniforms", "temperature", "top_k", "top_p", "do_sample", "forced", "n_forced")
-GATE = {"logit_cos_min": 0.99999}
 
 
 def sample_codes(logits: Any, u: Any, temperature: Any, top_k: Any, top_p: Any, do_sample: Any) -> Any:
@@ -140,7 +141,7 @@ def export_predictor_onnx(model_or_checkpoint_dir: Any, out_path: Path | str, *,
     """Write the fused predictor graph to ``out_path``; return its manifest entry (role ``predictor``, onnx).
 
     With ``check`` the graph's greedy codes and raw logits are compared with the official predictor for a few
-    frames (``fidelity``); differing codes or a logit cosine under :data:`GATE` raise RuntimeError.
+    frames (``fidelity``); differing codes or a miss of its ``quant.gates`` row raise RuntimeError.
     """
     import torch
 
@@ -158,8 +159,11 @@ def export_predictor_onnx(model_or_checkpoint_dir: Any, out_path: Path | str, *,
                              "meta": dict(meta, files=files), "fidelity": {}}
     if check:
         f = entry["fidelity"] = check_predictor(out_path, talker)
-        if f["codes_equal"] != f["frames"] or f["logit_cos_min"] < GATE["logit_cos_min"]:
-            raise RuntimeError(f"predictor ONNX does not match the official module: {f} (gate {GATE})")
+        failures = gates.gate("predictor", "fp32").failures(f, speed=False)
+        if f["codes_equal"] != f["frames"]:
+            failures.append(f"greedy codes equal on {f['codes_equal']} of {f['frames']} frames")
+        if failures:
+            raise RuntimeError(f"predictor ONNX does not match the official module: {'; '.join(failures)} ({f})")
         say(f"predictor: fp32 ok, greedy codes equal on {f['frames']} frames, logit cosine "
             f"{f['logit_cos_min']:.7f}")
     say(f"predictor: done ({time.perf_counter() - t0:.0f} s)")
@@ -186,7 +190,7 @@ def official_greedy_frame(talker: Any, past_hidden: np.ndarray, c0: int) -> tupl
         return int(np.argmax(lg))
 
     with eager_attention(talker.code_predictor.config):
-        codes = TorchPredictor(model).predict(past_hidden, c0, choose)
+        codes = TorchPredictor(model).predict(past_hidden, c0, ResidualSampling.host(choose))
     return codes, np.stack(logits)
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ..quant import metrics
+from ..quant import gates, metrics
 from ..runtime.voices.mel import HOP, MIN_FRAMES, N_FFT, N_MELS
 from .torch_reference import load_official_speaker_encoder
 
@@ -31,7 +31,6 @@ SAMPLE_RATE = 24000
 FMAX = 12000
 TRACE_FRAMES = 100
 CHECK_FRAMES = (MIN_FRAMES, 37, 173, 700)  # none equal to the traced length, the shortest the encoder takes
-GATE = {"cosine_min": 0.99999, "max_abs": 1e-4}
 
 
 def mel_filters() -> np.ndarray:
@@ -85,8 +84,7 @@ def export_speaker_encoder(checkpoint_dir: Path, out_dir: Path, precisions: Sequ
                           output_names=["embedding"], dynamic_axes={"mel": {1: "frames"}})
     np.save(out_dir / MEL_FILE, mel_filters())
     fidelity = _check(path, encoder)
-    failures = [f"{k} {fidelity[k]:.3g} vs gate {v}" for k, v in GATE.items()
-                if (fidelity[k] < v if k == "cosine_min" else fidelity[k] > v)]
+    failures = gates.gate("speaker_encoder", "fp32").failures(fidelity, speed=False)
     if failures:
         raise RuntimeError(f"speaker encoder ONNX does not match the official module: {'; '.join(failures)}")
     say(f"speaker encoder: fp32 ok, cosine {fidelity['cosine_min']:.7f}, max |Δ| {fidelity['max_abs']:.1e} "

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from ..quant import gates
 from ..runtime.bundle import GENERATION_METADATA_KEY
 from .torch_reference import load_official_talker
 
@@ -42,7 +43,6 @@ TABLES_FILE = "predictor_tables.fp32.npy"
 METADATA_KEY = GENERATION_METADATA_KEY  # JSON record in the graph's metadata_props (sizes the runtime needs)
 FORMAT_VERSION = 1
 TRACE_T, TRACE_PAST = 3, 2  # neither 0 nor 1, so the tracer cannot specialise a length
-GATE = {"logit_cos_min": 0.99999, "hidden_rel_max_abs": 1e-4}  # hidden: max |Δ| / max(1, max |h|)
 TEXT_ROWS_PER_CHUNK = 8192
 
 
@@ -187,7 +187,7 @@ def export_talker_onnx(model_or_checkpoint_dir: Any, out_path: Path | str, *, op
     """Write the talker graph to ``out_path``; return its manifest entry (role ``talker``, format ``onnx``).
 
     With ``check`` the graph is run in onnxruntime along a prompt + steps with a rewind and compared with the
-    official module (``fidelity``); a miss of :data:`GATE` is an export bug and raises RuntimeError.
+    official module (``fidelity``); a miss of its ``quant.gates`` row is an export bug and raises RuntimeError.
     """
     import torch
 
@@ -215,8 +215,9 @@ def export_talker_onnx(model_or_checkpoint_dir: Any, out_path: Path | str, *, op
     if check:
         entry["fidelity"] = check_talker(out_path, talker)
         f = entry["fidelity"]
-        if f["logit_cos_min"] < GATE["logit_cos_min"] or f["hidden_rel_max_abs"] > GATE["hidden_rel_max_abs"]:
-            raise RuntimeError(f"talker ONNX does not match the official module: {f} (gate {GATE})")
+        failures = gates.gate("talker", "fp32").failures(f, speed=False)
+        if failures:
+            raise RuntimeError(f"talker ONNX does not match the official module: {'; '.join(failures)} ({f})")
         say(f"talker: fp32 ok, logit cosine {f['logit_cos_min']:.7f}, hidden max |Δ| {f['hidden_max_abs']:.1e}")
     say(f"talker: done ({time.perf_counter() - t0:.0f} s)")
     return entry

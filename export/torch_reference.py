@@ -1,23 +1,24 @@
 """The official PyTorch modules behind the runtime's backend protocols: the parity and speed reference.
 
-Wrapping the official talker and code predictor in the same ``TalkerBackend`` / ``PredictorBackend``
-interfaces as the llama.cpp engines lets one frame loop run on both, so tests can check our loop, prompt and
-sampler against the official ``generate`` and then swap in the exported engines; bench uses the same
-wrappers as its PyTorch baseline. This is the one place that loads the official model (whole, or the talker
-alone) and computes its text / codec / residual embeddings, so export checks, bench parity and tests all
-compare against the same reference. Export side only (torch).
+Wrapping the official talker and code predictor in the engine contract (``runtime/engine/contract.py``) that
+the runtime's engines (llama.cpp, ONNX Runtime) implement lets one frame loop run on all of them, so tests can
+check our loop, prompt and sampler against the official ``generate`` and then swap in the exported engines;
+bench uses the same wrappers as its PyTorch baseline. This is the one place that loads the official model
+(whole, or the talker alone) and computes its text / codec / residual embeddings, so export checks, bench
+parity and tests all compare against the same reference. Export side only (torch).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..runtime.backends import StepOutput
+from ..runtime.engine.contract import Placement, StepOutput
+from ..runtime.sampler import GREEDY, ResidualSampling
 from .official import qwen_tts
 
 
@@ -152,12 +153,27 @@ class TorchTables:
         return out.float().numpy()
 
 
+REFERENCE_PLACEMENT = Placement("cpu", note="official PyTorch modules (parity reference)")
+
+
 class TorchTalker:
-    """The official talker backbone + codec head with a KV cache, one prompt at a time."""
+    """The official talker backbone + codec head with a KV cache, one prompt at a time (no ``KV_STATE``)."""
+
+    capabilities: frozenset[str] = frozenset()
+    placement = REFERENCE_PLACEMENT
 
     def __init__(self, model):
         self.talker = model.talker
+        self.hidden_size = model.talker.config.hidden_size
         self.reset()
+
+    @property
+    def n_past(self) -> int:
+        return 0 if self.cache is None else int(self.cache.get_seq_length())
+
+    @property
+    def n_ctx(self) -> int | None:
+        return None
 
     def reset(self) -> None:
         self.cache = None
@@ -179,12 +195,18 @@ class TorchTalker:
         self.reset()
         return self._forward(embeds)
 
+    def extend(self, embeds: np.ndarray) -> StepOutput:
+        return self._forward(embeds)
+
     def step(self, embed: np.ndarray) -> StepOutput:
         return self._forward(np.asarray(embed)[None])
 
 
 class TorchPredictor:
     """The official code predictor run step by step with a fresh cache per frame (as its generate does)."""
+
+    capabilities: frozenset[str] = frozenset()
+    placement = REFERENCE_PLACEMENT
 
     def __init__(self, model):
         self.talker = model.talker
@@ -199,7 +221,7 @@ class TorchPredictor:
                               use_cache=True).last_hidden_state[:, -1]
             return self.cp.lm_head[step](h)[0].float().numpy()
 
-    def predict(self, past_hidden: np.ndarray, c0: int, choose: Callable[[int, np.ndarray], int]) -> np.ndarray:
+    def predict(self, past_hidden: np.ndarray, c0: int, sampling: ResidualSampling = GREEDY) -> np.ndarray:
         import torch
         from transformers import DynamicCache
 
@@ -210,7 +232,7 @@ class TorchPredictor:
         codes = []
         tables = self.cp.get_input_embeddings()
         for step in range(self.talker.config.num_code_groups - 1):
-            code = int(choose(step, self.step_logits(inputs, step, cache)))
+            code = sampling.choose(step, self.step_logits(inputs, step, cache))
             codes.append(code)
             with torch.no_grad():
                 inputs = tables[step](torch.tensor([code])).float().numpy()

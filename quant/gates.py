@@ -1,8 +1,12 @@
 """Fidelity (and speed) gates a precision variant must pass before it ships, as data.
 
-Metrics are those of ``quant.metrics`` (``snr_db``, ``logmel_dist`` in dB, ``max_abs``); the reference
-is named per gate. A variant that fails is not shipped and the reason is recorded in the manifest.
-The GGUF side adds its own rows (e.g. logits cosine / KL for ("talker", "q8_0")).
+Metrics are those of ``quant.metrics`` (``snr_db``, ``logmel_dist`` in dB, ``max_abs``, cosines); the
+reference is named per gate. A derived variant that fails is not shipped and the reason is recorded in the
+manifest; an fp32 graph that fails is an export bug and stops the export. Rows: the codec decoder
+(``export/decoder_onnx.py``), the ONNX talker / fused predictor graphs (``export/talker_onnx.py``,
+``predictor_onnx.py``, ``generation_onnx.py``) and the speaker encoder (``speaker_encoder_onnx.py``). The
+GGUF variants have no gate: their logit cosine / KL against the F32 files is measured and recorded at export
+(``export/llama_gguf.self_check``), never refused.
 """
 
 from __future__ import annotations
@@ -21,6 +25,10 @@ class Gate:
     min_snr_db: float | None = None
     max_logmel_dist: float | None = None
     min_cpu_speedup: float | None = None  # vs the fp32 graph on the CPU provider, same threads
+    min_logit_cos: float | None = None  # worst position's / step's logit cosine (``logit_cos_min``)
+    max_hidden_rel: float | None = None  # max |Δ hidden| / max(1, max |hidden|) (``hidden_rel_max_abs``)
+    min_cosine: float | None = None  # worst output vector's cosine (``cosine_min``)
+    max_output_abs: float | None = None  # max |Δ| of the graph's output (``max_abs``)
     why: str = ""
 
     def failures(self, metrics: dict[str, Any], speed: bool = True) -> list[str]:
@@ -30,6 +38,10 @@ class Gate:
             ("stream_vs_offline_max_abs", self.max_abs, "<=", "{:.3g}"),
             ("snr_db", self.min_snr_db, ">=", "{:.1f} dB"),
             ("logmel_dist", self.max_logmel_dist, "<=", "{:.3f} dB"),
+            ("logit_cos_min", self.min_logit_cos, ">=", "{:.7g}"),
+            ("hidden_rel_max_abs", self.max_hidden_rel, "<=", "{:.3g}"),
+            ("cosine_min", self.min_cosine, ">=", "{:.7g}"),
+            ("max_abs", self.max_output_abs, "<=", "{:.3g}"),
         ]
         if speed:
             checks.append(("cpu_speedup", self.min_cpu_speedup, ">=", "{:.2f}x"))
@@ -72,6 +84,48 @@ GATES: dict[tuple[str, str], Gate] = {
             "must cut CPU time by >=1.2x at 4- and 12-frame chunks. 25 dB SNR keeps the quantisation noise "
             "floor 25 dB under the signal and rejects that dynamic-int8 result; static QDQ measured 30.2 dB "
             "/ 0.105 dB log-mel at the 0.6b shape. Random weights: re-check with the real checkpoint",
+    ),
+    # --- ONNX Runtime generation graphs (talker with explicit KV cache, fused 15-step predictor) ------------
+    ("talker", "fp32"): Gate(
+        "talker", "fp32", reference="official talker (torch fp32) along a prompt + single steps",
+        min_logit_cos=0.99999, max_hidden_rel=1e-4,
+        why="the graph is the official module traced in fp32; anything beyond float rounding is an export bug",
+    ),
+    ("predictor", "fp32"): Gate(
+        "predictor", "fp32", reference="official code predictor (torch fp32), greedy frames",
+        min_logit_cos=0.99999,
+        why="the fused graph is the official module traced in fp32; anything beyond float rounding is an export "
+            "bug (its greedy codes must also equal the official ones on every frame: predictor_onnx checks that)",
+    ),
+    ("talker", "int8"): Gate(
+        "talker", "int8", reference="official talker (torch fp32) along a prompt + single steps",
+        min_logit_cos=0.999,
+        why="weight-only int8 should cost what llama.cpp's q8_0 does (random 0.6B CustomVoice, issue #14: "
+            "0.99961, q8_0 0.99955); the gate allows ~2.5x that error (1 - cosine)",
+    ),
+    ("predictor", "int8"): Gate(
+        "predictor", "int8", reference="official code predictor (torch fp32), teacher-forced on its greedy codes",
+        min_logit_cos=0.999,
+        why="weight-only int8 should cost what llama.cpp's q8_0 does (random 0.6B CustomVoice, issue #14: "
+            "0.99932, q8_0 0.99937); the gate allows ~1.5x that error (1 - cosine)",
+    ),
+    ("talker", "int4"): Gate(
+        "talker", "int4", reference="official talker (torch fp32) along a prompt + single steps",
+        min_logit_cos=0.93,
+        why="int4 (v_proj / down_proj at int8) should be on par with llama.cpp's q4_k_m (random 0.6B "
+            "CustomVoice, issue #14: 0.960, q4_k_m 0.963); the gate allows ~1.8x that error (1 - cosine)",
+    ),
+    ("predictor", "int4"): Gate(
+        "predictor", "int4", reference="official code predictor (torch fp32), teacher-forced on its greedy codes",
+        min_logit_cos=0.92,
+        why="int4 (v_proj / down_proj at int8) should be on par with llama.cpp's q4_k_m (random 0.6B "
+            "CustomVoice, issue #14: 0.945, q4_k_m 0.948); the gate allows ~1.5x that error (1 - cosine)",
+    ),
+    # --- voice encoders -------------------------------------------------------------------------------------
+    ("speaker_encoder", "fp32"): Gate(
+        "speaker_encoder", "fp32", reference="official speaker encoder (torch fp32) on the same log-mel input",
+        min_cosine=0.99999, max_output_abs=1e-4,
+        why="the graph is the official module traced in fp32; anything beyond float rounding is an export bug",
     ),
 }
 

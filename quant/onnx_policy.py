@@ -3,8 +3,9 @@
 Each policy is an ordered rule table (first match wins) over (scope, op type). For the codec decoder the
 scope is the module path that the ONNX exporter records per node (``StatefulDecoder`` submodules:
 ``dequant``, ``pre_conv``, ``transformer…``, ``upsample.i…``, ``in_conv``, ``blocks.i…``,
-``head_…``; "" is top-level glue). The GGUF side can add its own components (e.g. ("talker", "q8_0"))
-to ``POLICIES`` with tensor-name scopes; nothing here depends on onnx or torch.
+``head_…``; "" is top-level glue). For the ONNX talker and fused predictor graphs it is the exporter's node
+name (see ``_generation_policy``). The GGUF precisions of the llama.cpp engines are ``quant.gguf_policy``.
+Nothing here depends on onnx or torch.
 """
 
 from __future__ import annotations
@@ -12,13 +13,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from fnmatch import fnmatchcase
 
-PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int8_dynamic", "q8_0", "q4_k")
-# int8: static (calibrated) activation ranges; int8_dynamic: int8 weights, activation range taken per call
-
 
 @dataclass(frozen=True)
 class OpRule:
     scope: str  # fnmatch pattern over the node/tensor scope
+    # fp32, fp16, int8 (static: calibrated activation ranges), int8_dynamic (int8 weights, activation range
+    # taken per call) or int4 (weight-only)
     precision: str
     ops: tuple[str, ...] = ("*",)  # op-type patterns the rule applies to
     why: str = ""

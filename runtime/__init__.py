@@ -1,7 +1,10 @@
-"""The torch-free runtime's front door: ``from qwen3_tts_edge.runtime import TTS, SpeakOptions``.
+"""The torch-free runtime's front door: ``from qwen3_tts_edge.runtime import TTS, AsyncTTS, EngineConfig``.
 
-Names are imported lazily, so light modules of this package (the build check, the bundle contract) load
-without numpy, onnxruntime or llama.cpp.
+What users touch: ``TTS`` / ``AsyncTTS`` (sync and async speech), ``EngineConfig`` (which engines, precisions,
+threads), ``SpeakOptions`` and its groups (per request), ``Voice`` (what ``create_voice`` returns and voice
+files hold), ``AudioChunk`` / ``AudioStream`` / ``StreamStats`` (what comes back) and the errors. Names are
+imported lazily, so light modules of this package (the build check, the bundle contract) load without numpy,
+onnxruntime or llama.cpp.
 """
 
 from __future__ import annotations
@@ -15,10 +18,11 @@ except metadata.PackageNotFoundError:  # pragma: no cover - a source tree that i
     __version__ = "0+unknown"
 
 _EXPORTS = {
-    "TTS": "pipeline", "SpeakOptions": "options", "AudioChunk": "options", "AudioStream": "streaming",
-    "StreamStats": "options", "PromptOptions": "options", "SamplingOptions": "options", "Limits": "options",
-    "VoicePrompt": "prompt", "PromptError": "prompt", "BundleError": "bundle", "load_bundle": "bundle",
-    "Qwen3TTSEdgeError": "errors",
+    "TTS": "pipeline", "AsyncTTS": "aio", "EngineConfig": "engine.config", "SpeakOptions": "options",
+    "PromptOptions": "options", "SamplingOptions": "options", "Limits": "options", "AudioChunk": "options",
+    "AudioStream": "streaming", "StreamStats": "options", "Voice": "voices.voice_file", "load_bundle": "bundle",
+    "Qwen3TTSEdgeError": "errors", "BundleError": "bundle", "PromptError": "prompt", "VoiceError": "voices.voice_file",
+    "TextError": "text_feed",
 }
 __all__ = ["__version__", *_EXPORTS]
 

@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..quant.gguf_policy import PRECISIONS as GGUF_PRECISIONS
 from .errors import Qwen3TTSEdgeError
 
 FORMAT_VERSION = 1
@@ -36,40 +35,9 @@ _HASH_CHUNK = 1 << 22
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json")
 OPTIONAL_TOKENIZER_FILES = ("tokenizer.json",)
 
-# The precision registry, one tuple per stage in display order: what export can write, what the CLI help and
-# bench list. The GGUF list is the set of per-tensor policies in quant/gguf_policy.py.
-TALKER_PRECISIONS: tuple[str, ...] = GGUF_PRECISIONS
-# The ONNX Runtime talker + fused predictor (export/talker_onnx.py, predictor_onnx.py). Names differ from the GGUF
-# ones (fp32 vs f32), so one --talker list can name precisions of both engines and a bundle can hold both.
-ONNX_GENERATION_PRECISIONS: tuple[str, ...] = ("fp32", "int8", "int4")  # int8/int4: weight-only MatMulNBits
-
-
-@dataclass(frozen=True)
-class GenerationBackend:
-    """A talker + predictor engine as `export --backend` and `speak --backend` name it."""
-
-    format: str  # component format of its talker / predictor files
-    precisions: tuple[str, ...]  # what export can write for it
-    default: tuple[str, ...]  # what `export --backend NAME` writes when --talker is not given
-
-
-GENERATION_BACKENDS: dict[str, GenerationBackend] = {
-    "llama.cpp": GenerationBackend("gguf", TALKER_PRECISIONS, ("q8_0",)),
-    "onnxruntime": GenerationBackend("onnx", ONNX_GENERATION_PRECISIONS, ("fp32",)),
-}
-DECODER_PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
-# Voice encoders (Base models only) stay fp32: reduced precision drifts the timbre.
-SPEAKER_ENCODER_PRECISIONS: tuple[str, ...] = ("fp32",)
-CODEC_ENCODER_PRECISIONS: tuple[str, ...] = ("fp32",)
-# What a plain `export` writes: a bundle that speaks on any CPU (q8_0 is within 4e-4 KL of f32 at half the size;
-# the fp32 decoder is the reference the other decoders are gated on).
-DEFAULT_EXPORT: dict[str, tuple[str, ...]] = {"talker": ("q8_0",), "decoder": ("fp32",),
-                                               "speaker_encoder": ("fp32",), "codec_encoder": ("fp32",)}
-# The two voice encoders are exported for Base models only (the other checkpoints have none).
+# The two voice encoders are exported for Base models only (the other checkpoints have none). Which engine
+# runs which component format, and in which precisions, is the engine table: runtime/engine/specs.py.
 VOICE_STAGES = ("speaker_encoder", "codec_encoder")
-# Which precision the runtime loads when the caller names none, best first among those the bundle holds.
-TALKER_PREFERENCE = ("q8_0", "f16", "bf16", "q5_k_m", "q4_k_m", "f32", "fp32")
-DECODER_PREFERENCE = ("fp32", "int8", "fp16")
 
 # Metadata keys inside component files.
 PREDICTOR_TABLES_ARCH = "qwen3tts_predictor_tables"  # general.architecture of the predictor's host tables GGUF

@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from importlib import import_module
 from pathlib import Path
 
-from .bundle import GENERATION_BACKENDS, BundleError, Manifest, load_bundle
+from .bundle import BundleError, Manifest, load_bundle
+from .engine.config import EngineConfig, add_engine_arguments
 from .errors import Qwen3TTSEdgeError
 
 PROG = "qwen3-tts-edge"
@@ -147,13 +148,18 @@ def _transcript(text: str | None, text_file: Path | None, x_vector_only: bool, f
     return text
 
 
+# `voice create` runs the voice encoders only: of the engine flags, just --threads applies.
+_GENERATION_ONLY = tuple(n for n in EngineConfig.field_names() if n != "threads")
+
+
 def _cmd_voice_create(args: argparse.Namespace) -> int:
     from .pipeline import TTS
 
     ref_text = _transcript(args.text, args.text_file, args.x_vector_only, "--text")
     if args.output.exists() and args.output.is_dir():
         raise CliError(f"{args.output} is a folder; name the voice file, e.g. -o {args.output / 'name.voice'}")
-    tts = TTS(args.bundle, threads=args.threads)
+    # Only the two voice encoders run: the generation engine and the decoder are not loaded.
+    tts = TTS(args.bundle, EngineConfig.from_args(args), load=())
     t0 = time.perf_counter()
     voice = tts.create_voice(args.audio, ref_text, x_vector_only=args.x_vector_only, language=args.language)
     voice.save(args.output)
@@ -203,10 +209,7 @@ def _cmd_speak(args: argparse.Namespace) -> int:
                                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                repetition_penalty=args.repetition_penalty, chunk_frames=schedule,
                                max_frames=args.max_frames, voice=args.voice)
-        tts = TTS(args.bundle, talker_precision=args.talker_precision, decoder_precision=args.decoder_precision,
-                  predictor_precision=args.predictor_precision, backend=args.backend, threads=args.threads,
-                  decoder_threads=args.decoder_threads, providers=args.provider,
-                  n_gpu_layers=args.n_gpu_layers)
+        tts = TTS(args.bundle, EngineConfig.from_args(args))
         if args.ref_audio is not None:
             options = options.replace(voice=tts.create_voice(args.ref_audio, ref_text,
                                                              x_vector_only=args.x_vector_only))
@@ -296,16 +299,7 @@ def build_parser(wanted: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--repetition-penalty", type=float)
     p.add_argument("--max-frames", type=int, help="hard cap on 80 ms frames")
     p.add_argument("--chunk-frames", default="1,2,4,8", help="decode schedule: frames per chunk, last repeats")
-    p.add_argument("--talker-precision", help="talker/predictor GGUF precision in the bundle")
-    p.add_argument("--backend", choices=tuple(GENERATION_BACKENDS), help="talker + predictor engine (default: "
-                   "the bundle's preferred precision: llama.cpp q8_0 where present)")
-    p.add_argument("--predictor-precision", help="code-predictor precision if other than the talker's (e.g. "
-                   "q8_0 with a q4_k_m talker)")
-    p.add_argument("--decoder-precision", help="decoder ONNX precision in the bundle")
-    p.add_argument("--threads", type=int, help="CPU threads for llama.cpp (default: all cores)")
-    p.add_argument("--decoder-threads", type=int, help="CPU threads for the ONNX decoder (default: 1)")
-    p.add_argument("--provider", action="append", help="onnxruntime execution provider (repeatable)")
-    p.add_argument("--n-gpu-layers", type=int, default=0, help="llama.cpp layers to offload (CUDA builds)")
+    add_engine_arguments(p.add_argument_group("engine"))
     p.add_argument("--stats", action="store_true", help="print time to first audio, RTF, per-stage ms to stderr")
     p.set_defaults(func=_cmd_speak)
 
@@ -319,7 +313,7 @@ def build_parser(wanted: str | None = None) -> argparse.ArgumentParser:
     v.add_argument("--text-file", type=Path, metavar="FILE", help="read the transcript from a UTF-8 file")
     v.add_argument("--x-vector-only", action="store_true", help="clone from the speaker x-vector only")
     v.add_argument("--language", help="default language for this voice")
-    v.add_argument("--threads", type=int)
+    add_engine_arguments(v.add_argument_group("engine"), skip=_GENERATION_ONLY)
     v.set_defaults(func=_cmd_voice_create)
     v = vsub.add_parser("info", help="print a voice file's metadata")
     v.add_argument("voice", metavar="NAME.voice", type=Path)

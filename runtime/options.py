@@ -42,7 +42,7 @@ class SamplingOptions:
 
 @dataclass(frozen=True)
 class Limits:
-    """Stop rules and runaway guards of one request."""
+    """Stop rules and runaway guards of one request: the only record of them (the frame loop reads it too)."""
 
     max_frames: int | None = None  # hard cap on 80 ms frames (None: the bundle's max_new_tokens)
     frames_per_text_token: float | None = 8.0  # runaway ceiling per text token (None disables it)
@@ -54,13 +54,29 @@ class Limits:
     # Incremental text: how long one frame may wait for its next text token before the utterance stops
     # (stop reason "text_stalled"); None waits forever.
     text_timeout_s: float | None = DEFAULT_TEXT_TIMEOUT_S
+    # Frames allowed beyond frames_per_text_token x text tokens (short texts need a floor).
+    text_ceiling_slack: int = 40
+    # Stop when codebook 0 has not changed for this many frames (a stuck loop; None disables). 100 frames
+    # is 8 s of one code: longer than any pause, so real speech never trips it.
+    repeat_frames: int | None = 100
 
     def __post_init__(self) -> None:
         require_int("max_frames", self.max_frames, minimum=1, optional=True)
         require_int("segment_tokens", self.segment_tokens, minimum=1, optional=True)
         require_int("min_frames", self.min_frames)
+        require_int("text_ceiling_slack", self.text_ceiling_slack)
+        require_int("repeat_frames", self.repeat_frames, minimum=2, optional=True)
+        if self.frames_per_text_token is not None and not (isinstance(self.frames_per_text_token, int | float)
+                                                           and self.frames_per_text_token > 0):
+            raise ValueError(f"frames_per_text_token must be positive or None, got {self.frames_per_text_token!r}")
         if self.text_timeout_s is not None and not self.text_timeout_s > 0:
             raise ValueError(f"text_timeout_s must be positive seconds or None, got {self.text_timeout_s!r}")
+
+    def text_ceiling(self, n_text_tokens: int) -> int | None:
+        """Frames the runaway guard allows for ``n_text_tokens`` text tokens (None: no ceiling)."""
+        if self.frames_per_text_token is None:
+            return None
+        return int(self.frames_per_text_token * max(1, n_text_tokens)) + self.text_ceiling_slack
 
 
 _GROUPS = {"prompt": PromptOptions, "sampling": SamplingOptions, "limits": Limits}
@@ -131,7 +147,8 @@ class AudioChunk:
 
 @dataclass
 class StreamStats:
-    """What one request cost; filled in as the stream runs."""
+    """What one request cost; filled in as the stream runs, by its consumer only (what the generating thread
+    knows travels with the frames and the segment ends)."""
 
     ttfa_s: float | None = None
     total_s: float = 0.0
@@ -149,6 +166,22 @@ class StreamStats:
     prompt_positions_reused: int = 0  # prompt KV positions known before (previous request or a saved voice)
     prompt_positions_prefilled: int = 0  # prompt positions computed for this request
     devices: dict[str, str] = field(default_factory=dict)
+
+    def add_frame(self, frame: Any) -> None:
+        """Count one decoded frame's costs (a ``frame_loop.Frame``)."""
+        self.frames += 1
+        self.talker_ms += frame.talker_ms
+        self.predictor_ms += frame.predictor_ms
+        self.host_ms += frame.host_ms
+
+    def add_segment(self, end: Any) -> None:
+        """Count one finished segment (a ``frame_loop.SegmentEnd``, queued behind its last frame)."""
+        self.segments = end.segment + 1
+        self.segment_stops.append(end.stop_reason)
+        self.prefill_ms += end.prefill_ms
+        self.text_wait_ms += end.text_wait_ms
+        self.prompt_positions_reused += end.reused_positions
+        self.prompt_positions_prefilled += end.prefilled_positions
 
     @property
     def rtf(self) -> float | None:

@@ -5,12 +5,13 @@ Two sources of known KV, both exact (the same positions computed before):
 - the live sequence: the previous prompt's positions that the new prompt repeats (same voice, next segment);
 - saved voice prefixes: the KV state of a prompt's voice part (role, codec tags, speaker or x-vector, an ICL
   reference's transcript; everything before the text to speak, ``Prompt.voice_positions``), saved once per
-  voice in a bounded LRU and restored when that voice comes back after others (llama.cpp sequence state).
+  voice in a bounded LRU and restored when that voice comes back after others (the engine's saved KV state).
 
 An ICL reference's frames cannot be part of a saved prefix: in both official layouts the text to speak comes
 before them (full text) or is summed into their positions (streaming text), so they are prefilled per request.
-Works with any talker backend that can ``rewind`` and ``extend``; saving needs ``save_state``/``load_state``.
-Torch-free.
+Assembly wraps a talker in it when the engine declares the ``KV_STATE`` capability (rewind, save and load its
+KV state; ``runtime/engine/contract.py``). A batched engine or a LoRA adapter set would make the key wider
+(sequence, adapter set and scales), not change the rule. Torch-free.
 """
 
 from __future__ import annotations
@@ -20,30 +21,43 @@ from collections import OrderedDict
 
 import numpy as np
 
-DEFAULT_CACHE_BYTES = 64 * 2**20
+from .engine.config import DEFAULT_CACHE_BYTES
+from .engine.contract import PrefillReport, StepOutput
 
 
 class PrefixReusingTalker:
-    """Talker wrapper that keeps the previous prompt's KV and the voice prefixes of recent voices.
+    """The frame loop's talker (a ``PromptTalker``) over an engine with ``KV_STATE``: keeps the previous prompt's
+    KV and the voice prefixes of recent voices.
 
-    ``prefill_prompt(prompt)`` (what the frame loop calls) reuses the longest known prefix and prefills the
-    rest; ``reused_positions`` / ``prefilled_positions`` say what the last prefill did.
+    ``prefill(prompt)`` reuses the longest known prefix and prefills the rest; ``last_prefill`` says what the
+    last prefill did.
     """
 
     def __init__(self, talker, *, cache_bytes: int = DEFAULT_CACHE_BYTES):
         self.inner = talker
+        self.hidden_size = talker.hidden_size
+        self.placement = talker.placement
         self._last: np.ndarray | None = None
         self._saved: OrderedDict[bytes, tuple[int, np.ndarray]] = OrderedDict()
         self.cache_bytes = int(cache_bytes)
-        self.can_save = self.cache_bytes > 0 and hasattr(talker, "save_state") and hasattr(talker, "load_state")
-        self.reused_positions = 0
-        self.prefilled_positions = 0
+        self.can_save = self.cache_bytes > 0
+        self.last_prefill = PrefillReport()
 
-    def __getattr__(self, name: str):
-        return getattr(self.inner, name)
+    @property
+    def n_ctx(self) -> int | None:
+        return self.inner.n_ctx
 
-    def reset(self) -> None:
-        """The KV is kept on purpose; ``prefill`` decides what can be reused."""
+    @property
+    def n_past(self) -> int:
+        return self.inner.n_past
+
+    @property
+    def reused_positions(self) -> int:
+        return self.last_prefill.reused
+
+    @property
+    def prefilled_positions(self) -> int:
+        return self.last_prefill.prefilled
 
     def forget(self) -> None:
         """Drop everything known: the live sequence and the saved voice prefixes."""
@@ -63,10 +77,12 @@ class PrefixReusingTalker:
     def saved_bytes(self) -> int:
         return sum(int(state.nbytes) for _, state in self._saved.values())
 
-    def prefill_prompt(self, prompt) -> object:
-        return self.prefill(prompt.embeds, voice_positions=prompt.voice_positions)
+    def prefill(self, prompt) -> StepOutput:
+        """Start the sequence of ``prompt`` (a ``runtime.prompt.Prompt``), reusing what is known of it."""
+        return self.prefill_embeds(prompt.embeds, voice_positions=prompt.voice_positions)
 
-    def prefill(self, embeds: np.ndarray, voice_positions: int = 0):
+    def prefill_embeds(self, embeds: np.ndarray, voice_positions: int = 0) -> StepOutput:
+        """``prefill`` for raw prompt vectors, ``voice_positions`` of them the voice part (0: none saved)."""
         embeds = np.ascontiguousarray(embeds, dtype=np.float32)
         # At least one new position must run to get outputs.
         fixed = voice_positions if self.can_save and 0 < voice_positions < len(embeds) else 0
@@ -88,7 +104,7 @@ class PrefixReusingTalker:
         else:
             out = self._run(embeds[n:], start=n)
         self._last = embeds.copy()
-        self.reused_positions, self.prefilled_positions = n, len(embeds) - n
+        self.last_prefill = PrefillReport(reused=n, prefilled=len(embeds) - n)
         return out
 
     def _live_prefix(self, embeds: np.ndarray) -> int:
@@ -110,5 +126,5 @@ class PrefixReusingTalker:
         if self.saved_bytes > self.cache_bytes:  # one prefix larger than the whole budget: keep none
             self._saved.clear()
 
-    def step(self, embed: np.ndarray):
+    def step(self, embed: np.ndarray) -> StepOutput:
         return self.inner.step(embed)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backends import EmbeddingTables
+from .engine.contract import EmbeddingTables
 from .errors import Qwen3TTSEdgeError
 from .text import CONTENT_SLICE, REF_CONTENT_SLICE, TextTokenizer, assistant_text, instruct_text, ref_text_template
 from .text_feed import DEFAULT_TEXT_TIMEOUT_S, StreamingTextTrack, TextError, TextFeed, check_text
@@ -88,10 +88,6 @@ class Prompt:
     def text_tokens(self) -> int:
         """Content tokens known so far (all of them unless the text is still arriving)."""
         return self.live.n_text_tokens if self.live is not None else self.n_text_tokens
-
-    def text_finished(self) -> bool:
-        """Whether all text has been fed; until then the end of speech (EOS) is held back."""
-        return self.live.finished if self.live is not None else True
 
     def close(self) -> None:
         """Stop an incremental text feed (cancellation)."""

@@ -12,7 +12,7 @@ a seed replays a run exactly whatever the backend's call pattern. Torch-free.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -86,17 +86,70 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum()
 
 
-def _draw(rng: np.random.Generator, scores: np.ndarray) -> int:
-    """Inverse-CDF draw in index order: the first id whose cumulative probability exceeds one uniform number.
+def draw(uniform: float, scores: np.ndarray) -> int:
+    """Inverse-CDF draw in index order: the first id whose cumulative probability exceeds ``uniform`` in [0, 1).
 
     Masked ids (-inf) have probability 0 and never move the cumulative sum, so only the kept ids (top-k: 50 of
-    2048) are exponentiated; that is the same draw as over the full softmax at a quarter of the cost
-    (15 residual draws per frame)."""
+    2048) are exponentiated: the same draw as over the full softmax, for less work (bench/README)."""
     keep = np.flatnonzero(scores > -np.inf)
     x = scores[keep].astype(np.float64)
     cdf = np.cumsum(np.exp(x - x.max()))
-    idx = int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))
+    idx = int(np.searchsorted(cdf, uniform * cdf[-1], side="right"))
     return int(keep[min(idx, keep.size - 1)])
+
+
+def _draw(rng: np.random.Generator, scores: np.ndarray) -> int:
+    return draw(rng.random(), scores)
+
+
+Chooser = Callable[[int, np.ndarray], int]
+
+
+@dataclass(frozen=True)
+class ResidualSampling:
+    """How one frame's 15 residual codes are chosen: what ``Predictor.predict`` receives (the engine contract).
+
+    An engine that samples on its own (the fused ONNX graph) reads the parameters and takes the frame's numbers
+    from ``uniforms``, the seeded residual stream; an engine that chooses on the host calls :meth:`choose`,
+    which draws from the same stream, so a seed gives the same codes on every engine. ``chooser`` overrides
+    both with a host callback ``(step, logits) -> code`` (parity checks, teacher forcing). The default is greedy.
+    """
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    uniforms: Callable[[int], np.ndarray] | None = None  # the next n numbers in [0, 1) of the residual stream
+    chooser: Chooser | None = None
+
+    def __post_init__(self) -> None:
+        if self.do_sample and self.chooser is None and self.uniforms is None:
+            raise ValueError("sampled residual codes need the seeded uniform stream (uniforms=...)")
+
+    @classmethod
+    def host(cls, chooser: Chooser) -> ResidualSampling:
+        """Every code chosen by ``chooser(step, logits)`` on the host."""
+        return cls(chooser=chooser)
+
+    def scores(self, logits: np.ndarray) -> np.ndarray:
+        """The processed scores a residual code is drawn from (temperature, top-k, top-p when sampling)."""
+        scores = np.asarray(logits, dtype=np.float32)
+        if self.do_sample:
+            if self.temperature != 1.0:
+                scores = scores / np.float32(self.temperature)
+            scores = _top_k_top_p(scores, self.top_k, self.top_p)
+        return scores
+
+    def choose(self, step: int, logits: np.ndarray) -> int:
+        """The code of residual step ``step`` from its head's ``logits`` (host engines)."""
+        if self.chooser is not None:
+            return int(self.chooser(step, logits))
+        if not self.do_sample:
+            return int(np.argmax(logits))
+        return draw(float(self.uniforms(1)[0]), self.scores(logits))
+
+
+GREEDY = ResidualSampling()
 
 
 class CodeSampler:
@@ -111,20 +164,20 @@ class CodeSampler:
         c0_seed, res_seed = seq.spawn(2)
         self._rng0 = np.random.Generator(np.random.Philox(c0_seed))
         self._rng_res = np.random.Generator(np.random.Philox(res_seed))
+        self._residual = ResidualSampling(do_sample=params.subtalker_dosample, temperature=params.subtalker_temperature,
+                                          top_k=params.subtalker_top_k, top_p=params.subtalker_top_p,
+                                          uniforms=self._rng_res.random)
         self.generated: list[int] = []
 
-    def process_c0(self, logits: np.ndarray, frame: int, allow_eos: bool = True) -> np.ndarray:
-        """The processed codebook-0 scores HF would sample from at ``frame`` (0-based).
-
-        ``allow_eos=False`` additionally holds the end of speech back (incremental text still arriving).
-        """
+    def process_c0(self, logits: np.ndarray, frame: int) -> np.ndarray:
+        """The processed codebook-0 scores HF would sample from at ``frame`` (0-based)."""
         p = self.params
         scores = np.array(logits, dtype=np.float32, copy=True)
         if p.repetition_penalty != 1.0 and self.generated:
             seen = np.unique(np.asarray(self.generated, dtype=np.int64))
             s = scores[seen]
             scores[seen] = np.where(s < 0, s * p.repetition_penalty, s / p.repetition_penalty)
-        if frame < self.min_new_frames or not allow_eos:
+        if frame < self.min_new_frames:
             scores[self.eos_id] = -np.inf
         scores[self.suppress] = -np.inf
         if p.do_sample:
@@ -133,21 +186,19 @@ class CodeSampler:
             scores = _top_k_top_p(scores, p.top_k, p.top_p)
         return scores
 
-    def choose_c0(self, logits: np.ndarray, frame: int, allow_eos: bool = True) -> int:
+    def choose_c0(self, logits: np.ndarray, frame: int) -> int:
         """Pick codebook 0 of ``frame`` and remember it for the repetition penalty."""
-        scores = self.process_c0(logits, frame, allow_eos)
+        scores = self.process_c0(logits, frame)
         code = _draw(self._rng0, scores) if self.params.do_sample else int(np.argmax(scores))
         self.generated.append(code)
         return code
 
+    def residual_sampling(self) -> ResidualSampling:
+        """This utterance's residual-code rule for the code predictor: its parameters and seeded stream."""
+        return self._residual
+
     def process_residual(self, logits: np.ndarray) -> np.ndarray:
-        p = self.params
-        scores = np.asarray(logits, dtype=np.float32)
-        if p.subtalker_dosample:
-            if p.subtalker_temperature != 1.0:
-                scores = scores / np.float32(p.subtalker_temperature)
-            scores = _top_k_top_p(scores, p.subtalker_top_k, p.subtalker_top_p)
-        return scores
+        return self._residual.scores(logits)
 
     def residual_uniforms(self, n: int) -> np.ndarray:
         """The next ``n`` numbers of the residual stream: what ``n`` sampled ``choose_residual`` calls consume.

@@ -14,11 +14,11 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from .backends import DecoderBackend
-from .frame_loop import FrameLoop
+from .engine.contract import DecoderEngine
+from .frame_loop import STOP_CANCELLED, Frame, FrameLoop, SegmentEnd
 from .options import AudioChunk, StreamStats
 
-STOP_CANCELLED = "cancelled"
+__all__ = ["STOP_CANCELLED", "AudioStream", "produce_frames", "run_stream"]
 _END = object()
 
 
@@ -48,9 +48,12 @@ class AudioStream:
         self.close()
 
 
-def produce_frames(loops: Iterator[tuple[int, FrameLoop]], frames: queue.Queue, stop: threading.Event,
-                   stats: StreamStats) -> None:
-    """Worker: run the segments' frame loops into ``frames`` until done, failed or ``stop`` is set."""
+def produce_frames(loops: Iterator[FrameLoop], frames: queue.Queue, stop: threading.Event) -> None:
+    """Worker: run the segments' frame loops into ``frames`` until done, failed or ``stop`` is set.
+
+    Each loop's frames are followed by its :class:`SegmentEnd`; the worker writes no stats (only the consumer
+    does), so what a chunk reports is what was decoded, however far ahead generation runs.
+    """
 
     def put(item: object) -> bool:
         while not stop.is_set():
@@ -63,8 +66,7 @@ def produce_frames(loops: Iterator[tuple[int, FrameLoop]], frames: queue.Queue, 
 
     item: object = _END
     try:
-        for index, loop in loops:
-            stats.segments = index + 1
+        for loop in loops:
             gen = iter(loop)
             try:
                 for frame in gen:
@@ -72,19 +74,14 @@ def produce_frames(loops: Iterator[tuple[int, FrameLoop]], frames: queue.Queue, 
                         return
             finally:
                 gen.close()  # stops an incremental text feed as well
-            stats.prefill_ms += loop.prefill_ms
-            stats.text_wait_ms += loop.text_wait_ms
-            stats.segment_stops.append(loop.stop_reason or STOP_CANCELLED)
-            stats.prompt_positions_reused += getattr(loop.talker, "reused_positions", 0)
-            stats.prompt_positions_prefilled += getattr(loop.talker, "prefilled_positions", len(loop.prompt.embeds))
-            if stop.is_set():
+            if not put(loop.segment_end()) or stop.is_set():
                 return
     except BaseException as exc:  # handed to the consumer, who re-raises it
         item = exc
     put(item)
 
 
-def run_stream(loops: Iterator[tuple[int, FrameLoop]], decoder: DecoderBackend, schedule: Sequence[int],
+def run_stream(loops: Iterator[FrameLoop], decoder: DecoderEngine, schedule: Sequence[int],
                ref_codes: np.ndarray | None, prompt_s: float, stats: StreamStats, sample_rate: int,
                max_queued_frames: int) -> Iterator[AudioChunk]:
     """Generation on a worker thread, decoding on the consumer's thread, a bounded queue between them.
@@ -100,16 +97,19 @@ def run_stream(loops: Iterator[tuple[int, FrameLoop]], decoder: DecoderBackend, 
         decoder.reset()
     frames: queue.Queue = queue.Queue(maxsize=max_queued_frames)
     stop = threading.Event()
-    worker = threading.Thread(target=produce_frames, args=(loops, frames, stop, stats), name="qwen3-tts-edge-frames",
+    worker = threading.Thread(target=produce_frames, args=(loops, frames, stop), name="qwen3-tts-edge-frames",
                               daemon=True)
     worker.start()
-    pending: list[np.ndarray] = []
+    pending: list[Frame] = []
     first = chunk_index = 0
+    segment = 0  # the segment of the last frame decoded
 
     def flush(final: bool) -> AudioChunk:
-        nonlocal first, chunk_index
+        nonlocal first, chunk_index, segment
         t = time.perf_counter()
-        codes = np.stack(pending) if pending else np.zeros((0, 16), np.int64)
+        codes = np.stack([f.codes for f in pending]) if pending else np.zeros((0, 16), np.int64)
+        if pending:
+            segment = pending[-1].segment
         pcm = decoder.decode(codes) if len(codes) else np.zeros(0, np.float32)
         stats.decoder_ms += (time.perf_counter() - t) * 1e3
         elapsed = time.perf_counter() - t0
@@ -117,7 +117,7 @@ def run_stream(loops: Iterator[tuple[int, FrameLoop]], decoder: DecoderBackend, 
             stats.ttfa_s = elapsed
         chunk = AudioChunk(pcm=pcm, sample_rate=sample_rate, first_frame=first, n_frames=len(codes),
                            elapsed_s=elapsed, final=final, stop_reason=stats.stop_reason if final else None,
-                           codes=codes, segment=max(0, stats.segments - 1))
+                           codes=codes, segment=segment)
         first += len(codes)
         chunk_index += 1
         pending.clear()
@@ -129,14 +129,13 @@ def run_stream(loops: Iterator[tuple[int, FrameLoop]], decoder: DecoderBackend, 
         while (item := frames.get()) is not _END:
             if isinstance(item, BaseException):
                 raise item
-            stats.frames += 1
-            stats.talker_ms += item.talker_ms
-            stats.predictor_ms += item.predictor_ms
-            stats.host_ms += item.host_ms
-            pending.append(item.codes)
+            if isinstance(item, SegmentEnd):
+                stats.add_segment(item)
+                continue
+            stats.add_frame(item)
+            pending.append(item)
             if len(pending) >= schedule[min(chunk_index, len(schedule) - 1)]:
                 yield flush(final=False)
-        stats.talker_ms -= stats.prefill_ms  # each segment's frame 0 talker time is its prefill
         stats.stop_reason = stats.segment_stops[-1] if stats.segment_stops else None
         yield flush(final=True)
     finally:

@@ -6,14 +6,16 @@ only the last pre-token of the text so far can still grow or split), giving exac
 would give. When the generation catches up with the text, the frame loop *waits* for the next committed
 token: the model was trained with one text token per frame until the text ends and ``tts_pad`` only after
 it, so a pad mid-sentence would read as "text over". Any arrival timing therefore gives exactly the
-whole-text input sequence. When the iterator ends, the end-of-text vector follows the last token. Torch-free.
+whole-text input sequence. When the iterator ends, the end-of-text vector follows the last token. Text that is
+pushed (from callbacks, other threads, an event loop) comes through ``TextPieces``. Torch-free.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 
@@ -79,6 +81,65 @@ class IncrementalText:
         return self._take(len(ids), ids)
 
 
+class TextPieces:
+    """Text pushed piece by piece, iterated as it comes: the incremental text for callbacks and event loops.
+
+    ``TTS.stream`` takes any iterable of pieces; this one is fed by ``push()`` from any thread or an event loop
+    (it never blocks), while its iterator (pulled by the ``TextFeed`` thread) blocks until the next piece.
+    ``end()`` completes the text (``end(error)`` makes the iteration raise it, as a failing source would);
+    ``close()`` abandons it: the iteration stops at once and later pieces are dropped, since nobody reads them.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._queued: deque[str] = deque()
+        self._pushed: list[str] = []
+        self._ended = self._closed = False
+        self._error: BaseException | None = None
+
+    @property
+    def text(self) -> str:
+        """Everything pushed so far."""
+        with self._cond:
+            return "".join(self._pushed)
+
+    def push(self, piece: str) -> None:
+        if not isinstance(piece, str):
+            raise TypeError(f"text pieces must be str, got {type(piece).__name__}")
+        with self._cond:
+            if self._closed:
+                return
+            if self._ended:
+                raise ValueError("text pushed after end(); give new text its own TextPieces")
+            self._queued.append(piece)
+            self._pushed.append(piece)
+            self._cond.notify_all()
+
+    def end(self, error: BaseException | None = None) -> None:
+        with self._cond:
+            self._ended, self._error = True, error
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._queued.clear()
+            self._cond.notify_all()
+
+    def __iter__(self) -> Iterator[str]:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._queued or self._ended or self._closed)
+                if self._closed:
+                    return
+                if not self._queued:
+                    if self._error is not None:
+                        raise self._error
+                    return
+                piece = self._queued.popleft()
+            yield piece
+
+
 class TextFeed:
     """Pulls an iterator of text pieces on a background thread so generation never waits on it."""
 
@@ -89,6 +150,7 @@ class TextFeed:
         self._error: BaseException | None = None
         self._cond = threading.Condition()
         self._stop = threading.Event()
+        self._pieces = pieces
         self._iter = iter(pieces)
         self._thread = threading.Thread(target=self._pull, name="qwen3-tts-edge-text-feed", daemon=True)
         self._thread.start()
@@ -154,8 +216,10 @@ class TextFeed:
             return list(self._ids), self._done
 
     def close(self) -> None:
-        """Stop pulling (cancellation); the iterator is abandoned after its current piece."""
+        """Stop pulling (cancellation); the iterator is abandoned after its current piece (``TextPieces``: at once)."""
         self._stop.set()
+        if isinstance(self._pieces, TextPieces):
+            self._pieces.close()
 
 
 class StreamingTextTrack:

@@ -203,8 +203,9 @@ def test_predictor_f32_matches_official_for_all_steps(llama_export, reference):
 def test_predictor_greedy_matches_official_generate(llama_export, reference):
     import torch
 
-    from qwen3_tts_edge.runtime.backends import greedy
     from qwen3_tts_edge.runtime.backends.llama_cpp.predictor import CodePredictor
+    from qwen3_tts_edge.runtime.sampler import GREEDY as greedy
+    from qwen3_tts_edge.runtime.sampler import ResidualSampling
 
     out, _ = llama_export
     talker, n = reference.talker, reference.n_prompt
@@ -222,7 +223,7 @@ def test_predictor_greedy_matches_official_generate(llama_export, reference):
         c = p.counters
         assert c["frames"] == 6 and c["llama_calls"] == 90 and c["decode_s"] > 0 and c["head_s"] > 0
         with pytest.raises(ValueError, match="outside"):
-            p.predict(hid, c0, lambda j, logits: 5000)
+            p.predict(hid, c0, ResidualSampling.host(lambda j, logits: 5000))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -279,3 +280,22 @@ def test_sdist_member_filter():
     assert _safe_member(f"{pre}/src/llama.cpp", pre) is None
     assert _safe_member(f"{pre}/../../etc/passwd", pre) is None
     assert _safe_member("/abs/conversion/x.py", pre) is None
+
+
+def test_predictor_refuses_tables_of_another_format_version(llama_export, tmp_path):
+    """A tables GGUF from another export version fails on load with both versions and the fix, not later."""
+    from qwen3_tts_edge.export.llama_gguf import _patch_scalar
+    from qwen3_tts_edge.runtime.backends.llama_cpp.bindings import LlamaError
+    from qwen3_tts_edge.runtime.backends.llama_cpp.gguf_tables import GGUFTables
+    from qwen3_tts_edge.runtime.backends.llama_cpp.predictor import TABLES_ARCH, TABLES_FORMAT_VERSION, CodePredictor
+
+    out, _ = llama_export
+    key = f"{TABLES_ARCH}.format_version"
+    assert GGUFTables(out / "predictor_tables.f32.gguf").field(key) == TABLES_FORMAT_VERSION  # what export writes
+    f = tmp_path / "predictor_tables.f32.gguf"
+    shutil.copyfile(out / "predictor_tables.f32.gguf", f)
+    _patch_scalar(f, GGUFTables(f).field_offsets[key], TABLES_FORMAT_VERSION + 1)
+    with pytest.raises(LlamaError, match=rf"format version {TABLES_FORMAT_VERSION + 1}; this runtime reads "
+                                         rf"{TABLES_FORMAT_VERSION}: re-export the bundle with `qwen3-tts-edge "
+                                         r"export MODEL -o BUNDLE --force`"):
+        CodePredictor(out / "predictor.f32.gguf", f, n_threads=1)

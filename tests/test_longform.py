@@ -48,10 +48,10 @@ def test_prefix_reuse_prefills_only_the_new_positions(tiny_bundle):
     b = np.concatenate([voice, rng.standard_normal((1, 64)).astype(np.float32)])
     plain = Talker(path, kv_type="f32", flash_attn=False)
     cached = PrefixReusingTalker(Talker(path, kv_type="f32", flash_attn=False))
-    cached.prefill(a)
+    cached.prefill_embeds(a)
     for _ in range(5):
         cached.step(rng.standard_normal(64).astype(np.float32))  # a generation happened in between
-    out = cached.prefill(b)
+    out = cached.prefill_embeds(b)
     assert (cached.reused_positions, cached.prefilled_positions) == (12, 1)
     ref = plain.prefill(b)
     np.testing.assert_allclose(out.logits, ref.logits, atol=1e-4)
@@ -131,12 +131,12 @@ def test_saved_voice_prefixes_come_back_after_other_voices(tiny_bundle):
     voice_a, voice_b = (rng.standard_normal((10, 64)).astype(np.float32) * 0.1 for _ in range(2))
     plain = Talker(path, kv_type="f32", flash_attn=False)
     cached = PrefixReusingTalker(Talker(path, kv_type="f32", flash_attn=False))
-    cached.prefill(prompt(voice_a, 3), voice_positions=10)
+    cached.prefill_embeds(prompt(voice_a, 3), voice_positions=10)
     assert cached.saved_voices == 1 and cached.saved_bytes > 0
-    cached.prefill(prompt(voice_b, 4), voice_positions=10)
+    cached.prefill_embeds(prompt(voice_b, 4), voice_positions=10)
     assert (cached.reused_positions, cached.saved_voices) == (0, 2)
     again = prompt(voice_a, 5)
-    out = cached.prefill(again, voice_positions=10)
+    out = cached.prefill_embeds(again, voice_positions=10)
     assert (cached.reused_positions, cached.prefilled_positions) == (10, 5) and cached.n_past == 15
     ref = plain.prefill(again)
     np.testing.assert_allclose(out.logits, ref.logits, atol=1e-4)
@@ -144,11 +144,11 @@ def test_saved_voice_prefixes_come_back_after_other_voices(tiny_bundle):
 
     one_voice = PrefixReusingTalker(Talker(path, kv_type="f32", flash_attn=False),
                                     cache_bytes=cached.saved_bytes // 2 + 1)
-    one_voice.prefill(prompt(voice_a, 3), voice_positions=10)
-    one_voice.prefill(prompt(voice_b, 3), voice_positions=10)
+    one_voice.prefill_embeds(prompt(voice_a, 3), voice_positions=10)
+    one_voice.prefill_embeds(prompt(voice_b, 3), voice_positions=10)
     assert one_voice.saved_voices == 1  # A was evicted for B
-    one_voice.prefill(prompt(voice_a, 3), voice_positions=10)
+    one_voice.prefill_embeds(prompt(voice_a, 3), voice_positions=10)
     assert one_voice.reused_positions == 0
     no_save = PrefixReusingTalker(Talker(path, kv_type="f32", flash_attn=False), cache_bytes=0)
-    no_save.prefill(prompt(voice_a, 3), voice_positions=10)
+    no_save.prefill_embeds(prompt(voice_a, 3), voice_positions=10)
     assert no_save.saved_voices == 0

@@ -48,13 +48,14 @@ def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _sampler(params, seed: int, *, fused: bool):
-    """A CodeSampler; without ``fused`` it hides ``residual_uniforms``, so the engine takes the per-step path."""
+    """A CodeSampler; without ``fused`` it hands the engine a host chooser, so the engine takes the per-step path."""
     from dataclasses import replace
 
-    from qwen3_tts_edge.runtime.sampler import CodeSampler
+    from qwen3_tts_edge.runtime.sampler import CodeSampler, ResidualSampling
 
     class StepwiseSampler(CodeSampler):
-        residual_uniforms = None
+        def residual_sampling(self):
+            return ResidualSampling.host(self.choose_residual)
 
     cls = CodeSampler if fused else StepwiseSampler
     return cls(replace(params, seed=seed), vocab_size=3072, eos_id=2150, min_new_frames=10_000)
@@ -215,7 +216,8 @@ def test_talker_n_ctx_is_enforced(onnx_export, reference):
 def test_predictor_greedy_matches_official_generate(engines, reference):
     import torch
 
-    from qwen3_tts_edge.runtime.backends import greedy
+    from qwen3_tts_edge.runtime.sampler import GREEDY as greedy
+    from qwen3_tts_edge.runtime.sampler import ResidualSampling
 
     p, talker, n = engines.predictor, reference.talker, reference.n_prompt
     for k in range(4):
@@ -226,9 +228,10 @@ def test_predictor_greedy_matches_official_generate(engines, reference):
         codes = p.predict(hid, c0, greedy)
         assert codes.dtype == np.int64 and codes.shape == (15,)
         np.testing.assert_array_equal(codes, want[0].numpy())
-        np.testing.assert_array_equal(p.predict(hid, c0, lambda j, lg: int(np.argmax(lg))), codes)  # per-step path
+        per_step = ResidualSampling.host(lambda j, lg: int(np.argmax(lg)))
+        np.testing.assert_array_equal(p.predict(hid, c0, per_step), codes)  # per-step path
     with pytest.raises(ValueError, match="outside"):
-        p.predict(hid, c0, lambda j, logits: 5000)
+        p.predict(hid, c0, ResidualSampling.host(lambda j, logits: 5000))
     with pytest.raises(ValueError, match="c0 must be"):
         p.predict(hid, 3072, greedy)
 
@@ -253,7 +256,7 @@ def test_predictor_teacher_forced_logits_match_official(engines, reference, caps
     {"subtalker_dosample": False},
 ])
 def test_fused_sampling_equals_the_sampler(engines, reference, options):
-    """One fused run per frame draws the codes ``CodeSampler.choose_residual`` draws from the same stream."""
+    """One fused run per frame draws the codes ``CodeSampler.choose_residual`` draws on the host from one stream."""
     from qwen3_tts_edge.runtime.sampler import SamplingParams
 
     p, n = engines.predictor, reference.n_prompt
@@ -264,8 +267,8 @@ def test_fused_sampling_equals_the_sampler(engines, reference, options):
     for k in range(8):
         hid = reference.hidden[n - 1 + k % 6] + rng.standard_normal(64).astype(np.float32) * 0.5
         c0 = int(reference.frames[k % 6][0])
-        want = p.predict(hid, c0, stepwise.choose_residual)  # 15 runs, the sampler's own _draw per step
-        got = p.predict(hid, c0, fused.choose_residual if k % 2 else fused)  # 1 run (bound method or sampler)
+        want = p.predict(hid, c0, stepwise.residual_sampling())  # 15 runs, the sampler's own draw per step
+        got = p.predict(hid, c0, fused.residual_sampling())  # 1 run, the draw in the graph
         np.testing.assert_array_equal(got, want, err_msg=f"frame {k}")
     assert p.calls - calls == 8 * 16
     assert fused._rng_res.random() == stepwise._rng_res.random()  # both streams advanced by 15 per frame
@@ -295,7 +298,9 @@ def test_frame_loop_greedy_equals_official_for_200_frames(engines, reference):
     import torch
 
     from qwen3_tts_edge.export.torch_reference import TorchTables
-    from qwen3_tts_edge.runtime.frame_loop import FrameLoop, Guards
+    from qwen3_tts_edge.runtime.engine.contract import FreshPromptTalker
+    from qwen3_tts_edge.runtime.frame_loop import FrameLoop
+    from qwen3_tts_edge.runtime.options import Limits
     from qwen3_tts_edge.runtime.sampler import SamplingParams
 
     class Model:
@@ -304,8 +309,9 @@ def test_frame_loop_greedy_equals_official_for_200_frames(engines, reference):
     frames = 200
     greedy = SamplingParams().greedy()
     prompt = _prompt(reference)
-    loop = FrameLoop(engines.talker, engines.predictor, engines.tables, prompt, _sampler(greedy, 0, fused=True),
-                     Guards(max_frames=frames, frames_per_text_token=None, repeat_frames=None))
+    loop = FrameLoop(FreshPromptTalker(engines.talker), engines.predictor, engines.tables, prompt,
+                     _sampler(greedy, 0, fused=True),
+                     Limits(max_frames=frames, frames_per_text_token=None, repeat_frames=None))
     codes = np.stack([f.codes for f in loop])
     assert codes.shape == (frames, 16) and len(np.unique(codes[:, 0])) > 20  # a varied trajectory
 
@@ -329,14 +335,16 @@ def test_frame_loop_greedy_equals_official_for_200_frames(engines, reference):
 
 
 def test_frame_loop_sampled_fused_equals_per_step(engines, reference):
-    from qwen3_tts_edge.runtime.frame_loop import FrameLoop, Guards
+    from qwen3_tts_edge.runtime.engine.contract import FreshPromptTalker
+    from qwen3_tts_edge.runtime.frame_loop import FrameLoop
+    from qwen3_tts_edge.runtime.options import Limits
     from qwen3_tts_edge.runtime.sampler import SamplingParams
 
-    guards = Guards(max_frames=20, frames_per_text_token=None, repeat_frames=None)
+    limits = Limits(max_frames=20, frames_per_text_token=None, repeat_frames=None)
     runs = []
     for fused in (True, False):
-        loop = FrameLoop(engines.talker, engines.predictor, engines.tables, _prompt(reference),
-                         _sampler(SamplingParams(), 11, fused=fused), guards)
+        loop = FrameLoop(FreshPromptTalker(engines.talker), engines.predictor, engines.tables, _prompt(reference),
+                         _sampler(SamplingParams(), 11, fused=fused), limits)
         runs.append(np.stack([f.codes for f in loop]))
     assert runs[0].shape == (20, 16)
     np.testing.assert_array_equal(runs[0], runs[1])
@@ -352,7 +360,8 @@ def test_tts_onnx_backend_equals_official_modules(tiny_bundle, tiny_checkpoint, 
     identical codes for 60 frames, greedy and sampled (the sampled run draws its residual codes in the graph
     from the sampler's own random stream)."""
     from qwen3_tts_edge.export.torch_reference import TorchPredictor, TorchTables, TorchTalker, load_official
-    from qwen3_tts_edge.runtime.pipeline import TTS, Backends
+    from qwen3_tts_edge.runtime.engine import GenerationEngines
+    from qwen3_tts_edge.runtime.pipeline import TTS
 
     model = load_official(tiny_checkpoint)
     text = "Hello there, this is a test of two engines."
@@ -360,7 +369,8 @@ def test_tts_onnx_backend_equals_official_modules(tiny_bundle, tiny_checkpoint, 
     tts = TTS(tiny_bundle, backend="onnxruntime", threads=1)
     assert (tts.backend, tts.talker_precision, tts.predictor_precision) == ("onnxruntime", "fp32", "fp32")
     codes = np.concatenate([c.codes for c in tts.stream(text, **opts)])
-    official = TTS(tiny_bundle, backends=Backends(TorchTalker(model), TorchPredictor(model), TorchTables(model)))
+    official = TTS.from_engines(GenerationEngines(TorchTalker(model), TorchPredictor(model), TorchTables(model)),
+                                tiny_bundle)
     want = np.concatenate([c.codes for c in official.stream(text, **opts)])
     assert codes.shape == (60, 16)
     np.testing.assert_array_equal(codes, want)

@@ -132,7 +132,8 @@ def test_export_stage_ships_gated_variants_over_shared_fp32_tables(tiny_checkpoi
     fp32 tables file serves every precision, and the loader opens a bundle-like view and speaks a frame."""
     from types import SimpleNamespace
 
-    from qwen3_tts_edge.export.generation_onnx import GATES, export_onnx_generation
+    from qwen3_tts_edge.export.generation_onnx import export_onnx_generation
+    from qwen3_tts_edge.quant.gates import gate
     from qwen3_tts_edge.runtime.backends.onnxruntime.generation import load_generation_onnx
 
     entries = export_onnx_generation(tiny_checkpoint, tmp_path, ["int8", "int4"])
@@ -141,12 +142,12 @@ def test_export_stage_ships_gated_variants_over_shared_fp32_tables(tiny_checkpoi
         ("predictor", "int8"), ("predictor_tables", "fp32"), ("talker", "int8")]
     for e in entries:
         if e["role"] in ("talker", "predictor"):
-            assert e["fidelity"]["logit_cos_min"] >= GATES[e["precision"]][e["role"]]
+            assert gate(e["role"], e["precision"]).failures(e["fidelity"], speed=False) == []
             assert e["meta"]["quantization"]["precision"] == e["precision"]
     tables = next(e for e in entries if e["role"] == "predictor_tables")
     assert list(tables["meta"]["rejected"]) == ["int4"] and tables["meta"]["rejected_for"] == "talker"
     why = tables["meta"]["rejected"]["int4"]
-    assert "predictor logit cosine" in why and "< 0.92" in why
+    assert "predictor logit_cos_min" in why and "< 0.92 gate" in why
 
     def find(role, precision=None):
         return [SimpleNamespace(**e) for e in entries if e["role"] == role and precision in (None, e["precision"])]

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from conftest import needs_export
-from qwen3_tts_edge.runtime.pipeline import TTS, Backends, SpeakOptions
+from qwen3_tts_edge.runtime.engine import EngineConfig, GenerationEngines
+from qwen3_tts_edge.runtime.pipeline import TTS, SpeakOptions
 
 pytestmark = needs_export
 TEXT = "Streaming speech, one frame at a time, without seams."
@@ -22,14 +23,17 @@ TEXT = "Streaming speech, one frame at a time, without seams."
 class CountingPredictor:
     """Wraps a predictor to count frames generated (and optionally fail), to observe the worker thread."""
 
+    capabilities = frozenset()
+
     def __init__(self, inner, fail_at: int | None = None):
         self.inner, self.fail_at, self.calls = inner, fail_at, 0
+        self.placement = inner.placement
 
-    def predict(self, past_hidden, c0, choose):
+    def predict(self, past_hidden, c0, sampling):
         self.calls += 1
         if self.fail_at is not None and self.calls > self.fail_at:
             raise RuntimeError("simulated engine failure")
-        return self.inner.predict(past_hidden, c0, choose)
+        return self.inner.predict(past_hidden, c0, sampling)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +49,8 @@ def parts(tiny_checkpoint):
 
 def _tts(tiny_bundle, parts, predictor=None, **kw):
     model, talker, pred, tables = parts
-    return TTS(tiny_bundle, backends=Backends(talker, predictor or pred, tables, name="torch-fp32"), **kw)
+    return TTS.from_engines(GenerationEngines(talker, predictor or pred, tables), tiny_bundle, name="torch-fp32",
+                            config=EngineConfig(**kw))
 
 
 def test_stream_equals_offline_decode_of_the_same_codes(tiny_bundle, parts):

@@ -33,10 +33,10 @@ def test_x_vector_equals_the_official_extraction(base_bundle, tiny_checkpoint):
 
     from qwen3_tts_edge.export.sources import resolve_model
     from qwen3_tts_edge.export.torch_reference import load_official
-    from qwen3_tts_edge.runtime import backends
     from qwen3_tts_edge.runtime.bundle import load_bundle
+    from qwen3_tts_edge.runtime.engine.assemble import load_stage
 
-    encoder = backends.load("speaker_encoder", load_bundle(base_bundle), "fp32", threads=1)
+    encoder = load_stage("speaker_encoder", load_bundle(base_bundle), "fp32", threads=1)
     model = load_official(resolve_model("random:tiny-base").path)
     for n in (1280, 24000 + 17, 24000 * 4):
         audio = _voice(n, seed=n)

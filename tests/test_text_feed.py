@@ -10,7 +10,7 @@ import pytest
 
 from conftest import needs_export
 from qwen3_tts_edge.runtime.text import TextTokenizer
-from qwen3_tts_edge.runtime.text_feed import IncrementalText, TextFeed
+from qwen3_tts_edge.runtime.text_feed import IncrementalText, TextFeed, TextPieces
 
 TEXTS = [
     "Hello world, this is a test. It has several sentences!\n\nAnd a new paragraph with numbers 12345.",
@@ -83,6 +83,46 @@ def test_feed_pulls_in_background_and_reports_errors(tok):
         feed.wait_for(10**6, timeout=5)
 
 
+def test_pushed_pieces_feed_like_an_iterator(tok):
+    """TextPieces: pushed from another thread, pulled by a TextFeed; end, close and errors reach the reader."""
+    import threading
+
+    text = "One two three, pushed from another thread."
+    pieces = TextPieces()
+    feed = TextFeed(pieces, tok)
+
+    def writer():
+        for word in text.split(" "):
+            time.sleep(0.01)
+            pieces.push(word if word.endswith(".") else word + " ")
+        pieces.end()
+
+    threading.Thread(target=writer).start()
+    assert feed.wait_for(10**6, timeout=5) is False and feed.ended
+    assert feed.available() == (_whole(tok, text), True) and pieces.text == text
+    with pytest.raises(ValueError, match="after end"):
+        pieces.push("more")
+    with pytest.raises(TypeError, match="must be str"):
+        TextPieces().push(b"bytes")
+
+    failing = TextPieces()
+    failing.push("fine ")
+    failing.end(OSError("the LLM connection dropped"))
+    assert next(iter(failing)) == "fine "  # the pieces before the failure still come out
+    with pytest.raises(RuntimeError, match="the text iterator failed"):
+        TextFeed(failing, tok).wait_for(10**6, timeout=5)
+
+    waiting = TextPieces()
+    waiting.push("Nothing more comes ")
+    feed = TextFeed(waiting, tok)
+    assert feed.wait_for(1, timeout=5) and not feed.ended  # the reader blocks for the next piece
+    feed.close()  # cancellation ends the reading thread at once, not at the next piece
+    feed._thread.join(timeout=1)
+    assert not feed._thread.is_alive()
+    waiting.push("dropped")  # nobody reads it any more
+    assert list(waiting) == []
+
+
 @needs_export
 def test_live_text_equals_whole_text_when_it_arrives_in_time(tiny_checkpoint, tiny_bundle):
     """Same greedy codes whether the text is given whole or as pieces that are all there in time."""
@@ -90,7 +130,9 @@ def test_live_text_equals_whole_text_when_it_arrives_in_time(tiny_checkpoint, ti
 
     from qwen3_tts_edge.export.torch_reference import TorchPredictor, TorchTables, TorchTalker, load_official
     from qwen3_tts_edge.runtime.bundle import load_bundle
-    from qwen3_tts_edge.runtime.frame_loop import FrameLoop, Guards
+    from qwen3_tts_edge.runtime.engine.contract import FreshPromptTalker
+    from qwen3_tts_edge.runtime.frame_loop import FrameLoop
+    from qwen3_tts_edge.runtime.options import Limits
     from qwen3_tts_edge.runtime.prompt import ModelIds, build_prompt
     from qwen3_tts_edge.runtime.sampler import CodeSampler, SamplingParams
 
@@ -103,7 +145,7 @@ def test_live_text_equals_whole_text_when_it_arrives_in_time(tiny_checkpoint, ti
 
     def run(prompt, frames=40):
         sampler = CodeSampler(SamplingParams().greedy(), vocab_size=3072, eos_id=2150)
-        loop = FrameLoop(talker, predictor, tables, prompt, sampler, Guards(max_frames=frames))
+        loop = FrameLoop(FreshPromptTalker(talker), predictor, tables, prompt, sampler, Limits(max_frames=frames))
         return np.stack([f.codes for f in loop])
 
     whole = run(build_prompt(ids, tok, tables, text, speaker="ryan"))

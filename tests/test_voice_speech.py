@@ -55,12 +55,12 @@ def official():
 
 @pytest.fixture(scope="module")
 def ours(base_bundle):
-    from qwen3_tts_edge.runtime import backends
     from qwen3_tts_edge.runtime.bundle import load_bundle
+    from qwen3_tts_edge.runtime.engine.assemble import load_stage
 
     bundle = load_bundle(base_bundle)
-    return (backends.load("speaker_encoder", bundle, "fp32", threads=1),
-            backends.load("codec_encoder", bundle, "fp32", threads=1))
+    return (load_stage("speaker_encoder", bundle, "fp32", threads=1),
+            load_stage("codec_encoder", bundle, "fp32", threads=1))
 
 
 def _official_wave(path) -> np.ndarray:

@@ -164,7 +164,9 @@ def test_greedy_clone_equals_official_generate(base_bundle, ref_wav, mode, strea
     from qwen3_tts_edge.export.torch_reference import TorchPredictor, TorchTables, TorchTalker, load_official
     from qwen3_tts_edge.runtime import TTS
     from qwen3_tts_edge.runtime.bundle import load_bundle
-    from qwen3_tts_edge.runtime.frame_loop import FrameLoop, Guards
+    from qwen3_tts_edge.runtime.engine.contract import FreshPromptTalker
+    from qwen3_tts_edge.runtime.frame_loop import FrameLoop
+    from qwen3_tts_edge.runtime.options import Limits
     from qwen3_tts_edge.runtime.prompt import ModelIds, build_prompt
     from qwen3_tts_edge.runtime.sampler import CodeSampler, SamplingParams
     from qwen3_tts_edge.runtime.text import TextTokenizer
@@ -183,8 +185,8 @@ def test_greedy_clone_equals_official_generate(base_bundle, ref_wav, mode, strea
                           voice=voice.prompt(), streaming_text=streaming)
     sampler = CodeSampler(SamplingParams().greedy(), vocab_size=manifest.model["talker"]["vocab_size"],
                           eos_id=manifest.codec_ids["codec_eos_token_id"])
-    loop = FrameLoop(TorchTalker(model), TorchPredictor(model), tables, prompt, sampler,
-                     Guards(max_frames=frames, frames_per_text_token=None))
+    loop = FrameLoop(FreshPromptTalker(TorchTalker(model)), TorchPredictor(model), tables, prompt, sampler,
+                     Limits(max_frames=frames, frames_per_text_token=None))
     ours = np.stack([f.codes for f in loop])
     icl = mode == "icl"
     clone = {"ref_spk_embedding": [torch.from_numpy(voice.x_vector)], "x_vector_only_mode": [not icl],

@@ -15,7 +15,9 @@ import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
-from ..bundle import GENERATION_BACKENDS
+from ..engine.config import EngineConfig, add_engine_arguments
+from ..engine.config import non_negative_int as _non_negative
+from ..engine.config import positive_int as _positive
 from ..errors import Qwen3TTSEdgeError
 from . import require
 
@@ -26,34 +28,14 @@ class ServeError(Qwen3TTSEdgeError):
     """A server option that cannot work (bad URI, port in use...); printed as one line."""
 
 
-def _positive(value: str) -> int:
-    n = int(value)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, got {n}")
-    return n
-
-
-def _non_negative(value: str) -> int:
-    n = int(value)
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {n}")
-    return n
-
-
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-b", "--bundle", required=True, type=Path, help="an exported bundle")
     p.add_argument("--voices", type=Path, metavar="DIR",
                    help="folder of saved voices (NAME.voice; Base bundles); uploads go here")
-    p.add_argument("--threads", type=_positive, help="CPU threads per worker engine (default: llama.cpp's choice "
-                   "with one worker, else the cores shared among the workers)")
     p.add_argument("--max-frames", type=_positive, metavar="N",
                    help="cap on 80 ms frames per request (default: the bundle's max_new_tokens)")
-    engine = p.add_argument_group("engine (as for speak)")
-    engine.add_argument("--backend", choices=tuple(GENERATION_BACKENDS), help="talker + predictor engine")
-    engine.add_argument("--talker-precision", help="talker precision in the bundle (default: its preferred one)")
-    engine.add_argument("--predictor-precision", help="code-predictor precision if other than the talker's")
-    engine.add_argument("--decoder-precision", help="decoder precision in the bundle")
-    engine.add_argument("--provider", action="append", help="onnxruntime execution provider (repeatable)")
+    # The same engine flags as speak (per worker engine; --threads defaults to the cores shared among workers).
+    add_engine_arguments(p.add_argument_group("engine (as for speak; per worker)"))
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -91,10 +73,8 @@ def _load(args: argparse.Namespace, max_queue: int):
         threads = max(1, (os.cpu_count() or 1) // args.workers)
     try:
         pool = EnginePool.load(args.bundle, workers=args.workers, max_queue=max_queue, threads=threads,
-                               backend=args.backend, talker_precision=args.talker_precision,
-                               predictor_precision=args.predictor_precision,
-                               decoder_precision=args.decoder_precision, providers=args.provider)
-    except BundleError as exc:
+                               config=EngineConfig.from_args(args))
+    except (BundleError, ValueError) as exc:
         raise ServeError(str(exc)) from exc
     engine = pool.engines[0]
     catalog = VoiceCatalog(engine.speakers, engine.ids.model_type, args.voices)

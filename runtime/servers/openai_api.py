@@ -22,7 +22,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,10 +30,11 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..aio import AsyncAudioStream, AsyncTTS
 from ..errors import Qwen3TTSEdgeError
 from ..options import SpeakOptions
 from .audio_formats import FORMATS, Encoder
-from .pool import SERVER_CHUNK_FRAMES, EnginePool, Job, PoolClosed, QueueFull
+from .pool import SERVER_CHUNK_FRAMES, EnginePool, PoolClosed, QueueFull
 from .voices import VoiceCatalog, VoiceChoice, VoiceRequestError, language_name
 
 log = logging.getLogger("qwen3_tts_edge.server")
@@ -224,86 +225,82 @@ class SpeechApp:
     async def speech(self, request: Request) -> StreamingResponse:
         req = self.parse_speech(await _json_object(request))
         encoder = Encoder(req.fmt, self.sample_rate)
-
-        def prepare(engine: Any, job: Job):
-            options = req.options
-            if req.ref_audio is not None:
-                import soundfile as sf
-
-                try:
-                    samples, rate = sf.read(io.BytesIO(req.ref_audio), dtype="float32", always_2d=False)
-                except (RuntimeError, TypeError) as exc:  # libsndfile could not read it
-                    raise VoiceRequestError(f"ref_audio is not audio soundfile can read ({exc}); send wav, flac, "
-                                            "ogg or mp3", param="ref_audio") from None
-                voice = engine.create_voice((samples, rate), req.ref_text, x_vector_only=req.x_vector_only)
-                options = options.replace(voice=voice)
-            job.info["input_tokens"] = len(engine.tokenizer.encode(req.text))
-            return engine.stream(req.text, options)
-
-        job = await self._submit(prepare)
         try:
-            await job.ready()
+            # The engine and the stream outlive this call: the response body closes them (``held``).
+            async with contextlib.AsyncExitStack() as stack:
+                with _pool_errors():
+                    engine = await stack.enter_async_context(self.pool.checkout())
+                input_tokens = len(engine.tts.tokenizer.encode(req.text))  # before the engine's thread uses it
+                stream = await stack.enter_async_context(await self._start(engine, req))
+                held = stack.pop_all()
         except (Qwen3TTSEdgeError, ValueError) as exc:
             raise ApiError(400, str(exc), param=param_for(exc)) from None
-        except BaseException:
-            job.cancel()
-            raise
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Sample-Rate": str(self.sample_rate)}
         if req.sse:
-            return StreamingResponse(self._sse_body(job, encoder), media_type="text/event-stream", headers=headers)
-        return StreamingResponse(self._audio_body(job, encoder), media_type=encoder.content_type, headers=headers)
+            return StreamingResponse(self._sse_body(stream, encoder, held, input_tokens),
+                                     media_type="text/event-stream", headers=headers)
+        return StreamingResponse(self._audio_body(stream, encoder, held), media_type=encoder.content_type,
+                                 headers=headers)
 
-    async def _submit(self, prepare) -> Job:
-        try:
-            return await self.pool.submit(prepare)
-        except QueueFull as exc:
-            raise ApiError(429, str(exc), code="queue_full", headers={"Retry-After": str(exc.retry_after)}) from None
-        except PoolClosed as exc:
-            raise ApiError(503, str(exc)) from None
+    async def _start(self, engine: AsyncTTS, req: SpeechRequest) -> AsyncAudioStream:
+        """The request's stream on ``engine``; a one-off clone (``ref_audio``) is made first, on the engine."""
+        options = req.options
+        if req.ref_audio is not None:
+            import soundfile as sf
 
-    async def _audio_body(self, job: Job, encoder: Encoder) -> AsyncIterator[bytes]:
-        try:
-            async for chunk in job.chunks():
-                data = encoder.write(chunk.pcm)
-                if data:
-                    yield data
-            tail = encoder.finish()
-            if tail:
-                yield tail
-        except Exception:  # headers are gone: abort the transfer so the client sees it incomplete
-            log.exception("speech request failed after the audio had started")
-            raise
-        finally:
-            job.cancel()
-            encoder.close()
+            try:
+                samples, rate = sf.read(io.BytesIO(req.ref_audio), dtype="float32", always_2d=False)
+            except (RuntimeError, TypeError) as exc:  # libsndfile could not read it
+                raise VoiceRequestError(f"ref_audio is not audio soundfile can read ({exc}); send wav, flac, "
+                                        "ogg or mp3", param="ref_audio") from None
+            voice = await engine.create_voice((samples, rate), req.ref_text, x_vector_only=req.x_vector_only)
+            options = options.replace(voice=voice)
+        return engine.astream(req.text, options)
 
-    async def _sse_body(self, job: Job, encoder: Encoder) -> AsyncIterator[str]:
+    async def _audio_body(self, stream: AsyncAudioStream, encoder: Encoder,
+                          held: contextlib.AsyncExitStack) -> AsyncIterator[bytes]:
+        async with held:
+            try:
+                async for chunk in stream:
+                    data = encoder.write(chunk.pcm)
+                    if data:
+                        yield data
+                tail = encoder.finish()
+                if tail:
+                    yield tail
+            except Exception:  # headers are gone: abort the transfer so the client sees it incomplete
+                log.exception("speech request failed after the audio had started")
+                raise
+            finally:
+                encoder.close()
+
+    async def _sse_body(self, stream: AsyncAudioStream, encoder: Encoder, held: contextlib.AsyncExitStack,
+                        input_tokens: int) -> AsyncIterator[str]:
         def event(payload: dict[str, Any]) -> str:
             return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
         def delta(data: bytes) -> str:
             return event({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode("ascii")})
 
-        try:
-            async for chunk in job.chunks():
-                data = encoder.write(chunk.pcm)
-                if data:
-                    yield delta(data)
-            tail = encoder.finish()
-            if tail:
-                yield delta(tail)
-            inp = int(job.info.get("input_tokens", 0))
-            out = job.stats.frames if job.stats is not None else 0
-            yield event({"type": "speech.audio.done",
-                         "usage": {"input_tokens": inp, "output_tokens": out, "total_tokens": inp + out}})
-        except Exception as exc:  # the status line is sent: report the failure as an event
-            log.exception("speech request failed after the stream had started")
-            status = 400 if isinstance(exc, Qwen3TTSEdgeError | ValueError) else 500
-            yield event({"type": "speech.audio.error", **error_body(status, str(exc) or type(exc).__name__,
-                                                                     param_for(exc), type(exc).__name__)})
-        finally:
-            job.cancel()
-            encoder.close()
+        async with held:
+            try:
+                async for chunk in stream:
+                    data = encoder.write(chunk.pcm)
+                    if data:
+                        yield delta(data)
+                tail = encoder.finish()
+                if tail:
+                    yield delta(tail)
+                out = stream.stats.frames
+                yield event({"type": "speech.audio.done", "usage": {"input_tokens": input_tokens, "output_tokens": out,
+                                                                    "total_tokens": input_tokens + out}})
+            except Exception as exc:  # the status line is sent: report the failure as an event
+                log.exception("speech request failed after the stream had started")
+                status = 400 if isinstance(exc, Qwen3TTSEdgeError | ValueError) else 500
+                yield event({"type": "speech.audio.error", **error_body(status, str(exc) or type(exc).__name__,
+                                                                         param_for(exc), type(exc).__name__)})
+            finally:
+                encoder.close()
 
     # ---- voices ------------------------------------------------------------------------------------------
     def list_voices(self) -> dict[str, Any]:
@@ -350,15 +347,11 @@ class SpeechApp:
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
-
-            def clone(engine: Any):
-                return engine.create_voice(tmp, ref_text or None, x_vector_only=x_only, language=language)
-
             try:
-                voice = await self.pool.call(clone)
-            except QueueFull as exc:
-                raise ApiError(429, str(exc), code="queue_full",
-                               headers={"Retry-After": str(exc.retry_after)}) from None
+                with _pool_errors():
+                    async with self.pool.checkout() as engine:
+                        voice = await engine.create_voice(tmp, ref_text or None, x_vector_only=x_only,
+                                                          language=language)
             except VoiceRequestError:
                 raise
             except (Qwen3TTSEdgeError, ValueError, RuntimeError) as exc:
@@ -389,6 +382,17 @@ class SpeechApp:
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode())
+
+
+@contextlib.contextmanager
+def _pool_errors() -> Iterator[None]:
+    """A full queue or a closing pool as their HTTP answers: 429 with Retry-After, 503."""
+    try:
+        yield
+    except QueueFull as exc:
+        raise ApiError(429, str(exc), code="queue_full", headers={"Retry-After": str(exc.retry_after)}) from None
+    except PoolClosed as exc:
+        raise ApiError(503, str(exc)) from None
 
 
 async def _json_object(request: Request) -> dict[str, Any]:

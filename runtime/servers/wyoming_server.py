@@ -19,8 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import queue
-from collections.abc import Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,10 +30,12 @@ from wyoming.info import Attribution, Describe, Info, TtsProgram, TtsVoice
 from wyoming.server import AsyncEventHandler
 from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop, SynthesizeStopped, SynthesizeVoice
 
+from ..aio import AsyncAudioStream
 from ..audio import to_s16le
 from ..errors import Qwen3TTSEdgeError
 from ..options import SpeakOptions
-from .pool import SERVER_CHUNK_FRAMES, EnginePool, Job
+from ..text_feed import TextPieces
+from .pool import SERVER_CHUNK_FRAMES, EnginePool
 from .voices import VoiceCatalog, language_code, language_name
 
 log = logging.getLogger("qwen3_tts_edge.wyoming")
@@ -42,26 +43,6 @@ log = logging.getLogger("qwen3_tts_edge.wyoming")
 PROGRAM = "qwen3-tts-edge"
 ATTRIBUTION = Attribution(name="Qwen", url="https://huggingface.co/Qwen")
 WIDTH, CHANNELS = 2, 1
-_END = object()
-
-
-class TextFeed:
-    """Text pieces from the event loop to the worker thread: an iterator that ends when ``close()`` is called."""
-
-    def __init__(self) -> None:
-        self._q: queue.Queue = queue.Queue()
-        self.parts: list[str] = []
-
-    def put(self, text: str) -> None:
-        self.parts.append(text)
-        self._q.put(text)
-
-    def close(self) -> None:
-        self._q.put(_END)
-
-    def __iter__(self) -> Iterator[str]:
-        while (item := self._q.get()) is not _END:
-            yield item
 
 
 class WyomingService:
@@ -113,7 +94,7 @@ class _OpenStream:
 
     options: SpeakOptions | None
     incremental: bool
-    feed: TextFeed = field(default_factory=TextFeed)
+    feed: TextPieces = field(default_factory=TextPieces)
     task: asyncio.Task | None = None
     failed: bool = False  # its start was refused (bad voice): the error is sent, the rest is dropped
 
@@ -126,7 +107,7 @@ class TtsHandler(AsyncEventHandler):
         self.service = service
         self._write_lock = asyncio.Lock()
         self._stream: _OpenStream | None = None
-        self._jobs: set[Job] = set()
+        self._streams: set[AsyncAudioStream] = set()
 
     async def write_event(self, event: Event) -> None:
         async with self._write_lock:  # audio from a stream's task and answers to events never interleave
@@ -167,11 +148,11 @@ class TtsHandler(AsyncEventHandler):
                 if text and stream.incremental and stream.task is not None and stream.task.done():
                     # The utterance already ended (the text stalled past text_timeout_s, or the frame cap): the
                     # text that arrives now is spoken as a new audio block rather than dropped.
-                    stream.feed = TextFeed()
+                    stream.feed = TextPieces()
                     stream.task = None
                 if text:
-                    stream.feed.put(text)
-                    if stream.incremental and stream.task is None and "".join(stream.feed.parts).strip():
+                    stream.feed.push(text)
+                    if stream.incremental and stream.task is None and stream.feed.text.strip():
                         stream.task = asyncio.create_task(self._speak_stream(stream))
         elif Synthesize.is_type(event.type):
             if self._stream is not None:
@@ -180,17 +161,16 @@ class TtsHandler(AsyncEventHandler):
             if not synth.text.strip():
                 raise _EmptyText("nothing to say: the synthesize text is empty")
             options = self.service.speak_options(synth.voice)
-            await self._speak(lambda engine, _job: engine.stream(synth.text, options))
+            await self._speak(synth.text, options)
         elif SynthesizeStop.is_type(event.type):
             stream = self._stream
             if stream is not None:
-                stream.feed.close()
+                stream.feed.end()
                 try:
                     if stream.task is not None:
                         await stream.task
-                    elif not stream.failed and not stream.incremental and "".join(stream.feed.parts).strip():
-                        text = "".join(stream.feed.parts)
-                        await self._speak(lambda engine, _job: engine.stream(text, stream.options))
+                    elif not stream.failed and not stream.incremental and stream.feed.text.strip():
+                        await self._speak(stream.feed.text, stream.options)
                 finally:
                     self._stream = None
             await self.write_event(SynthesizeStopped().event())
@@ -198,9 +178,8 @@ class TtsHandler(AsyncEventHandler):
 
     async def _speak_stream(self, stream: _OpenStream) -> None:
         """The task of an incremental stream: text arrives in the feed while audio is written."""
-        feed = stream.feed
         try:
-            await self._speak(lambda engine, _job: engine.stream(iter(feed), stream.options))
+            await self._speak(stream.feed, stream.options)
         except (ConnectionError, BrokenPipeError):
             pass
         except Qwen3TTSEdgeError as exc:
@@ -209,22 +188,22 @@ class TtsHandler(AsyncEventHandler):
             log.exception("streamed synthesis failed")
             await self._error(exc)
 
-    async def _speak(self, prepare) -> None:
+    async def _speak(self, text: str | Iterable[str], options: SpeakOptions | None) -> None:
         """Run one utterance on the pool: one audio-start, the chunks as made, one audio-stop."""
-        job = await self.service.pool.submit(prepare)
-        self._jobs.add(job)
-        try:
-            await job.ready()
-            rate = self.service.sample_rate
-            await self.write_event(AudioStart(rate=rate, width=WIDTH, channels=CHANNELS).event())
-            async for chunk in job.chunks():
-                if len(chunk.pcm):
-                    await self.write_event(AudioChunk(rate=rate, width=WIDTH, channels=CHANNELS,
-                                                      audio=to_s16le(chunk.pcm)).event())
-            await self.write_event(AudioStop().event())
-        finally:
-            job.cancel()
-            self._jobs.discard(job)
+        async with self.service.pool.checkout() as engine:
+            stream = engine.astream(text, options)
+            self._streams.add(stream)
+            try:
+                async with stream:  # request errors (a bad voice) raise here, before audio-start
+                    rate = self.service.sample_rate
+                    await self.write_event(AudioStart(rate=rate, width=WIDTH, channels=CHANNELS).event())
+                    async for chunk in stream:
+                        if len(chunk.pcm):
+                            await self.write_event(AudioChunk(rate=rate, width=WIDTH, channels=CHANNELS,
+                                                              audio=to_s16le(chunk.pcm)).event())
+                    await self.write_event(AudioStop().event())
+            finally:
+                self._streams.discard(stream)
 
     async def _close_stream(self, cancel: bool) -> None:
         stream, self._stream = self._stream, None
@@ -238,8 +217,8 @@ class TtsHandler(AsyncEventHandler):
 
     async def disconnect(self) -> None:
         """The client is gone: stop its work so the worker is free for the next request."""
-        for job in list(self._jobs):
-            job.cancel()
+        for stream in list(self._streams):
+            stream.cancel()
         await self._close_stream(cancel=True)
 
 

@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 
 from ...bundle import Bundle
-from .. import TALKER_CONTEXT, GenerationEngines
+from ...engine.config import TALKER_CONTEXT
+from ...engine.contract import GenerationEngines
 
 
 class EngineTables:

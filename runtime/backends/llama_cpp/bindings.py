@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 from gguf import GGMLQuantizationType, LlamaFileType
 
+from ...engine.contract import Placement
 from ...errors import Qwen3TTSEdgeError
-from .. import Placement
 
 # ggml tensor types and llama file types by our lower-case names, from gguf-py's enums (never restated codes).
 GGML_TYPES = {t.name.lower(): int(t) for t in GGMLQuantizationType}
@@ -138,9 +138,10 @@ def gpu_offload_supported() -> bool:
 def blas_single_thread() -> Iterator[None]:
     """Pin numpy's BLAS to one thread inside a frame loop (restored on exit).
 
-    llama.cpp's own threads and a multi-threaded BLAS sgemv fight over the cores: the 15 host-side head
-    GEMVs per frame made the predictor ~4x slower unpinned on 2 cores. Uses threadpoolctl when available
-    (no-op otherwise); the controller is built once, so entering is cheap.
+    llama.cpp's own threads and a multi-threaded BLAS sgemv fight over the cores: unpinned, the 15 host-side
+    head GEMVs per frame made the predictor several times slower (bench/README, "Numbers behind code
+    choices"). Uses threadpoolctl when available (no-op otherwise); the controller is built once, so entering
+    is cheap.
     """
     ctls = _blas_controllers()
     if not ctls:
@@ -177,7 +178,7 @@ class LlamaModel:
 
     Read into memory rather than mmapped by default: on CPUs llama.cpp repacks k-quant weights (q4_k_m...) into
     its GEMM kernels' interleaved layout, and with mmap the original pages stay resident beside the repacked copy
-    (measured: 250 MB more peak RSS for the 0.6B q4_k_m talker, the same speed; no difference for q8_0).
+    (same speed; bench/README, "Where the memory goes", has what that costs).
     """
 
     def __init__(self, path: Path | str, *, n_gpu_layers: int = 0, use_mmap: bool = False) -> None:

@@ -5,7 +5,8 @@ quantised matmul (``tilezero`` without per-thread tile permission; upstream ggml
 issue #28756). A native build (``-march=native``) turns them on whenever the CPU lists ``amx_int8``, and
 ``-DGGML_AMX_*=OFF`` does not help while ``GGML_NATIVE=ON`` (the compiler still defines the AMX macros). So on
 an AMX CPU the setup builds with ``GGML_NATIVE=OFF`` and names every other extension the CPU has explicitly
-(measured 10-25 % faster per frame than AVX2 only); elsewhere the native build is already the best one.
+(faster per frame than AVX2 only: bench/results/build-flags-0.6b.md); elsewhere the native build is already
+the best one.
 
 This file is standard library only: ``make setup`` runs it as a script before anything else is installed
 (``python runtime/backends/llama_cpp/build_flags.py cmake-args``), and the runtime imports it.

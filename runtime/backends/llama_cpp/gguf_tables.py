@@ -18,8 +18,8 @@ from .bindings import LlamaError
 class GGUFTables:
     """Read-only tensors and metadata of a GGUF file, memory-mapped.
 
-    The header is parsed here (gguf-py's ``GGUFReader`` builds a numpy object per vocabulary entry and takes
-    ~6 s on a talker GGUF with 155k tokens + 151k merges); large arrays are skipped, not decoded. Shapes are
+    The header is parsed here (gguf-py's ``GGUFReader`` builds a numpy object per vocabulary entry, slow on a
+    talker GGUF with 155k tokens + 151k merges: bench/README); large arrays are skipped, not decoded. Shapes are
     numpy order (rows, cols), the reverse of GGUF's ``ne``. Rows of any ggml type come back as float32 (F32 as
     is, F16 upcast, others through gguf-py's dequantizer).
     """

@@ -11,22 +11,23 @@ stay memory-mapped and only the rows in use are read.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from ...bundle import PREDICTOR_TABLES_ARCH
-from .. import greedy
+from ...sampler import GREEDY, ResidualSampling
 from .bindings import LlamaContext, LlamaError, LlamaModel, blas_single_thread
 from .gguf_tables import GGUFTables
 
 TABLES_ARCH = PREDICTOR_TABLES_ARCH
-Choose = Callable[[int, np.ndarray], int]
+TABLES_FORMAT_VERSION = 1  # layout of the tables GGUF that export/llama_gguf.py writes and this engine reads
 
 
 class CodePredictor:
     """Predicts codebooks 1..15 of a frame from the talker's hidden state and codebook-0 code."""
+
+    capabilities: frozenset[str] = frozenset()
 
     def __init__(self, model_path: Path | str, tables_path: Path | str, *, n_threads: int | None = None,
                  n_gpu_layers: int = 0, kv_type: str = "f16", flash_attn: bool | None = None) -> None:
@@ -37,6 +38,10 @@ class CodePredictor:
         a = TABLES_ARCH
         if self.tables.field("general.architecture") != a:
             raise LlamaError(f"{Path(tables_path).name} is not a predictor-tables GGUF")
+        if (version := self.tables.field(f"{a}.format_version")) != TABLES_FORMAT_VERSION:
+            raise LlamaError(f"{Path(tables_path).name} has predictor-tables format version {version}; this runtime "
+                             f"reads {TABLES_FORMAT_VERSION}: re-export the bundle with `qwen3-tts-edge export MODEL "
+                             "-o BUNDLE --force`")
         self.num_steps = int(self.tables.field(f"{a}.num_steps"))
         self.hidden_size = int(self.tables.field(f"{a}.talker_hidden_size"))
         self.width = int(self.tables.field(f"{a}.predictor_hidden_size"))
@@ -98,11 +103,12 @@ class CodePredictor:
 
     # -- prediction -------------------------------------------------------------------------------------------
 
-    def predict(self, past_hidden: np.ndarray, c0: int, choose: Choose = greedy) -> np.ndarray:
-        """Codes c1..c15 (int64, (15,)) for one frame; ``choose(step, logits)`` picks each code.
+    def predict(self, past_hidden: np.ndarray, c0: int, sampling: ResidualSampling = GREEDY) -> np.ndarray:
+        """Codes c1..c15 (int64, (15,)) for one frame; ``sampling.choose(step, logits)`` picks each code on the host.
 
-        ``logits`` (codebook_size,) float32 is a buffer reused across steps: copy it to keep it.
+        ``logits`` (codebook_size,) float32 is a buffer reused across steps: a chooser must copy it to keep it.
         """
+        choose = sampling.choose
         t_start = time.perf_counter()
         codes = np.zeros(self.num_steps, dtype=np.int64)
         ctx, heads, logits = self.ctx, self.heads, self._logits

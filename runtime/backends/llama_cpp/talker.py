@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import TALKER_CONTEXT, StepOutput
+from ...engine.config import TALKER_CONTEXT
+from ...engine.contract import KV_STATE, StepOutput
 from .bindings import LlamaContext, LlamaError, LlamaModel, blas_single_thread
 from .gguf_tables import GGUFTables
 
@@ -25,6 +26,8 @@ class Talker:
     (effective only with a GPU build of llama.cpp; :attr:`placement` reports where it actually runs), ``kv_type``
     ("f16" default, "f32" for strict parity) and ``flash_attn`` (None = llama.cpp's choice).
     """
+
+    capabilities = frozenset({KV_STATE})  # rewind, save_state, load_state (llama.cpp sequence state)
 
     def __init__(self, path: Path | str, *, n_ctx: int = TALKER_CONTEXT, n_threads: int | None = None,
                  n_batch: int = 512, n_gpu_layers: int = 0, kv_type: str = "f16",

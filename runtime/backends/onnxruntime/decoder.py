@@ -20,6 +20,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ...bundle import DECODER_METADATA_KEY
+from ...engine.contract import DECODER_PRIMED_CACHE
 from .providers import CPU, open_inference_session
 
 METADATA_KEY = DECODER_METADATA_KEY  # the bundle contract names it
@@ -54,6 +55,8 @@ class StreamingDecoder:
     Calls may use any chunk size N ≥ 1; the output of a stream equals the offline decode of the
     concatenated codes. A call that raises leaves the state exactly as it was.
     """
+
+    capabilities = frozenset({DECODER_PRIMED_CACHE})  # primed states of recent references, forget_primed()
 
     def __init__(self, model_path: Path | str, providers: Sequence[str] | None = None,
                  threads: int | None = None) -> None:
@@ -166,8 +169,9 @@ class StreamingDecoder:
 
         Later ``decode`` calls continue seamlessly after the reference, exactly as if the reference and
         the new codes were decoded together and the first len(ref_codes) frames cut off. Decoding a reference
-        costs as much as decoding that much speech (seconds on a CPU for a 10 s clip), so the primed state of
-        the last ``PRIMED_VOICES`` references is kept (about 5 MB each) and restored when one comes back.
+        costs as much as decoding that much speech (ICL cold vs cached in bench/results/voice-clone.md), so the
+        primed state of the last ``PRIMED_VOICES`` references is kept (small: bench/README) and restored when
+        one comes back.
         """
         codes = self.check_codes(ref_codes)
         key = hashlib.sha256(codes.tobytes()).digest()

@@ -4,16 +4,16 @@ The talker graph (``export/talker_onnx.py``) takes an explicit KV cache; :class:
 numpy arrays between ``session.run`` calls, so a rewind is a slice. The predictor graph
 (``export/predictor_onnx.py``) runs all 15 dependent steps of a frame — KV cache, heads and sampling
 included — in one ``session.run``: at 12.5 frames/s the 15 separate calls per frame of the llama.cpp
-predictor are a first-order cost. Sampling in the graph needs the sampler's parameters and 15 uniforms of its
-residual random stream up front; a chooser that cannot provide them gets a per-step path instead (same
-codes, 15 runs). Sizes come from the graphs' metadata, never from constants here.
+predictor are a first-order cost. Sampling in the graph takes the frame's ``ResidualSampling`` (parameters and
+15 numbers of the seeded residual stream, drawn up front); a host chooser in it gets a per-step path instead
+(15 teacher-forced runs). Sizes come from the graphs' metadata, never from constants here.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +22,13 @@ import onnxruntime as ort
 
 from ...bundle import GENERATION_METADATA_KEY as METADATA_KEY
 from ...bundle import Bundle
-from .. import GenerationEngines, Placement, StepOutput, greedy
+from ...engine.contract import KV_STATE, GenerationEngines, Placement, StepOutput
+from ...sampler import GREEDY, ResidualSampling
 from .providers import open_inference_session
 
 SUPPORTED_FORMAT = 1
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider", "ROCMExecutionProvider",
                  "DmlExecutionProvider", "CoreMLExecutionProvider")
-Choose = Callable[[int, np.ndarray], int]
 
 
 class OnnxEngineError(RuntimeError):
@@ -69,6 +69,8 @@ class OnnxTalker:
 
     ``n_ctx`` bounds the cached positions (None: unbounded, up to the model's position range).
     """
+
+    capabilities = frozenset({KV_STATE})  # the KV cache is host arrays: a rewind is a slice
 
     def __init__(self, path: Path | str, *, threads: int | None = None, providers: Sequence[str] | None = None,
                  n_ctx: int | None = None) -> None:
@@ -152,23 +154,10 @@ class OnnxTalker:
         return self.extend(x[None])
 
 
-def _fused_sampler(choose: Any) -> Any:
-    """The sampler behind ``choose`` if it can hand the graph its parameters and uniforms, else None.
-
-    Accepted: an object with ``params`` (a SamplingParams) and ``residual_uniforms(n)``, or the bound
-    ``choose_residual`` of one (what the frame loop passes); any other callable keeps its own choices.
-    """
-    owner = getattr(choose, "__self__", None)
-    if owner is not None and getattr(choose, "__name__", "") != "choose_residual":
-        return None
-    obj = choose if owner is None else owner
-    if hasattr(obj, "params") and callable(getattr(obj, "residual_uniforms", None)):
-        return obj
-    return None
-
-
 class OnnxPredictor:
     """Codebooks 1..15 of a frame from the talker's hidden state and code 0, in one graph run."""
+
+    capabilities: frozenset[str] = frozenset()
 
     def __init__(self, path: Path | str, *, threads: int | None = None,
                  providers: Sequence[str] | None = None) -> None:
@@ -226,36 +215,31 @@ class OnnxPredictor:
         codes, logits = self.session.run(["codes", "logits"], feed)
         return codes, logits
 
-    def predict(self, past_hidden: np.ndarray, c0: int, choose: Any = greedy) -> np.ndarray:
+    def predict(self, past_hidden: np.ndarray, c0: int, sampling: ResidualSampling = GREEDY) -> np.ndarray:
         """Codes c1..c15 (int64, (15,)) of one frame.
 
-        ``choose`` is a sampler (``params`` + ``residual_uniforms``) or its bound ``choose_residual``: one
-        fused run that samples in the graph; :func:`greedy`: one run with the argmax in the graph; any other
-        ``choose(step, logits) -> code``: called per step on the graph's logits (15 teacher-forced runs).
+        Greedy or sampled: one run with the argmax or the draw in the graph (the draw takes the frame's 15
+        numbers from ``sampling.uniforms``); a host ``sampling.chooser``: called per step on the graph's logits
+        (15 teacher-forced runs).
         """
         t0 = time.perf_counter()
-        sampler = _fused_sampler(choose)
-        if sampler is not None:
-            p = sampler.params
-            if p.subtalker_dosample:
-                codes, _ = self.run(past_hidden, c0, uniforms=sampler.residual_uniforms(self.num_steps),
-                                    temperature=p.subtalker_temperature, top_k=p.subtalker_top_k,
-                                    top_p=p.subtalker_top_p, do_sample=True)
-            else:
-                codes, _ = self.run(past_hidden, c0)
-        elif choose is greedy:
-            codes, _ = self.run(past_hidden, c0)
+        if sampling.chooser is not None:
+            codes = self._per_step(past_hidden, c0, sampling)
+        elif sampling.do_sample:
+            codes, _ = self.run(past_hidden, c0, uniforms=sampling.uniforms(self.num_steps),
+                                temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+                                do_sample=True)
         else:
-            codes = self._per_step(past_hidden, c0, choose)
+            codes, _ = self.run(past_hidden, c0)
         self.frames += 1
         self.total_s += time.perf_counter() - t0
         return np.asarray(codes, dtype=np.int64)
 
-    def _per_step(self, past_hidden: np.ndarray, c0: int, choose: Choose) -> np.ndarray:
+    def _per_step(self, past_hidden: np.ndarray, c0: int, sampling: ResidualSampling) -> np.ndarray:
         codes: list[int] = []
         for j in range(self.num_steps):
             _, logits = self.run(past_hidden, c0, forced=codes)
-            c = int(choose(j, logits[j]))
+            c = sampling.choose(j, logits[j])
             if not 0 <= c < self.codebook_size:
                 raise ValueError(f"choose returned code {c} outside [0, {self.codebook_size})")
             codes.append(c)

@@ -1,0 +1,224 @@
+"""``assemble(bundle, config) -> Engines``: precisions chosen, engines loaded and checked against the contract.
+
+What used to happen inside ``TTS.__init__`` happens here, once: pick each stage's precision from what the
+bundle holds (``specs.py`` preference), map the component's format to its engine, load it with the config's
+threads/devices, warn when a requested GPU is not used, check every engine against the contract, and give
+the frame loop its talker (the prompt-prefix cache when the engine has ``KV_STATE``). Stages load on first use,
+so ``voice create`` runs the two voice encoders without loading the generation engine.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from importlib import import_module
+from typing import Any
+
+from ..bundle import Bundle, BundleError
+from .config import EngineConfig
+from .contract import (
+    DECODER_PRIMED_CACHE,
+    GenerationEngines,
+    PromptTalker,
+    check_engine,
+    describe_placements,
+    prompt_talker,
+)
+from .specs import GENERATION_ENGINES, STAGE_ROLE, preference, spec_for_format, specs_for
+
+GENERATION = "generation"
+DECODER = "decoder"
+SPEAKER_ENCODER = "speaker_encoder"
+CODEC_ENCODER = "codec_encoder"
+SPEAKING_STAGES = (GENERATION, DECODER)
+
+
+def pick_precision(bundle: Bundle, role: str, wanted: str | None, prefer: Iterable[str], fmt: str | None = None,
+                   engine: str | None = None) -> str:
+    """The precision of ``role`` to load: ``wanted`` if the bundle has it, else the first preferred one it has."""
+    have = [c.precision for c in bundle.manifest.find(role) if fmt is None or c.format == fmt]
+    if not have:
+        if engine:
+            raise BundleError(f"bundle {bundle.root} has no {role} for the {engine} backend; export one with "
+                              f"`qwen3-tts-edge export MODEL -o {bundle.root} --force --backend {engine}`")
+        raise BundleError(f"bundle {bundle.root} has no {role}; export it with `qwen3-tts-edge export MODEL -o "
+                          f"{bundle.root} --force --talker q8_0 --decoder fp32`")
+    if wanted is not None:
+        if wanted not in have:
+            on = f" for the {engine} backend" if engine else ""
+            raise BundleError(f"bundle has no {role} in precision {wanted!r}{on}; available: {sorted(have)}")
+        return wanted
+    return next((p for p in prefer if p in have), have[0])
+
+
+def load_stage(stage: str, bundle: Bundle, precision: str, **settings: Any) -> Any:
+    """Load ``stage`` of ``bundle`` at ``precision`` with the engine its component's format names."""
+    component = bundle.manifest.component(STAGE_ROLE[stage], precision)
+    spec = spec_for_format(stage, component.format)
+    if spec is None:
+        formats = ", ".join(s.format for s in specs_for(stage))
+        raise BundleError(f"no engine for a {component.format!r} {STAGE_ROLE[stage]} ({component.file}); this "
+                          f"runtime runs {formats}")
+    module, func = spec.loader.split(":")
+    return getattr(import_module(module), func)(bundle, precision, **settings)
+
+
+class Engines:
+    """A bundle's engines under one config: precisions resolved at once, each stage loaded on first use.
+
+    ``talker`` is the frame loop's :class:`~runtime.engine.contract.PromptTalker`; ``talker_engine`` the raw
+    engine under it. Build it with :func:`assemble`, or :meth:`from_parts` for engines made elsewhere (the
+    PyTorch reference, the tests' fake engine).
+    """
+
+    def __init__(self, bundle: Bundle, config: EngineConfig) -> None:
+        self.bundle, self.config = bundle, config
+        self.name: str | None = None
+        self.talker_precision = self.predictor_precision = None
+        self.decoder_precision: str | None = None
+        self._generation: GenerationEngines | None = None
+        self._talker: PromptTalker | None = None
+        self._decoder: Any = None
+        self._encoders: dict[str, Any] = {}
+        self.decoder_capabilities: frozenset[str] = frozenset()
+
+    # -- precisions --------------------------------------------------------------------------------------------
+
+    def _resolve(self) -> None:
+        """Choose the talker/predictor engine and precisions and the decoder precision (cheap; no loading)."""
+        cfg, m = self.config, self.bundle.manifest
+        fmt = GENERATION_ENGINES[cfg.backend].format if cfg.backend else None
+        self.talker_precision = pick_precision(self.bundle, "talker", cfg.talker_precision, preference(GENERATION),
+                                               fmt, cfg.backend)
+        talker_format = m.component("talker", self.talker_precision).format
+        self.name = next(s.name for s in specs_for(GENERATION) if s.format == talker_format)
+        # The predictor is most of the generation time and fidelity, so it can be paired separately (default:
+        # the talker's precision), from the same engine, which runs both.
+        self.predictor_precision = pick_precision(self.bundle, "predictor", cfg.predictor_precision or
+                                                  self.talker_precision, preference(GENERATION), talker_format,
+                                                  self.name)
+        self._resolve_decoder()
+
+    def _resolve_decoder(self) -> None:
+        self.decoder_precision = pick_precision(self.bundle, "decoder", self.config.decoder_precision,
+                                                preference(DECODER))
+
+    # -- stages ------------------------------------------------------------------------------------------------
+
+    def load(self, *stages: str) -> Engines:
+        """Load ``stages`` now (those already loaded are kept)."""
+        for stage in stages:
+            {GENERATION: lambda: self.generation, DECODER: lambda: self.decoder}.get(
+                stage, lambda s=stage: self.encoder(s))()
+        return self
+
+    @property
+    def generation(self) -> GenerationEngines:
+        if self._generation is None:
+            cfg = self.config
+            engines = load_stage(GENERATION, self.bundle, self.talker_precision,
+                                 predictor_precision=self.predictor_precision, **cfg.loader_settings())
+            self._set_generation(engines)
+            for role, engine in (("talker", engines.talker), ("predictor", engines.predictor)):
+                if cfg.n_gpu_layers and engine.placement.device != "gpu":
+                    warnings.warn(f"{role}: {cfg.n_gpu_layers} GPU layers requested but it runs on the CPU "
+                                  f"({engine.placement.note or 'this llama-cpp-python build has no GPU backend'})",
+                                  RuntimeWarning, stacklevel=4)
+        return self._generation
+
+    def _set_generation(self, engines: GenerationEngines) -> None:
+        check_engine("predictor", engines.predictor)
+        check_engine("tables", engines.tables)
+        self._talker = prompt_talker(engines.talker, prefix_cache=self.config.prefix_cache,
+                                     cache_bytes=self.config.voice_cache_bytes)
+        self._generation = engines
+
+    @property
+    def talker(self) -> PromptTalker:
+        self.generation  # noqa: B018 - loads it
+        return self._talker
+
+    @property
+    def talker_engine(self) -> Any:
+        return self.generation.talker
+
+    @property
+    def predictor(self) -> Any:
+        return self.generation.predictor
+
+    @property
+    def tables(self) -> Any:
+        return self.generation.tables
+
+    @property
+    def generation_loaded(self) -> bool:
+        return self._generation is not None
+
+    @property
+    def decoder(self) -> Any:
+        if self._decoder is None:
+            self._set_decoder(load_stage(DECODER, self.bundle, self.decoder_precision,
+                                         providers=list(self.config.providers) if self.config.providers else None,
+                                         threads=self.config.decoder_threads))
+        return self._decoder
+
+    def _set_decoder(self, decoder: Any) -> None:
+        self.decoder_capabilities = check_engine("decoder", decoder)
+        self._decoder = decoder
+
+    def encoder(self, stage: str) -> Any:
+        """A voice encoder (``speaker_encoder`` or ``codec_encoder``), loaded on first use."""
+        if stage not in (SPEAKER_ENCODER, CODEC_ENCODER):
+            raise ValueError(f"unknown stage {stage!r}")
+        if stage not in self._encoders:
+            self._encoders[stage] = load_stage(stage, self.bundle, "fp32", threads=self.config.threads)
+        return self._encoders[stage]
+
+    # -- what callers ask --------------------------------------------------------------------------------------
+
+    @property
+    def n_ctx(self) -> int | None:
+        """The talker's context (None: unbounded); loads the generation engine."""
+        ctx = self.talker.n_ctx
+        return int(ctx) if ctx else None
+
+    def forget(self) -> None:
+        """Drop cached voice state: the talker's prompt prefixes and, where the decoder keeps them, primed states."""
+        if self._talker is not None:
+            self._talker.forget()
+        if self._decoder is not None and DECODER_PRIMED_CACHE in self.decoder_capabilities:
+            self._decoder.forget_primed()
+
+    def devices(self) -> dict[str, str]:
+        """Where each loaded stage actually runs (fallbacks included)."""
+        parts = []
+        if self._generation is not None:
+            parts += [("talker", self._generation.talker), ("predictor", self._generation.predictor)]
+        if self._decoder is not None:
+            parts.append(("decoder", self._decoder))
+        return describe_placements(parts)
+
+    @classmethod
+    def from_parts(cls, bundle: Bundle, generation: GenerationEngines, *, decoder: Any = None, name: str = "custom",
+                   config: EngineConfig | None = None) -> Engines:
+        """Engines made by the caller (the PyTorch reference, a fake engine): checked against the contract; the
+        decoder is the bundle's unless given."""
+        self = cls(bundle, config or EngineConfig())
+        self.name = self.talker_precision = self.predictor_precision = name
+        self._set_generation(generation)
+        if decoder is not None:
+            self._set_decoder(decoder)
+            self.decoder_precision = name
+        else:
+            self._resolve_decoder()
+        return self
+
+
+def assemble(bundle: Bundle, config: EngineConfig | None = None, *, load: Iterable[str] = SPEAKING_STAGES) -> Engines:
+    """The engines of ``bundle`` under ``config``; ``load``: stages to load now (the rest load on first use).
+
+    Precisions are resolved before anything loads, so a wrong name fails at once with what the bundle has.
+    """
+    engines = Engines(bundle, config or EngineConfig())
+    engines._resolve()
+    return engines.load(*load)

@@ -1,0 +1,248 @@
+"""The engine contract: what the frame loop, ``TTS`` and the servers use from a talker, a code predictor, their
+embedding tables and a decoder — and nothing they have to discover by probing.
+
+Every engine (llama.cpp, ONNX Runtime, the official PyTorch modules as the parity reference, the tests' fake
+engine, a future TensorRT engine or batched scheduler) implements these Protocols and proves it by passing
+``tests/test_engine_contract.py``. Optional abilities are *capabilities*: an engine declares them in its
+``capabilities`` attribute and :func:`check_engine` verifies them once, at assembly; callers then read the
+declaration, never ``hasattr``.
+
+- ``KV_STATE``: the talker can rewind its KV cache and save/restore it (:class:`KVState`). With it, assembly
+  wraps the talker in the prompt-prefix cache (``runtime/prefix_cache.py``); without it every prompt is
+  prefilled whole (:class:`FreshPromptTalker`).
+- ``DECODER_PRIMED_CACHE``: the decoder keeps primed states of recent voice-clone references and can forget them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from ..errors import Qwen3TTSEdgeError
+from ..sampler import GREEDY, ResidualSampling
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..prompt import Prompt
+
+KV_STATE = "kv_state"
+DECODER_PRIMED_CACHE = "primed_cache"
+CAPABILITIES = frozenset({KV_STATE, DECODER_PRIMED_CACHE})
+
+
+class EngineContractError(Qwen3TTSEdgeError, TypeError):
+    """An engine that does not implement the contract it is used under (a programming error in the engine)."""
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """One talker forward: codec-0 logits (vocab,) and the final-normed hidden state (H,) of the last position."""
+
+    logits: np.ndarray
+    hidden: np.ndarray
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where an engine really runs ("cpu" or "gpu"), and why when that differs from what was asked."""
+
+    device: str
+    note: str = ""
+    requested_gpu_layers: int = 0
+    devices: tuple[str, ...] = ()  # the engine's own device names (e.g. ggml backend devices of the build)
+
+    def describe(self) -> str:
+        return self.device + (f" ({self.note})" if self.note else "")
+
+
+@dataclass(frozen=True)
+class PrefillReport:
+    """What the last prompt prefill did: positions whose KV was known before, and positions computed."""
+
+    reused: int = 0
+    prefilled: int = 0
+
+
+class TalkerEngine(Protocol):
+    """The talker LM with its KV cache: embeddings in, logits + hidden state out. ``n_past`` positions are
+    cached; ``n_ctx`` is the room (None: unbounded)."""
+
+    capabilities: frozenset[str]
+    hidden_size: int
+    placement: Placement
+
+    @property
+    def n_past(self) -> int: ...
+    @property
+    def n_ctx(self) -> int | None: ...
+    def reset(self) -> None: ...
+    def prefill(self, embeds: np.ndarray) -> StepOutput: ...  # a new sequence
+    def extend(self, embeds: np.ndarray) -> StepOutput: ...  # more positions after the cached ones
+    def step(self, embed: np.ndarray) -> StepOutput: ...  # one position (H,)
+
+
+@runtime_checkable
+class KVState(Protocol):
+    """Capability ``KV_STATE``: rewind to a prefix, save the cached positions, restore them later."""
+
+    def rewind(self, n_past: int) -> None: ...  # keep only the first n_past cached positions
+    def save_state(self) -> tuple[int, np.ndarray]: ...
+    def load_state(self, state: tuple[int, np.ndarray]) -> None: ...
+
+
+class PromptTalker(Protocol):
+    """What the frame loop drives: one sequence, started from a whole :class:`~runtime.prompt.Prompt`.
+
+    Built once at assembly around a :class:`TalkerEngine` (:func:`prompt_talker`); ``last_prefill`` says
+    how much of the last prompt was reused, ``forget`` drops whatever it keeps between requests.
+    """
+
+    hidden_size: int
+    placement: Placement
+    last_prefill: PrefillReport
+
+    @property
+    def n_ctx(self) -> int | None: ...
+    def prefill(self, prompt: Prompt) -> StepOutput: ...
+    def step(self, embed: np.ndarray) -> StepOutput: ...
+    def forget(self) -> None: ...
+
+
+class PredictorEngine(Protocol):
+    """The code predictor: 15 residual codes of one frame from the talker's hidden state and code 0."""
+
+    capabilities: frozenset[str]
+    placement: Placement
+
+    def predict(self, past_hidden: np.ndarray, c0: int, sampling: ResidualSampling = GREEDY) -> np.ndarray: ...
+
+
+class EmbeddingTables(Protocol):
+    """Host-side input embeddings the prompt builder and the frame loop sum into talker inputs."""
+
+    hidden_size: int
+
+    def text_embeds(self, ids: np.ndarray) -> np.ndarray:
+        """Projected text-track vectors P(x), shape (n, H)."""
+
+    def codec_embeds(self, ids: np.ndarray) -> np.ndarray:
+        """Talker codec embedding rows E(c), shape (n, H)."""
+
+    def frame_embeds(self, codes: np.ndarray) -> np.ndarray:
+        """Per frame, E(c0) + sum of the 15 residual-codebook rows: (T, 16) codes -> (T, H)."""
+
+
+class DecoderEngine(Protocol):
+    """A stateful streaming codec decoder: codes in, the PCM they add out, equal to decoding all at once."""
+
+    capabilities: frozenset[str]
+    providers: list[str]
+
+    def reset(self) -> None: ...
+    def prime(self, ref_codes: np.ndarray) -> None: ...  # continue after reference audio (voice cloning)
+    def decode(self, codes: np.ndarray) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class GenerationEngines:
+    """A loaded talker + predictor + their tables (what a generation loader returns)."""
+
+    talker: TalkerEngine
+    predictor: PredictorEngine
+    tables: EmbeddingTables
+
+
+# What each role must have, beyond its declared capabilities; checked once by check_engine.
+REQUIRED: dict[str, tuple[str, ...]] = {
+    "talker": ("hidden_size", "placement", "n_past", "n_ctx", "reset", "prefill", "extend", "step"),
+    "predictor": ("placement", "predict"),
+    "tables": ("hidden_size", "text_embeds", "codec_embeds", "frame_embeds"),
+    "decoder": ("providers", "reset", "prime", "decode"),
+}
+CAPABILITY_METHODS: dict[str, tuple[str, ...]] = {
+    KV_STATE: ("rewind", "save_state", "load_state"),
+    DECODER_PRIMED_CACHE: ("forget_primed",),
+}
+
+
+def capabilities(engine: Any) -> frozenset[str]:
+    """The capabilities ``engine`` declares (none when it declares nothing)."""
+    return frozenset(getattr(type(engine), "capabilities", None) or getattr(engine, "capabilities", ()) or ())
+
+
+def check_engine(role: str, engine: Any) -> frozenset[str]:
+    """Verify once that ``engine`` can play ``role`` and has what its declared capabilities promise.
+
+    Returns the declared capabilities; raises :class:`EngineContractError` naming what is missing.
+    """
+    declared = capabilities(engine)
+    unknown = sorted(declared - CAPABILITIES)
+    if unknown:
+        raise EngineContractError(f"{type(engine).__name__} declares unknown capabilities {unknown}; known: "
+                                  f"{sorted(CAPABILITIES)}")
+    wanted: list[str] = list(REQUIRED[role])
+    for cap in sorted(declared):
+        wanted += CAPABILITY_METHODS[cap]
+    missing = [name for name in wanted if not _has(engine, name)]
+    if missing:
+        raise EngineContractError(f"{type(engine).__name__} cannot be a {role} engine: it lacks {missing} "
+                                  "(runtime/engine/contract.py lists what each role needs)")
+    return declared
+
+
+def _has(engine: Any, name: str) -> bool:
+    if isinstance(getattr(type(engine), name, None), property):
+        return True
+    try:
+        getattr(engine, name)
+    except AttributeError:
+        return False
+    return True
+
+
+class FreshPromptTalker:
+    """A :class:`PromptTalker` over a talker without ``KV_STATE``: every prompt is prefilled whole."""
+
+    def __init__(self, engine: TalkerEngine) -> None:
+        self.inner = engine
+        self.hidden_size = engine.hidden_size
+        self.placement = engine.placement
+        self.last_prefill = PrefillReport()
+
+    @property
+    def n_ctx(self) -> int | None:
+        return self.inner.n_ctx
+
+    def prefill(self, prompt: Prompt) -> StepOutput:
+        out = self.inner.prefill(prompt.embeds)
+        self.last_prefill = PrefillReport(reused=0, prefilled=len(prompt.embeds))
+        return out
+
+    def step(self, embed: np.ndarray) -> StepOutput:
+        return self.inner.step(embed)
+
+    def forget(self) -> None:
+        self.inner.reset()
+
+
+def prompt_talker(engine: TalkerEngine, *, prefix_cache: bool = True, cache_bytes: int | None = None) -> PromptTalker:
+    """The frame loop's talker for ``engine``: the prefix cache when the engine has ``KV_STATE`` (and the cache is
+    wanted), else whole-prompt prefills. Checks the engine against the contract first."""
+    from ..prefix_cache import DEFAULT_CACHE_BYTES, PrefixReusingTalker
+
+    if isinstance(engine, PrefixReusingTalker | FreshPromptTalker):
+        return engine
+    declared = check_engine("talker", engine)
+    if prefix_cache and KV_STATE in declared:
+        return PrefixReusingTalker(engine, cache_bytes=DEFAULT_CACHE_BYTES if cache_bytes is None else cache_bytes)
+    return FreshPromptTalker(engine)
+
+
+def describe_placements(engines: Iterable[tuple[str, Any]]) -> dict[str, str]:
+    """Role -> where it runs, from the engines' placements (the decoder: its providers)."""
+    out = {}
+    for role, engine in engines:
+        out[role] = ",".join(engine.providers) if role == "decoder" else engine.placement.describe()
+    return out
