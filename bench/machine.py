@@ -31,5 +31,5 @@ def memory_bandwidth_gbs(size_mb: int = 512, repeats: int = 5) -> float:
 
 def describe(threads: int | None = None, decoder_threads: int | None = None) -> dict:
     """The machine fields of a benchmark report (with llama.cpp's system-info line: which kernels ran) and the
-    thread counts the run used: llama.cpp's and the ONNX decoder's."""
+    thread counts the run used: generation's (llama.cpp or ONNX Runtime) and the ONNX decoder's."""
     return {**runtime_machine.describe(), "threads_used": threads, "decoder_threads_used": decoder_threads}

@@ -1,8 +1,8 @@
 """``qwen3-tts-edge parity``: every exported stage of a bundle against the official PyTorch model.
 
 One report, built from the same functions the tests use: talker and code-predictor logits along a
-teacher-forced trajectory (cosine, KL, top-1) per GGUF precision, greedy free-running frames identical to the
-official ``generate``, prompt vectors against the official ``inputs_embeds``, and the decoder section
+teacher-forced trajectory (cosine, KL, top-1) per generation precision (GGUF or ONNX), greedy free-running frames
+identical to the official ``generate``, prompt vectors against the official ``inputs_embeds``, and the decoder section
 (streaming vs offline, SNR, log-mel) per ONNX precision. Export side (needs torch + qwen-tts).
 """
 

@@ -30,7 +30,7 @@ import numpy as np
 
 from ..runtime.bundle import Bundle, BundleError, load_bundle
 from ..runtime.cli import csv_list
-from ..runtime.engine.config import EngineConfig, add_engine_arguments
+from ..runtime.engine.config import DEFAULT_DECODER_THREADS, EngineConfig, add_engine_arguments
 from ..runtime.engine.specs import precisions
 from ..runtime.errors import Qwen3TTSEdgeError
 from ..runtime.prompt import ModelIds
@@ -84,8 +84,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decoder", type=csv_list, metavar="PRECISIONS", help="decoder precisions to run (default: all)")
     # The engine flags of speak/serve (EngineConfig); --talker/--decoder above sweep precisions instead, each
     # --provider is a configuration of its own, and the thread counts are pinned so runs compare.
-    add_engine_arguments(p.add_argument_group("engine (as for speak; --provider: one run each, default "
-                                              f"{CPU})"), skip=BENCH_SWEPT, defaults={"threads": 2})
+    engine = p.add_argument_group(f"engine (as for speak; --provider: one run each, default {CPU})")
+    add_engine_arguments(engine, skip=BENCH_SWEPT, defaults={"threads": 2, "decoder_threads": DEFAULT_DECODER_THREADS})
     p.add_argument("--texts", type=csv_list, metavar="IDS", help=f"bench texts to use (default all: "
                    f"{','.join(t.id for t in TEXTS)})")
     p.add_argument("--speaker", help="preset speaker (CustomVoice; default: the first in the bundle)")

@@ -24,9 +24,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..runtime import TTS, backends
+from ..runtime import TTS
+from ..runtime.engine.assemble import load_stage
+from ..runtime.engine.config import DEFAULT_DECODER_THREADS
 from ..runtime.errors import Qwen3TTSEdgeError
-from ..runtime.pipeline import DEFAULT_DECODER_THREADS
 from ..runtime.voices.audio_in import load_reference
 from .machine import describe as describe_machine
 
@@ -56,7 +57,7 @@ def run(bundle: Path, clips: list[tuple[Path, str]], *, threads: int, repeats: i
     tts = TTS(bundle, threads=threads)
     if tts.ids.model_type != "base":
         raise VoiceBenchError(f"{bundle} is a {tts.ids.model_type} bundle; the voice bench needs a Base bundle")
-    codec = backends.load("codec_encoder", tts.bundle, "fp32", threads=threads)
+    codec = load_stage("codec_encoder", tts.bundle, "fp32", threads=threads)
     creation = []
     voices = []
     for path, text in clips:

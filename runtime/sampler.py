@@ -90,7 +90,8 @@ def draw(uniform: float, scores: np.ndarray) -> int:
     """Inverse-CDF draw in index order: the first id whose cumulative probability exceeds ``uniform`` in [0, 1).
 
     Masked ids (-inf) have probability 0 and never move the cumulative sum, so only the kept ids (top-k: 50 of
-    2048) are exponentiated: the same draw as over the full softmax, for less work (bench/README)."""
+    2048) are exponentiated: the same draw as over the full softmax, for less work (bench/README, "Numbers behind
+    code choices")."""
     keep = np.flatnonzero(scores > -np.inf)
     x = scores[keep].astype(np.float64)
     cdf = np.cumsum(np.exp(x - x.max()))

@@ -17,7 +17,7 @@ from .specs import GENERATION_ENGINES
 
 # Talker context (positions) an engine reserves by default: it holds a segment of ~200 text tokens with its
 # frames (long text is split to fit) and a 30 s voice-clone reference. The KV cache is allocated up front, so
-# a larger context costs resident memory for no audible gain (bench/README, "Memory").
+# a larger context costs resident memory for no audible gain (bench/README, "Where the memory goes").
 TALKER_CONTEXT = 2048
 # The decoder runs on the consumer's thread while generation runs on the others: one thread keeps up with
 # real time and leaves the remaining cores to generation (bench/README, "Thread placement").
@@ -30,24 +30,20 @@ def _flag(flag: str, help: str, **argparse_kw: Any) -> dict[str, Any]:
     return {"flag": flag, "help": help, "argparse": argparse_kw}
 
 
-def positive_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return n
+def _int_at_least(minimum: int, what: str):
+    def parse(value: str) -> int:
+        try:
+            n = int(value)
+        except ValueError:
+            n = None
+        if n is None or n < minimum:
+            raise argparse.ArgumentTypeError(f"expected {what} integer, got {value!r}")
+        return n
+    return parse
 
 
-def non_negative_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value!r}")
-    return n
+positive_int = _int_at_least(1, "a positive")  # argparse types for the engine flags (and the servers' own)
+non_negative_int = _int_at_least(0, "a non-negative")
 
 
 @dataclass(frozen=True)

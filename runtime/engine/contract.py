@@ -11,6 +11,17 @@ declaration, never ``hasattr``.
   wraps the talker in the prompt-prefix cache (``runtime/prefix_cache.py``); without it every prompt is
   prefilled whole (:class:`FreshPromptTalker`).
 - ``DECODER_PRIMED_CACHE``: the decoder keeps primed states of recent voice-clone references and can forget them.
+
+Rules every engine keeps (the conformance suite checks them):
+
+- ``prefill(a ++ b)`` equals ``prefill(a)`` then ``extend(b)``, and ``reset()`` then ``extend(a)`` equals
+  ``prefill(a)``; positions past ``n_ctx`` raise ``ValueError`` (or the engine's own error) before any work.
+- A saved KV state is a copy: later steps do not change it (the prefix cache restores it many times).
+- A sampled frame takes exactly 15 numbers from ``ResidualSampling.uniforms``, one per residual step in order,
+  whether the engine draws on the host or in its graph: a seed then replays the same codes on every engine.
+- Arrays an engine passes to a chooser may be buffers reused on the next step: a chooser copies what it keeps.
+- Engines are made on one thread and used on another (generation runs on the request's worker thread, the
+  decoder on the consumer's), one call at a time.
 """
 
 from __future__ import annotations
@@ -169,7 +180,7 @@ CAPABILITY_METHODS: dict[str, tuple[str, ...]] = {
 
 def capabilities(engine: Any) -> frozenset[str]:
     """The capabilities ``engine`` declares (none when it declares nothing)."""
-    return frozenset(getattr(type(engine), "capabilities", None) or getattr(engine, "capabilities", ()) or ())
+    return frozenset(getattr(engine, "capabilities", None) or ())  # an instance may narrow its class's set
 
 
 def check_engine(role: str, engine: Any) -> frozenset[str]:

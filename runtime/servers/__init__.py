@@ -3,8 +3,9 @@
 Everything here sits on top of ``qwen3_tts_edge.runtime`` and is installed with the ``server`` extra
 (``pip install 'qwen3-tts-edge[server]'``); the runtime core never imports this package. Modules, one job each:
 
-- ``pool``: N engines (each its own ``TTS``), a bounded FIFO queue, requests run on worker threads and are
-  cancelled within a frame or two when their client goes away.
+- ``pool``: N engines (each its own ``TTS``, handed out as an ``AsyncTTS``), admission with a bounded FIFO
+  queue; requests stream through ``AsyncTTS.astream`` (``runtime/aio.py``) and stop within a chunk when their
+  client goes away.
 - ``audio_formats``: float PCM chunks to pcm / wav / flac / opus / mp3 bytes.
 - ``voices``: the voice catalogue (preset speakers plus saved voice files in ``--voices DIR``).
 - ``openai_api``: the HTTP app (``/v1/audio/speech`` and friends).

@@ -3,10 +3,11 @@
 The talker graph (``export/talker_onnx.py``) takes an explicit KV cache; :class:`OnnxTalker` keeps it as
 numpy arrays between ``session.run`` calls, so a rewind is a slice. The predictor graph
 (``export/predictor_onnx.py``) runs all 15 dependent steps of a frame — KV cache, heads and sampling
-included — in one ``session.run``: at 12.5 frames/s the 15 separate calls per frame of the llama.cpp
-predictor are a first-order cost. Sampling in the graph takes the frame's ``ResidualSampling`` (parameters and
-15 numbers of the seeded residual stream, drawn up front); a host chooser in it gets a per-step path instead
-(15 teacher-forced runs). Sizes come from the graphs' metadata, never from constants here.
+included — in one ``session.run``: the 15 separate calls per frame of the llama.cpp predictor cost little on a
+CPU (bench/README, the engines side by side) but are the point of fusing on GPU execution providers. Sampling
+in the graph takes the frame's ``ResidualSampling`` (parameters and 15 numbers of the seeded residual stream,
+drawn up front); a host chooser in it gets a per-step path instead (15 teacher-forced runs). Sizes come from
+the graphs' metadata, never from constants here.
 """
 
 from __future__ import annotations
