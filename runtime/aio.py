@@ -4,7 +4,7 @@
 iterates it. ``AsyncTTS`` iterates it on a thread per request and hands the chunks to the event loop through a
 small bounded buffer, so the loop stays free for other work while a slow consumer still holds generation back.
 Text may be a string, pieces, or an ``AsyncIterable[str]`` (an LLM's token stream), which is pumped from the loop
-into a ``TextPieces`` feed. A stream that is closed, cancelled or dropped stops generating within a chunk, and its
+into a ``TextPieces`` feed. A stream that is closed, cancelled or dropped stops generating within a frame, and its
 threads end (a plain iterator's text-reading thread after its current piece: nothing can interrupt ``next()``).
 """
 
@@ -105,6 +105,9 @@ def _run(tts: TTS, text: Any, options: SpeakOptions | None, overrides: dict[str,
     except BaseException as exc:  # a request error: the consumer raises it before any audio
         bridge.put(exc)
         return
+    bridge.stream = stream
+    if bridge.stop.is_set():  # cancelled while the request was being planned
+        stream.cancel()
     try:
         with stream:  # closing it stops generation within a frame
             if not bridge.put(stream.stats):
@@ -132,6 +135,7 @@ class _Bridge:
         self.stop = threading.Event()
         self.finished = asyncio.Event()  # the worker thread is done: the engine is free
         self.pump: asyncio.Task | None = None  # the task feeding an async text source
+        self.stream: Any = None  # the running AudioStream, once the request is accepted (cancel() reaches it)
 
     def put(self, item: object) -> bool:
         """From the worker: hand ``item`` over; False once the consumer has stopped or its loop is gone."""
@@ -179,7 +183,7 @@ class AsyncAudioStream:
 
     ``async for`` it. ``await`` it, or enter ``async with``, to wait until the request is accepted, which raises its
     request errors. ``aclose()``, leaving ``async with``, cancelling the task that iterates it, or dropping it
-    (``break`` out of ``async for atts.astream(...)``) stops generation within a chunk; ``aclose()`` also waits
+    (``break`` out of ``async for atts.astream(...)``) stops generation within a frame; ``aclose()`` also waits
     until the worker thread has finished. ``cancel()`` stops it without waiting, from any thread.
     """
 
@@ -234,6 +238,9 @@ class AsyncAudioStream:
     def cancel(self) -> None:
         self._ended = True
         self._bridge.stop.set()
+        stream = self._bridge.stream
+        if stream is not None:
+            stream.cancel()  # the worker's iteration ends within a frame, not at the end of a chunk
         if self._pieces is not None:
             self._pieces.close()  # unblocks a generation waiting for text
 

@@ -8,6 +8,7 @@ records: ``runtime/options.py``; the async front: ``runtime/aio.py``.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -212,16 +213,19 @@ class TTS:
         t0 = time.perf_counter()
         plan = self.plan(text, options, **overrides)
         stats = StreamStats(devices=self.devices())
-        return AudioStream(self._run(plan, time.perf_counter() - t0, stats), stats, self.sample_rate)
+        stop = threading.Event()
+        return AudioStream(self._run(plan, time.perf_counter() - t0, stats, stop), stats, self.sample_rate, stop=stop,
+                           on_cancel=plan.first_prompt.close)
 
     def _segment_budget(self, o: SpeakOptions) -> int | None:
         return segment_budget(o, self.tokenizer, self.n_ctx)
 
-    def _run(self, plan: RequestPlan, prompt_s: float, stats: StreamStats) -> Iterator[AudioChunk]:
+    def _run(self, plan: RequestPlan, prompt_s: float, stats: StreamStats,
+             stop: threading.Event) -> Iterator[AudioChunk]:
         """The request runs now (lazily, on first iteration): it becomes ``last_stats``; see ``run_stream``."""
         self.last_stats = stats
         yield from run_stream(plan.loops(self.talker, self.predictor, self.tables), self.decoder, plan.schedule,
-                              plan.ref_codes, prompt_s, stats, self.sample_rate, self.max_queued_frames)
+                              plan.ref_codes, prompt_s, stats, self.sample_rate, self.max_queued_frames, stop)
 
     def synthesize(self, text: str | Iterable[str], options: SpeakOptions | None = None,
                    **overrides) -> tuple[np.ndarray, int]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -20,17 +20,29 @@ from .options import AudioChunk, StreamStats
 
 __all__ = ["STOP_CANCELLED", "AudioStream", "produce_frames", "run_stream"]
 _END = object()
+_CANCELLED = object()
+_POLL_S = 0.05  # how often a consumer waiting for frames looks whether the stream was cancelled
 
 
 class AudioStream:
     """The chunks of one request, made lazily, with that request's own ``stats`` (filled in as it runs).
 
-    Iterate it (or ``list()`` it); ``close()`` (or leaving a ``with`` block) stops generation at once. Each
-    request has its own stats, so one process can serve several; ``TTS.last_stats`` is the latest request's.
+    Iterate it (or ``list()`` it); ``close()`` (or leaving a ``with`` block) stops generation at once, from the
+    iterating thread. ``cancel()`` does the same from any other thread (an event loop, a barge-in handler): the
+    iteration ends within a frame, also while generation waits for incremental text. Each request has its own
+    stats, so one process can serve several; ``TTS.last_stats`` is the latest request's.
     """
 
-    def __init__(self, chunks: Iterator[AudioChunk], stats: StreamStats, sample_rate: int) -> None:
+    def __init__(self, chunks: Iterator[AudioChunk], stats: StreamStats, sample_rate: int,
+                 stop: threading.Event | None = None, on_cancel: Callable[[], None] | None = None) -> None:
         self._chunks, self.stats, self.sample_rate = chunks, stats, sample_rate
+        self._stop, self._on_cancel = stop or threading.Event(), on_cancel
+
+    def cancel(self) -> None:
+        """Stop this request from any thread; the iterating thread's next chunk is the end."""
+        self._stop.set()
+        if self._on_cancel is not None:
+            self._on_cancel()  # e.g. wake a generation that waits for incremental text
 
     def __iter__(self) -> AudioStream:
         return self
@@ -83,12 +95,13 @@ def produce_frames(loops: Iterator[FrameLoop], frames: queue.Queue, stop: thread
 
 def run_stream(loops: Iterator[FrameLoop], decoder: DecoderEngine, schedule: Sequence[int],
                ref_codes: np.ndarray | None, prompt_s: float, stats: StreamStats, sample_rate: int,
-               max_queued_frames: int) -> Iterator[AudioChunk]:
+               max_queued_frames: int, stop: threading.Event | None = None) -> Iterator[AudioChunk]:
     """Generation on a worker thread, decoding on the consumer's thread, a bounded queue between them.
 
     Runs lazily: the decoder state belongs to this stream from its first chunk on. Timings count from the
     start of iteration plus the (eager) prompt building, so requests created early don't inflate them. A
-    slow consumer blocks the generator once ``max_queued_frames`` wait; closing the iterator stops it.
+    slow consumer blocks the generator once ``max_queued_frames`` wait; closing the iterator, or setting ``stop``
+    from another thread, stops it.
     """
     t0 = time.perf_counter() - prompt_s
     if ref_codes is not None:
@@ -96,7 +109,7 @@ def run_stream(loops: Iterator[FrameLoop], decoder: DecoderEngine, schedule: Seq
     else:
         decoder.reset()
     frames: queue.Queue = queue.Queue(maxsize=max_queued_frames)
-    stop = threading.Event()
+    stop = stop or threading.Event()
     worker = threading.Thread(target=produce_frames, args=(loops, frames, stop), name="qwen3-tts-edge-frames",
                               daemon=True)
     worker.start()
@@ -125,8 +138,19 @@ def run_stream(loops: Iterator[FrameLoop], decoder: DecoderEngine, schedule: Seq
         stats.total_s = elapsed
         return chunk
 
+    def next_item() -> object:
+        """The next frame, or _CANCELLED as soon as the stream is cancelled (frames still queued are dropped)."""
+        while not stop.is_set():
+            try:
+                return frames.get(timeout=_POLL_S)
+            except queue.Empty:
+                continue
+        return _CANCELLED
+
     try:
-        while (item := frames.get()) is not _END:
+        while (item := next_item()) is not _END:
+            if item is _CANCELLED or stop.is_set():
+                return
             if isinstance(item, BaseException):
                 raise item
             if isinstance(item, SegmentEnd):

@@ -186,7 +186,7 @@ class TextFeed:
     def wait_for(self, n: int, timeout: float | None = None) -> bool:
         """Block until ``n`` ids are committed or the text ended; True when ``n`` ids are available."""
         with self._cond:
-            self._cond.wait_for(lambda: len(self._ids) >= n or self._done, timeout=timeout)
+            self._cond.wait_for(lambda: len(self._ids) >= n or self._done or self._stop.is_set(), timeout=timeout)
             self._raise()
             return len(self._ids) >= n
 
@@ -216,8 +216,12 @@ class TextFeed:
             return list(self._ids), self._done
 
     def close(self) -> None:
-        """Stop pulling (cancellation); the iterator is abandoned after its current piece (``TextPieces``: at once)."""
+        """Stop pulling (cancellation); the iterator is abandoned after its current piece (``TextPieces``: at once).
+
+        Safe from any thread: a generation waiting for its next token wakes up (and stops as stalled)."""
         self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
         if isinstance(self._pieces, TextPieces):
             self._pieces.close()
 

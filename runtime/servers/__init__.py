@@ -4,7 +4,7 @@ Everything here sits on top of ``qwen3_tts_edge.runtime`` and is installed with 
 (``pip install 'qwen3-tts-edge[server]'``); the runtime core never imports this package. Modules, one job each:
 
 - ``pool``: N engines (each its own ``TTS``, handed out as an ``AsyncTTS``), admission with a bounded FIFO
-  queue; requests stream through ``AsyncTTS.astream`` (``runtime/aio.py``) and stop within a chunk when their
+  queue; requests stream through ``AsyncTTS.astream`` (``runtime/aio.py``) and stop within a frame when their
   client goes away.
 - ``audio_formats``: float PCM chunks to pcm / wav / flac / opus / mp3 bytes.
 - ``voices``: the voice catalogue (preset speakers plus saved voice files in ``--voices DIR``).

@@ -4,10 +4,9 @@ A ``TTS`` runs one request at a time, so a request checks one engine out (``asyn
 engine``) and waits for a free one in arrival order; when ``max_queue`` requests are already waiting the next
 one is refused at once (``QueueFull``, HTTP 429 with ``Retry-After``) instead of piling up. The engine comes as
 an ``AsyncTTS``, which runs the request off the event loop (so the loop stays free to answer other clients; Home
-Assistant gives ``describe`` one second) and stops it within a chunk when its client goes away: with the
-servers' chunk schedule that is at most two frames. Closing the stream waits for the request's thread, so an
-engine goes back idle; should that wait be cut short (a second cancel at shutdown), the ``AsyncTTS`` still runs
-one request at a time, and the next one waits its turn.
+Assistant gives ``describe`` one second) and stops it within a frame when its client goes away. Closing the
+stream waits for the request's thread, so an engine goes back idle; should that wait be cut short (a second
+cancel at shutdown), the ``AsyncTTS`` still runs one request at a time, and the next one waits its turn.
 """
 
 from __future__ import annotations
