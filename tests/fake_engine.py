@@ -34,6 +34,8 @@ from qwen3_tts_edge.runtime.engine.contract import (
     GenerationEngines,
     Placement,
     StepOutput,
+    checked_ids,
+    split_frame_codes,
 )
 from qwen3_tts_edge.runtime.sampler import GREEDY, ResidualSampling, draw
 
@@ -139,10 +141,8 @@ class FakeTalker:
         return StepOutput(logits=(h @ self._head).astype(np.float32), hidden=h.astype(np.float32))
 
     def step(self, embed: np.ndarray) -> StepOutput:
-        x = np.asarray(embed, dtype=np.float32).reshape(-1)
-        if x.shape[0] != self.hidden_size:
-            raise ValueError(f"expected an embedding of size {self.hidden_size}, got {x.shape}")
-        return self.extend(x[None])
+        """One position: ``extend`` of a single row (which checks its width)."""
+        return self.extend(np.atleast_2d(np.asarray(embed, dtype=np.float32)))
 
 
 class FakePredictor:
@@ -204,12 +204,7 @@ class FakeTables:
         self._residual = _normal(seed, "tables.residual", (dims.num_steps, dims.codebook_size, dims.hidden_size),
                                  0.05).astype(np.float32)
 
-    @staticmethod
-    def _ids(ids: Any, size: int, what: str) -> np.ndarray:
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        if ids.size and (ids.min() < 0 or ids.max() >= size):
-            raise ValueError(f"{what} ids must be in [0, {size})")
-        return ids
+    _ids = staticmethod(checked_ids)
 
     def _text_row(self, i: int) -> np.ndarray:
         row = self._text.get(i)
@@ -229,11 +224,8 @@ class FakeTables:
         return self._codec[self._ids(ids, self.codec_vocab_size, "codec")].copy()
 
     def frame_embeds(self, codes: Any) -> np.ndarray:
-        codes = np.asarray(codes, dtype=np.int64)
-        if codes.ndim != 2 or codes.shape[1] != self.num_steps + 1:
-            raise ValueError(f"expected codes of shape (T, {self.num_steps + 1}), got {codes.shape}")
-        out = self.codec_embeds(codes[:, 0])
-        res = self._ids(codes[:, 1:], self.codebook_size, "residual").reshape(codes.shape[0], -1)
+        c0, res = split_frame_codes(codes, self.num_steps, self.codebook_size)
+        out = self.codec_embeds(c0)
         for j in range(self.num_steps):
             out += self._residual[j, res[:, j]]
         return out

@@ -48,17 +48,8 @@ class Gen:
     codebook_size: int
     rtol: float  # relative tolerance between batched and one-by-one computation of the same positions
 
-    @property
-    def talker(self) -> Any:
-        return self.engines.talker
-
-    @property
-    def predictor(self) -> Any:
-        return self.engines.predictor
-
-    @property
-    def tables(self) -> Any:
-        return self.engines.tables
+    def __post_init__(self) -> None:
+        self.talker, self.predictor, self.tables = self.engines.talker, self.engines.predictor, self.engines.tables
 
 
 def _load(name: str, request: pytest.FixtureRequest) -> Gen:

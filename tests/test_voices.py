@@ -271,3 +271,19 @@ def test_voice_design_then_clone(base_bundle, tmp_path):
                    "--seed", str(i), "-o", out)
         assert res.returncode == 0, res.stderr
         assert len(sf.read(out)[0]) == 6 * 1920
+
+
+@needs_export
+def test_voice_create_loads_only_the_voice_encoders(base_bundle, ref_wav, tmp_path):
+    """``TTS(bundle, load=())`` + ``create_voice`` (what `voice create` does) runs the two encoders and never loads
+    the generation engine or the decoder; speaking later loads them."""
+    from qwen3_tts_edge.runtime import TTS
+
+    tts = TTS(base_bundle, load=())
+    assert tts.engines.loaded == ()
+    voice = tts.create_voice(ref_wav, "A short reference transcript.")
+    assert voice.mode == "icl"
+    assert sorted(tts.engines.loaded) == ["codec_encoder", "speaker_encoder"]
+    chunks = list(tts.stream("Hello there.", voice=voice, max_frames=4, min_frames=4))
+    assert sum(c.n_frames for c in chunks) == 4
+    assert {"generation", "decoder"} <= set(tts.engines.loaded)

@@ -155,6 +155,12 @@ class Engines:
         return self._generation is not None
 
     @property
+    def loaded(self) -> tuple[str, ...]:
+        """The stages loaded so far (what this process holds in memory)."""
+        return tuple(stage for stage, engine in ((GENERATION, self._generation), (DECODER, self._decoder),
+                                                 *self._encoders.items()) if engine is not None)
+
+    @property
     def decoder(self) -> Any:
         if self._decoder is None:
             self._set_decoder(load_stage(DECODER, self.bundle, self.decoder_precision,

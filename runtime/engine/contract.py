@@ -76,6 +76,22 @@ class PrefillReport:
     prefilled: int = 0
 
 
+def checked_ids(ids: Any, size: int, what: str) -> np.ndarray:
+    """``ids`` as int64 (n,), refused with a clear error unless every one is in [0, size) (embedding lookups)."""
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    if ids.size and (ids.min() < 0 or ids.max() >= size):
+        raise ValueError(f"{what} ids must be in [0, {size})")
+    return ids
+
+
+def split_frame_codes(codes: Any, num_steps: int, codebook_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Frames of codes (T, 1 + num_steps) as codebook 0 (T,) and the checked residual codes (T, num_steps)."""
+    codes = np.asarray(codes, dtype=np.int64)
+    if codes.ndim != 2 or codes.shape[1] != num_steps + 1:
+        raise ValueError(f"expected codes of shape (T, {num_steps + 1}), got {codes.shape}")
+    return codes[:, 0], checked_ids(codes[:, 1:], codebook_size, "residual").reshape(codes.shape[0], -1)
+
+
 class TalkerEngine(Protocol):
     """The talker LM with its KV cache: embeddings in, logits + hidden state out. ``n_past`` positions are
     cached; ``n_ctx`` is the room (None: unbounded)."""

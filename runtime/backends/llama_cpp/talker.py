@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ...engine.config import TALKER_CONTEXT
-from ...engine.contract import KV_STATE, StepOutput
+from ...engine.contract import KV_STATE, StepOutput, checked_ids
 from .bindings import LlamaContext, LlamaError, LlamaModel, blas_single_thread
 from .gguf_tables import GGUFTables
 
@@ -57,17 +57,12 @@ class Talker:
 
     def text_embeds(self, ids: np.ndarray | list[int]) -> np.ndarray:
         """Projected text-track vectors P(ids), (n, H) float32 (text_projection is folded into token_embd)."""
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        if ids.size and (ids.min() < 0 or ids.max() >= self.text_vocab_size):
-            raise ValueError(f"text ids must be in [0, {self.text_vocab_size})")
-        return self.tables.rows("token_embd.weight", ids)
+        return self.tables.rows("token_embd.weight", checked_ids(ids, self.text_vocab_size, "text"))
 
     def codec_embeds(self, ids: np.ndarray | list[int]) -> np.ndarray:
         """Talker codec_embedding rows E(ids), (n, H) float32."""
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        if ids.size and (ids.min() < 0 or ids.max() >= self.codec_vocab_size):
-            raise ValueError(f"codec ids must be in [0, {self.codec_vocab_size})")
-        return self.tables.rows("token_embd.weight", ids + self.text_vocab_size)
+        rows = checked_ids(ids, self.codec_vocab_size, "codec") + self.text_vocab_size
+        return self.tables.rows("token_embd.weight", rows)
 
     # -- decoding -----------------------------------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ import onnxruntime as ort
 
 from ...bundle import GENERATION_METADATA_KEY as METADATA_KEY
 from ...bundle import Bundle
-from ...engine.contract import KV_STATE, GenerationEngines, Placement, StepOutput
+from ...engine.contract import KV_STATE, GenerationEngines, Placement, StepOutput, checked_ids, split_frame_codes
 from ...sampler import GREEDY, ResidualSampling
 from .providers import open_inference_session
 
@@ -269,12 +269,7 @@ class OnnxTables:
         self._res0 = text_vocab_size + codec_vocab_size
         self._step_offsets = self._res0 + codebook_size * np.arange(num_steps, dtype=np.int64)
 
-    @staticmethod
-    def _ids(ids: Any, size: int, what: str) -> np.ndarray:
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        if ids.size and (ids.min() < 0 or ids.max() >= size):
-            raise ValueError(f"{what} ids must be in [0, {size})")
-        return ids
+    _ids = staticmethod(checked_ids)
 
     def text_embeds(self, ids: Any) -> np.ndarray:
         """Projected text-track vectors P(ids), (n, H) float32."""
@@ -286,11 +281,8 @@ class OnnxTables:
 
     def frame_embeds(self, codes: Any) -> np.ndarray:
         """E(c0) + the 15 residual rows, summed in codebook order: (T, 16) codes -> (T, H)."""
-        codes = np.asarray(codes, dtype=np.int64)
-        if codes.ndim != 2 or codes.shape[1] != self.num_steps + 1:
-            raise ValueError(f"expected codes of shape (T, {self.num_steps + 1}), got {codes.shape}")
-        out = self.codec_embeds(codes[:, 0])
-        res = self._ids(codes[:, 1:], self.codebook_size, "residual").reshape(codes.shape[0], -1)
+        c0, res = split_frame_codes(codes, self.num_steps, self.codebook_size)
+        out = self.codec_embeds(c0)
         for j in range(self.num_steps):
             out += self._m[self._step_offsets[j] + res[:, j]]
         return out
