@@ -67,7 +67,7 @@ class EngineConfig:
     decoder_precision: str | None = field(default=None, metadata=_flag(
         "--decoder-precision", "decoder ONNX precision in the bundle"))
     threads: int | None = field(default=None, metadata=_flag(
-        "--threads", "CPU threads for generation (default: all cores)", type=positive_int))
+        "--threads", "CPU threads for generation and the voice encoders (default: all cores)", type=positive_int))
     decoder_threads: int = field(default=DEFAULT_DECODER_THREADS, metadata=_flag(
         "--decoder-threads", f"CPU threads for the ONNX decoder (default: {DEFAULT_DECODER_THREADS})",
         type=positive_int))
