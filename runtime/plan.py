@@ -32,7 +32,6 @@ class RequestPlan:
 
     segments: tuple[str | Iterable[str], ...]
     first_prompt: Prompt
-    prompt_settings: dict[str, Any]  # build_prompt keywords: language, speaker, instruct, voice, layout, timeout
     limits: Limits
     max_frames: int  # for the whole request, over all segments
     sampling: SamplingParams
@@ -110,7 +109,7 @@ def plan_request(text: str | Iterable[str], o: SpeakOptions, *, ids: ModelIds, t
     if o.greedy:
         sampling = sampling.greedy()
     max_frames = o.max_frames or int(manifest.sampling.get("max_new_tokens", DEFAULT_MAX_FRAMES))
-    return RequestPlan(segments=tuple(segments), first_prompt=first, prompt_settings=settings, limits=o.limits,
+    return RequestPlan(segments=tuple(segments), first_prompt=first, limits=o.limits,
                        max_frames=max_frames, sampling=sampling,
                        vocab_size=int(manifest.model["talker"]["vocab_size"]),
                        eos_id=int(manifest.codec_ids["codec_eos_token_id"]), schedule=tuple(o.chunk_frames),

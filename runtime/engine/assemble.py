@@ -66,8 +66,8 @@ def load_stage(stage: str, bundle: Bundle, precision: str, **settings: Any) -> A
 class Engines:
     """A bundle's engines under one config: precisions resolved at once, each stage loaded on first use.
 
-    ``talker`` is the frame loop's :class:`~runtime.engine.contract.PromptTalker`; ``talker_engine`` the raw
-    engine under it. Build it with :func:`assemble`, or :meth:`from_parts` for engines made elsewhere (the
+    ``talker`` is the frame loop's :class:`~runtime.engine.contract.PromptTalker` (``generation.talker`` is the
+    raw engine under it). Build it with :func:`assemble`, or :meth:`from_parts` for engines made elsewhere (the
     PyTorch reference, the tests' fake engine).
     """
 
@@ -108,8 +108,12 @@ class Engines:
     def load(self, *stages: str) -> Engines:
         """Load ``stages`` now (those already loaded are kept)."""
         for stage in stages:
-            {GENERATION: lambda: self.generation, DECODER: lambda: self.decoder}.get(
-                stage, lambda s=stage: self.encoder(s))()
+            if stage == GENERATION:
+                self.generation  # noqa: B018 - loads it
+            elif stage == DECODER:
+                self.decoder  # noqa: B018 - loads it
+            else:
+                self.encoder(stage)
         return self
 
     @property
@@ -137,10 +141,6 @@ class Engines:
     def talker(self) -> PromptTalker:
         self.generation  # noqa: B018 - loads it
         return self._talker
-
-    @property
-    def talker_engine(self) -> Any:
-        return self.generation.talker
 
     @property
     def predictor(self) -> Any:

@@ -8,7 +8,7 @@ engine flags are generated from its fields (:func:`add_engine_arguments`), so ``
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -157,8 +157,3 @@ def add_engine_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGro
         elif kw.get("action") not in ("store_false", "store_true"):
             kw["default"] = None
         parser.add_argument(meta["flag"], help=help_text, **kw)
-
-
-def engine_flag_names(skip: Sequence[str] = ()) -> list[str]:
-    """The flags :func:`add_engine_arguments` adds (CLI help and tests)."""
-    return [f.metadata["flag"] for f in fields(EngineConfig) if f.metadata and f.name not in skip]

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -110,7 +110,6 @@ class TalkerEngine(Protocol):
     def step(self, embed: np.ndarray) -> StepOutput: ...  # one position (H,)
 
 
-@runtime_checkable
 class KVState(Protocol):
     """Capability ``KV_STATE``: rewind to a prefix, save the cached positions, restore them later."""
 
