@@ -13,8 +13,10 @@ request gives the same codes however its text arrives, sampled or greedy.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -66,7 +68,8 @@ class FrameLoop:
     """Iterate frames of one segment; after iteration ``stop_reason`` says why it ended.
 
     ``max_frames`` caps this segment (default: ``limits.max_frames``), ``max_frames_reason`` names that cap
-    (e.g. ``STOP_CONTEXT`` when it is the KV room left).
+    (e.g. ``STOP_CONTEXT`` when it is the KV room left). ``idle`` wraps the waits for incremental text (a batched
+    engine does not hold the other streams' frames for this one meanwhile).
     """
 
     talker: PromptTalker
@@ -78,6 +81,7 @@ class FrameLoop:
     segment: int = 0
     max_frames: int | None = None
     max_frames_reason: str = STOP_MAX_FRAMES
+    idle: Callable[[], AbstractContextManager] = contextlib.nullcontext
     stop_reason: str | None = None
     prefill_ms: float = 0.0
     text_wait_ms: float = 0.0  # incremental text: all waits for text, the one that stalled included
@@ -135,7 +139,11 @@ class FrameLoop:
                     return
                 t_wait = time.perf_counter()
                 try:
-                    text_vec = self.prompt.text_track(k)  # incremental text may wait here for its next token
+                    if self.prompt.live is None:
+                        text_vec = self.prompt.text_track(k)
+                    else:
+                        with self.idle():  # incremental text may wait here for its next token
+                            text_vec = self.prompt.text_track(k)
                 except TextStalled:
                     self.stop_reason = STOP_TEXT_STALLED
                     return

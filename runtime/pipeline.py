@@ -23,13 +23,15 @@ from .engine.contract import GenerationEngines
 from .options import AudioChunk, SpeakOptions, StreamStats
 from .plan import RequestPlan, plan_request, segment_budget
 from .prompt import ModelIds, PromptError, VoicePrompt
-from .streaming import AudioStream, run_stream
+from .streaming import STOP_CANCELLED, AudioStream, run_stream
 from .text import TextTokenizer
 from .voices.voice_file import Voice, VoiceError, checkpoint_identity
 
 
 class TTS:
-    """A loaded bundle ready to speak. Not thread-safe: one request at a time per instance.
+    """A loaded bundle ready to speak. Safe to use from several threads: requests run on its lanes
+    (``runtime/engine/lanes.py``), one at a time by default; with ``max_batch=N`` up to N at once, batched frame
+    by frame on one engine; requests beyond that wait for a lane in arrival order.
 
     ``TTS(bundle, config)`` with an :class:`EngineConfig`, or flat settings (``TTS(bundle, threads=2,
     talker_precision="q4_k_m")``), or both (flat settings override the config). ``load`` names the stages to
@@ -222,10 +224,19 @@ class TTS:
 
     def _run(self, plan: RequestPlan, prompt_s: float, stats: StreamStats,
              stop: threading.Event) -> Iterator[AudioChunk]:
-        """The request runs now (lazily, on first iteration): it becomes ``last_stats``; see ``run_stream``."""
-        self.last_stats = stats
-        yield from run_stream(plan.loops(self.talker, self.predictor, self.tables), self.decoder, plan.schedule,
-                              plan.ref_codes, prompt_s, stats, self.sample_rate, self.max_queued_frames, stop)
+        """The request runs now (lazily, on first iteration) on a free lane: it becomes ``last_stats``; see
+        ``run_stream``. Its timings include the wait for a lane."""
+        t0 = time.perf_counter()
+        with self.engines.lanes.lease(stop) as lane:
+            if lane is None:  # cancelled while it waited
+                plan.first_prompt.close()
+                stats.stop_reason = STOP_CANCELLED
+                return
+            self.last_stats = stats
+            waited = time.perf_counter() - t0
+            yield from run_stream(plan.loops(lane.talker, lane.predictor, self.tables, idle=lane.idle), lane.decoder,
+                                  plan.schedule, plan.ref_codes, prompt_s + waited, stats, self.sample_rate,
+                                  self.max_queued_frames, stop, idle=lane.idle, finish=lane.finish)
 
     def synthesize(self, text: str | Iterable[str], options: SpeakOptions | None = None,
                    **overrides) -> tuple[np.ndarray, int]:

@@ -8,7 +8,9 @@ generating thread; their frames and segment ends then travel to the consumer (``
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,7 +60,8 @@ class RequestPlan:
             return max(1, self.n_ctx - len(prompt.embeds)), STOP_CONTEXT
         return remaining, STOP_MAX_FRAMES
 
-    def loops(self, talker: PromptTalker, predictor: PredictorEngine, tables: EmbeddingTables) -> Iterator[FrameLoop]:
+    def loops(self, talker: PromptTalker, predictor: PredictorEngine, tables: EmbeddingTables, *,
+              idle: Callable[[], AbstractContextManager] = contextlib.nullcontext) -> Iterator[FrameLoop]:
         """One frame loop per segment (run on the generating thread), each a fresh generation with one sampler."""
         sampler = self.sampler()
         remaining = self.max_frames
@@ -67,7 +70,7 @@ class RequestPlan:
             cap, reason = self.segment_cap(prompt, remaining)
             sampler.generated.clear()  # each segment is a fresh generation (repetition penalty history)
             loop = FrameLoop(talker, predictor, tables, prompt, sampler, self.limits, segment=i, max_frames=cap,
-                             max_frames_reason=reason)
+                             max_frames_reason=reason, idle=idle)
             yield loop
             remaining -= loop.frames
             if remaining <= 0:

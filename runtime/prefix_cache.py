@@ -10,13 +10,15 @@ Two sources of known KV, both exact (the same positions computed before):
 An ICL reference's frames cannot be part of a saved prefix: in both official layouts the text to speak comes
 before them (full text) or is summed into their positions (streaming text), so they are prefilled per request.
 Assembly wraps a talker in it when the engine declares the ``KV_STATE`` capability (rewind, save and load its
-KV state; ``runtime/engine/contract.py``). A batched engine or a LoRA adapter set would make the key wider
-(sequence, adapter set and scales), not change the rule. Torch-free.
+KV state; ``runtime/engine/contract.py``). With continuous batching each sequence has its own live prefix and
+all of them share one :class:`SavedPrefixes` store: a voice saved by one sequence restores into any other. A
+LoRA adapter set would make the key wider (adapter set and scales), not change the rule. Torch-free.
 """
 
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections import OrderedDict
 
 import numpy as np
@@ -25,21 +27,69 @@ from .engine.config import DEFAULT_CACHE_BYTES
 from .engine.contract import PrefillReport, StepOutput
 
 
+class SavedPrefixes:
+    """Saved voice-prefix KV states by key, least recently used dropped first beyond ``cache_bytes``.
+
+    Thread-safe, so the sequences of a batched engine can share one store.
+    """
+
+    def __init__(self, cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+        self.cache_bytes = int(cache_bytes)
+        self._saved: OrderedDict[bytes, tuple[int, np.ndarray]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: bytes) -> tuple[int, np.ndarray] | None:
+        with self._lock:
+            state = self._saved.get(key)
+            if state is not None:
+                self._saved.move_to_end(key)
+            return state
+
+    def put(self, key: bytes, state: tuple[int, np.ndarray]) -> None:
+        with self._lock:
+            self._saved[key] = state
+            while len(self._saved) > 1 and self._bytes() > self.cache_bytes:
+                self._saved.popitem(last=False)  # least recently used first
+            if self._bytes() > self.cache_bytes:  # one prefix larger than the whole budget: keep none
+                self._saved.clear()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._saved.clear()
+
+    def _bytes(self) -> int:
+        return sum(int(state.nbytes) for _, state in self._saved.values())
+
+    @property
+    def voices(self) -> int:
+        return len(self._saved)
+
+    @property
+    def positions(self) -> int:
+        with self._lock:
+            return sum(n for n, _ in self._saved.values())
+
+    @property
+    def nbytes(self) -> int:
+        with self._lock:
+            return self._bytes()
+
+
 class PrefixReusingTalker:
     """The frame loop's talker (a ``PromptTalker``) over an engine with ``KV_STATE``: keeps the previous prompt's
     KV and the voice prefixes of recent voices.
 
     ``prefill(prompt)`` reuses the longest known prefix and prefills the rest; ``last_prefill`` says what the
-    last prefill did.
+    last prefill did. ``saved``: a store shared with other sequences (default: its own of ``cache_bytes``).
     """
 
-    def __init__(self, talker, *, cache_bytes: int = DEFAULT_CACHE_BYTES):
+    def __init__(self, talker, *, cache_bytes: int = DEFAULT_CACHE_BYTES, saved: SavedPrefixes | None = None):
         self.inner = talker
         self.hidden_size = talker.hidden_size
         self.placement = talker.placement
         self._last: np.ndarray | None = None
-        self._saved: OrderedDict[bytes, tuple[int, np.ndarray]] = OrderedDict()
-        self.cache_bytes = int(cache_bytes)
+        self.saved = saved if saved is not None else SavedPrefixes(cache_bytes)
+        self.cache_bytes = self.saved.cache_bytes
         self.can_save = self.cache_bytes > 0
         self.last_prefill = PrefillReport()
 
@@ -62,20 +112,24 @@ class PrefixReusingTalker:
     def forget(self) -> None:
         """Drop everything known: the live sequence and the saved voice prefixes."""
         self._last = None
-        self._saved.clear()
+        self.saved.clear()
         self.inner.reset()
+
+    def forget_live(self) -> None:
+        """Forget the live sequence only (its cells were freed); saved prefixes stay."""
+        self._last = None
 
     @property
     def saved_voices(self) -> int:
-        return len(self._saved)
+        return self.saved.voices
 
     @property
     def saved_positions(self) -> int:
-        return sum(n for n, _ in self._saved.values())
+        return self.saved.positions
 
     @property
     def saved_bytes(self) -> int:
-        return sum(int(state.nbytes) for _, state in self._saved.values())
+        return self.saved.nbytes
 
     def prefill(self, prompt) -> StepOutput:
         """Start the sequence of ``prompt`` (a ``runtime.prompt.Prompt``), reusing what is known of it."""
@@ -89,9 +143,9 @@ class PrefixReusingTalker:
         live = self._live_prefix(embeds)
         self._last = None  # if the prefill fails midway, nothing is trusted next time
         key = hashlib.sha256(embeds[:fixed].tobytes()).digest() if fixed else b""
-        if fixed > live and key in self._saved:
-            self.inner.load_state(self._saved[key])
-            self._saved.move_to_end(key)
+        state = self.saved.get(key) if fixed > live else None
+        if state is not None:
+            self.inner.load_state(state)
             n = fixed
         else:
             n = live
@@ -99,7 +153,7 @@ class PrefixReusingTalker:
                 self.inner.rewind(n)
         if fixed > n:  # a voice not seen lately: compute its prefix alone, save it, then the rest
             self._run(embeds[n:fixed], start=n)
-            self._save(key, self.inner.save_state())
+            self.saved.put(key, self.inner.save_state())
             out = self.inner.extend(embeds[fixed:])
         else:
             out = self._run(embeds[n:], start=n)
@@ -118,13 +172,6 @@ class PrefixReusingTalker:
 
     def _run(self, embeds: np.ndarray, *, start: int):
         return self.inner.extend(embeds) if start > 0 else self.inner.prefill(embeds)
-
-    def _save(self, key: bytes, state: tuple[int, np.ndarray]) -> None:
-        self._saved[key] = state
-        while len(self._saved) > 1 and self.saved_bytes > self.cache_bytes:
-            self._saved.popitem(last=False)  # least recently used first
-        if self.saved_bytes > self.cache_bytes:  # one prefix larger than the whole budget: keep none
-            self._saved.clear()
 
     def step(self, embed: np.ndarray) -> StepOutput:
         return self.inner.step(embed)

@@ -7,10 +7,12 @@ so the first sound comes after the first frame and the stream equals the offline
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 
 import numpy as np
 
@@ -60,20 +62,32 @@ class AudioStream:
         self.close()
 
 
-def produce_frames(loops: Iterator[FrameLoop], frames: queue.Queue, stop: threading.Event) -> None:
+def produce_frames(loops: Iterator[FrameLoop], frames: queue.Queue, stop: threading.Event,
+                   idle: Callable[[], AbstractContextManager] = contextlib.nullcontext,
+                   finish: Callable[[], None] | None = None) -> None:
     """Worker: run the segments' frame loops into ``frames`` until done, failed or ``stop`` is set.
 
     Each loop's frames are followed by its :class:`SegmentEnd`; the worker writes no stats (only the consumer
-    does), so what a chunk reports is what was decoded, however far ahead generation runs.
+    does), so what a chunk reports is what was decoded, however far ahead generation runs. ``idle`` wraps a
+    wait for a full queue (a slow consumer), ``finish`` is called when generation is over (a batched engine
+    then stops waiting for this stream).
     """
 
     def put(item: object) -> bool:
-        while not stop.is_set():
-            try:
-                frames.put(item, timeout=0.05)
-                return True
-            except queue.Full:
-                continue
+        if stop.is_set():
+            return False
+        try:
+            frames.put_nowait(item)
+            return True
+        except queue.Full:
+            pass
+        with idle():
+            while not stop.is_set():
+                try:
+                    frames.put(item, timeout=0.05)
+                    return True
+                except queue.Full:
+                    continue
         return False
 
     item: object = _END
@@ -90,18 +104,22 @@ def produce_frames(loops: Iterator[FrameLoop], frames: queue.Queue, stop: thread
                 return
     except BaseException as exc:  # handed to the consumer, who re-raises it
         item = exc
+    if finish is not None:
+        finish()
     put(item)
 
 
 def run_stream(loops: Iterator[FrameLoop], decoder: DecoderEngine, schedule: Sequence[int],
                ref_codes: np.ndarray | None, prompt_s: float, stats: StreamStats, sample_rate: int,
-               max_queued_frames: int, stop: threading.Event | None = None) -> Iterator[AudioChunk]:
+               max_queued_frames: int, stop: threading.Event | None = None,
+               idle: Callable[[], AbstractContextManager] = contextlib.nullcontext,
+               finish: Callable[[], None] | None = None) -> Iterator[AudioChunk]:
     """Generation on a worker thread, decoding on the consumer's thread, a bounded queue between them.
 
     Runs lazily: the decoder state belongs to this stream from its first chunk on. Timings count from the
     start of iteration plus the (eager) prompt building, so requests created early don't inflate them. A
     slow consumer blocks the generator once ``max_queued_frames`` wait; closing the iterator, or setting ``stop``
-    from another thread, stops it.
+    from another thread, stops it. ``idle`` and ``finish``: see :func:`produce_frames`.
     """
     t0 = time.perf_counter() - prompt_s
     if ref_codes is not None:
@@ -110,8 +128,8 @@ def run_stream(loops: Iterator[FrameLoop], decoder: DecoderEngine, schedule: Seq
         decoder.reset()
     frames: queue.Queue = queue.Queue(maxsize=max_queued_frames)
     stop = stop or threading.Event()
-    worker = threading.Thread(target=produce_frames, args=(loops, frames, stop), name="qwen3-tts-edge-frames",
-                              daemon=True)
+    worker = threading.Thread(target=produce_frames, args=(loops, frames, stop, idle, finish),
+                              name="qwen3-tts-edge-frames", daemon=True)
     worker.start()
     pending: list[Frame] = []
     first = chunk_index = 0

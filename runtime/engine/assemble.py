@@ -9,6 +9,7 @@ so ``voice create`` runs the two voice encoders without loading the generation e
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections.abc import Iterable
 from importlib import import_module
@@ -18,12 +19,15 @@ from ..bundle import Bundle, BundleError
 from .config import EngineConfig
 from .contract import (
     DECODER_PRIMED_CACHE,
+    SEQUENCES,
     GenerationEngines,
     PromptTalker,
+    capabilities,
     check_engine,
     describe_placements,
     prompt_talker,
 )
+from .lanes import BatchedLanes, LanePool, SingleLane
 from .specs import GENERATION_ENGINES, STAGE_ROLE, preference, spec_for_format, specs_for
 
 GENERATION = "generation"
@@ -80,6 +84,8 @@ class Engines:
         self._talker: PromptTalker | None = None
         self._decoder: Any = None
         self._encoders: dict[str, Any] = {}
+        self._lanes: LanePool | None = None
+        self._lanes_lock = threading.Lock()
         self.decoder_capabilities: frozenset[str] = frozenset()
 
     # -- precisions --------------------------------------------------------------------------------------------
@@ -97,6 +103,11 @@ class Engines:
         self.predictor_precision = pick_precision(self.bundle, "predictor", cfg.predictor_precision or
                                                   self.talker_precision, preference(GENERATION), talker_format,
                                                   self.name)
+        if cfg.max_batch > 1 and not GENERATION_ENGINES[self.name].sequences:
+            batching = ", ".join(s.name for s in specs_for(GENERATION) if s.sequences)
+            raise BundleError(f"max_batch {cfg.max_batch} needs a generation engine that batches requests "
+                              f"({batching}); the {self.name} engine runs one request at a time: use max_batch 1 "
+                              f"or a {batching} talker precision")
         self._resolve_decoder()
 
     def _resolve_decoder(self) -> None:
@@ -180,6 +191,35 @@ class Engines:
             self._encoders[stage] = load_stage(stage, self.bundle, "fp32", threads=self.config.threads)
         return self._encoders[stage]
 
+    @property
+    def lanes(self) -> LanePool:
+        """What requests run on: one lane (these engines, one request at a time) or, with ``max_batch`` > 1, a
+        sequence each of a batch scheduler over them (``runtime/engine/lanes.py``)."""
+        with self._lanes_lock:
+            if self._lanes is None:
+                cfg = self.config
+                if cfg.max_batch == 1:
+                    self._lanes = SingleLane(self.talker, self.predictor, self.decoder)
+                else:
+                    self._lanes = self._batched_lanes(cfg)
+            return self._lanes
+
+    def _batched_lanes(self, cfg: EngineConfig) -> LanePool:
+        from .scheduler import BatchScheduler
+
+        gen, decoder = self.generation, self.decoder
+        for role, engine in (("talker", gen.talker), ("predictor", gen.predictor), ("decoder", decoder)):
+            if SEQUENCES not in capabilities(engine):
+                raise BundleError(f"max_batch {cfg.max_batch}: the {role} engine ({type(engine).__name__}) cannot "
+                                  "hold several streams (no SEQUENCES capability); use max_batch 1")
+        scheduler = BatchScheduler(gen.talker, gen.predictor, max_batch=cfg.max_batch)
+        return BatchedLanes(scheduler, decoder, prefix_cache=cfg.prefix_cache, cache_bytes=cfg.voice_cache_bytes)
+
+    @property
+    def scheduler(self) -> Any:
+        """The batch scheduler (None with ``max_batch`` 1)."""
+        return getattr(self.lanes, "scheduler", None)
+
     # -- what callers ask --------------------------------------------------------------------------------------
 
     @property
@@ -192,6 +232,8 @@ class Engines:
         """Drop cached voice state: the talker's prompt prefixes and, where the decoder keeps them, primed states."""
         if self._talker is not None:
             self._talker.forget()
+        if self._lanes is not None:
+            self._lanes.forget()
         if self._decoder is not None and DECODER_PRIMED_CACHE in self.decoder_capabilities:
             self._decoder.forget_primed()
 

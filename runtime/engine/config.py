@@ -85,6 +85,9 @@ class EngineConfig:
     voice_cache_bytes: int = field(default=DEFAULT_CACHE_BYTES, metadata=_flag(
         "--voice-cache-mb", f"memory for saved voice prompt prefixes (default {DEFAULT_CACHE_BYTES >> 20} MB)",
         type=non_negative_int, metavar="MB"))
+    max_batch: int = field(default=1, metadata=_flag(
+        "--max-batch", "requests that share one engine at once, batched frame by frame (llama.cpp backend; "
+        "default 1: one at a time, the rest wait)", type=positive_int))
     max_queued_frames: int = 64  # frames generation may run ahead of the decoder (back-pressure)
     verify: bool = True  # sha256 of every bundle file on load
 
@@ -101,6 +104,7 @@ class EngineConfig:
         require_int("n_ctx", self.n_ctx, minimum=1)
         require_int("voice_cache_bytes", self.voice_cache_bytes)
         require_int("max_queued_frames", self.max_queued_frames, minimum=1)
+        require_int("max_batch", self.max_batch, minimum=1)
         if self.providers is not None:
             if isinstance(self.providers, str) or not all(isinstance(p, str) and p for p in self.providers):
                 raise ValueError(f"providers must be a list of onnxruntime provider names, got {self.providers!r}")
@@ -132,8 +136,11 @@ class EngineConfig:
 
     def loader_settings(self) -> dict[str, Any]:
         """Keyword settings for the generation loaders (runtime/engine/specs.py ``loader``)."""
-        return {"n_ctx": self.n_ctx, "threads": self.threads, "n_gpu_layers": self.n_gpu_layers,
-                "providers": list(self.providers) if self.providers else None}
+        settings = {"n_ctx": self.n_ctx, "threads": self.threads, "n_gpu_layers": self.n_gpu_layers,
+                    "providers": list(self.providers) if self.providers else None}
+        if self.max_batch > 1:
+            settings["sequences"] = self.max_batch
+        return settings
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, *,

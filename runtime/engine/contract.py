@@ -11,6 +11,9 @@ declaration, never ``hasattr``.
   wraps the talker in the prompt-prefix cache (``runtime/prefix_cache.py``); without it every prompt is
   prefilled whole (:class:`FreshPromptTalker`).
 - ``DECODER_PRIMED_CACHE``: the decoder keeps primed states of recent voice-clone references and can forget them.
+- ``SEQUENCES``: the talker and the predictor hold several sequences and decode them together (the batch
+  scheduler, ``runtime/engine/scheduler.py``, drives them); the decoder can ``fork`` a decoder of its own state
+  that shares the loaded model, one per stream.
 
 Rules every engine keeps (the conformance suite checks them):
 
@@ -40,7 +43,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 KV_STATE = "kv_state"
 DECODER_PRIMED_CACHE = "primed_cache"
-CAPABILITIES = frozenset({KV_STATE, DECODER_PRIMED_CACHE})
+SEQUENCES = "sequences"
+CAPABILITIES = frozenset({KV_STATE, DECODER_PRIMED_CACHE, SEQUENCES})
 
 
 class EngineContractError(Qwen3TTSEdgeError, TypeError):
@@ -191,6 +195,12 @@ CAPABILITY_METHODS: dict[str, tuple[str, ...]] = {
     KV_STATE: ("rewind", "save_state", "load_state"),
     DECODER_PRIMED_CACHE: ("forget_primed",),
 }
+# SEQUENCES asks for different methods in each role.
+ROLE_CAPABILITY_METHODS: dict[tuple[str, str], tuple[str, ...]] = {
+    ("talker", SEQUENCES): ("sequences", "decode_sequences", "seq_remove", "seq_state", "set_seq_state"),
+    ("predictor", SEQUENCES): ("sequences", "predict_many"),
+    ("decoder", SEQUENCES): ("fork",),
+}
 
 
 def capabilities(engine: Any) -> frozenset[str]:
@@ -210,7 +220,7 @@ def check_engine(role: str, engine: Any) -> frozenset[str]:
                                   f"{sorted(CAPABILITIES)}")
     wanted: list[str] = list(REQUIRED[role])
     for cap in sorted(declared):
-        wanted += CAPABILITY_METHODS[cap]
+        wanted += ROLE_CAPABILITY_METHODS.get((role, cap), CAPABILITY_METHODS.get(cap, ()))
     missing = [name for name in wanted if not _has(engine, name)]
     if missing:
         raise EngineContractError(f"{type(engine).__name__} cannot be a {role} engine: it lacks {missing} "

@@ -30,6 +30,7 @@ class EngineSpec:
     preference: tuple[str, ...]  # what the runtime loads when the caller names none, best first
     loader: str  # "module:function" taking (bundle, precision, **settings); imported only when used
     exporter: str  # the export stage (export/build.py STAGES) that writes its components
+    sequences: bool = False  # generation: its loader takes ``sequences=`` (continuous batching, max_batch > 1)
 
     def __post_init__(self) -> None:
         if self.stage not in STAGE_ROLE:
@@ -44,7 +45,7 @@ ENGINE_SPECS: tuple[EngineSpec, ...] = (
     # fidelity). Its precisions are the per-tensor policies of quant/gguf_policy.py.
     EngineSpec("generation", "llama.cpp", "gguf", GGUF_PRECISIONS, ("q8_0",),
                ("q8_0", "f16", "bf16", "q5_k_m", "q4_k_m", "f32"),
-               "qwen3_tts_edge.runtime.backends.llama_cpp:load_generation", "talker"),
+               "qwen3_tts_edge.runtime.backends.llama_cpp:load_generation", "talker", sequences=True),
     # ONNX Runtime talker + fused 15-step predictor (CPU, CUDA or TensorRT providers); int8/int4 are weight-only
     # MatMulNBits (quant/onnx_policy.py). Names differ from the GGUF ones (fp32 vs f32), so one --talker list
     # can name precisions of both engines and a bundle can hold both.

@@ -39,18 +39,19 @@ class EngineTables:
 
 def load_generation(bundle: Bundle, precision: str, *, n_ctx: int = TALKER_CONTEXT, threads: int | None = None,
                     n_gpu_layers: int = 0, predictor_precision: str | None = None, providers: Any = None,
-                    **engine: Any) -> GenerationEngines:
+                    sequences: int = 1, **engine: Any) -> GenerationEngines:
     """The talker of ``bundle`` at ``precision`` and its code predictor at ``predictor_precision`` (default: the
     same; a bundle exported with several talker precisions holds a predictor for each, so they can be mixed,
     e.g. a q4_k_m talker with the q8_0 predictor). ``engine``: e.g. kv_type, flash_attn. ``providers`` (ONNX
-    Runtime's execution providers) do not apply: llama.cpp's device is its build and ``n_gpu_layers``."""
+    Runtime's execution providers) do not apply: llama.cpp's device is its build and ``n_gpu_layers``.
+    ``sequences``: streams the engines hold for continuous batching (``n_ctx`` positions each)."""
     from .predictor import CodePredictor
     from .talker import Talker
 
     m, path = bundle.manifest, bundle.path
     pp = predictor_precision or precision
     talker = Talker(path(m.component("talker", precision)), n_ctx=n_ctx, n_threads=threads,
-                    n_gpu_layers=n_gpu_layers, **engine)
+                    n_gpu_layers=n_gpu_layers, sequences=sequences, **engine)
     predictor = CodePredictor(path(m.component("predictor", pp)), path(m.component("predictor_tables", pp)),
-                              n_threads=threads, n_gpu_layers=n_gpu_layers, **engine)
+                              n_threads=threads, n_gpu_layers=n_gpu_layers, sequences=sequences, **engine)
     return GenerationEngines(talker, predictor, EngineTables(talker, predictor))

@@ -239,7 +239,12 @@ class LlamaModel:
 
 
 class LlamaContext:
-    """One sequence on a model: float-embedding batches, positions owned here, logits + hidden readout.
+    """Sequences on a model: float-embedding batches, positions owned here, logits + hidden readout.
+
+    One sequence (id 0) by default, driven by ``decode``/``decode_one``/``truncate``/``save_state``. With
+    ``sequences`` > 1 the context holds that many, each with its own ``n_ctx`` positions of KV (llama.cpp's
+    per-sequence streams, ``kv_unified`` off: attention reads only the sequence's own cells), driven by
+    :meth:`decode_rows` and the ``seq_*`` methods; the caller (a batch scheduler) owns their positions.
 
     ``kv_type`` is the KV-cache precision (llama.cpp default f16; f32 for strict parity checks); ``max_outputs``
     bounds the positions per decode that can return outputs (llama.cpp reserves that many logits rows).
@@ -251,15 +256,17 @@ class LlamaContext:
 
     def __init__(self, model: LlamaModel, *, n_ctx: int, n_batch: int, n_threads: int | None = None,
                  n_threads_batch: int | None = None, flash_attn: bool | None = None,
-                 kv_type: str = "f16", max_outputs: int = 1) -> None:
+                 kv_type: str = "f16", max_outputs: int = 1, sequences: int = 1) -> None:
         lc = api()
         self.model = model
         threads = int(n_threads or max(1, os.cpu_count() or 1))
         params = lc.llama_context_default_params()
-        params.n_ctx = int(n_ctx)
+        self.sequences = max(1, int(sequences))
+        params.n_ctx = int(n_ctx) * self.sequences
         params.n_batch = int(n_batch)
         params.n_ubatch = int(n_batch)
-        params.n_seq_max = 1
+        params.n_seq_max = self.sequences
+        params.kv_unified = False
         # llama.cpp reserves n_outputs_max x n_vocab logits (n_batch by default: 317 MB for the talker's 155k vocab)
         params.n_outputs_max = max(1, int(max_outputs))
         params.n_threads = threads
@@ -275,7 +282,7 @@ class LlamaContext:
         if not self._ptr:
             raise LlamaError(f"llama.cpp could not create a context for {model.path}:\n{recent_log()}")
         self._mem = lc.llama_get_memory(self._ptr)
-        self.n_ctx = int(lc.llama_n_ctx(self._ptr))
+        self.n_ctx = int(lc.llama_n_ctx_seq(self._ptr))  # per sequence (all of it with one sequence)
         self.n_batch = int(n_batch)
         self.max_outputs = max(1, int(max_outputs))
         self.n_embd = model.n_embd
@@ -360,6 +367,56 @@ class LlamaContext:
         if rc != 0:
             raise LlamaError(f"llama_decode failed ({rc}) at position {p}:\n{recent_log()}")
         self.n_past = p + 1
+
+    def decode_rows(self, embeds: np.ndarray, seqs: np.ndarray, positions: np.ndarray, *, outputs: bool) -> None:
+        """One ``llama_decode`` of rows of any sequences: row i is ``embeds[i]`` at ``positions[i]`` of sequence
+        ``seqs[i]`` (each sequence's rows continue its cached positions, in order).
+
+        ``outputs``: every row gets logits and hidden state (read them with ``logits(i)``/``hidden(i)``), or none
+        does (prompt bodies: llama.cpp outputs every row of a batch while embeddings are on, so output rows and
+        body rows go in separate calls). At most ``n_batch`` rows, and ``max_outputs`` with outputs.
+        """
+        n = int(embeds.shape[0])
+        if not 0 < n <= self.n_batch or (outputs and n > self.max_outputs):
+            raise ValueError(f"decode_rows takes 1..{self.max_outputs if outputs else self.n_batch} rows, got {n}")
+        if outputs != self._embeddings_on:
+            self._set_embeddings(outputs)
+        self._embd[:n] = embeds
+        p = np.asarray(positions, dtype=np.int32)
+        for s in range(self.npos):
+            self._pos[s * n:(s + 1) * n] = p if (self.npos == 1 or s < self.npos - 1) else 0
+        self._seq_id_vals[:n] = seqs
+        self._out[:n] = 1 if outputs else 0
+        self._batch.n_tokens = n
+        rc = self._decode(self._ptr, self._batch)
+        self._seq_id_vals[:n] = 0  # the single-sequence calls use sequence 0
+        if rc != 0:
+            raise LlamaError(f"llama_decode failed ({rc}) for {n} rows of sequences {sorted(set(seqs))}:\n"
+                             f"{recent_log()}")
+
+    def seq_remove(self, seq: int, p0: int = 0) -> None:
+        """Forget positions >= ``p0`` of sequence ``seq`` (0: all of it, its cells free for reuse)."""
+        if not api().llama_memory_seq_rm(self._mem, int(seq), int(p0), -1):
+            raise LlamaError(f"llama.cpp could not remove positions >= {p0} of sequence {seq}")
+
+    def seq_state(self, seq: int) -> np.ndarray:
+        """The KV state of sequence ``seq`` as bytes (``llama_state_seq_get_data``), for :meth:`set_seq_state`."""
+        lc = api()
+        size = int(lc.llama_state_seq_get_size(self._ptr, int(seq)))
+        buf = np.empty(size, dtype=np.uint8)
+        written = int(lc.llama_state_seq_get_data(self._ptr, buf.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)),
+                                                  size, int(seq)))
+        return buf[:written]
+
+    def set_seq_state(self, seq: int, data: np.ndarray) -> None:
+        """Replace sequence ``seq`` by a state from :meth:`seq_state` of any sequence (same model and settings)."""
+        lc = api()
+        self.seq_remove(seq)
+        data = np.ascontiguousarray(data, dtype=np.uint8)
+        read = int(lc.llama_state_seq_set_data(self._ptr, data.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)),
+                                               data.size, int(seq)))
+        if read == 0 and data.size:
+            raise LlamaError(f"llama.cpp could not restore a state into sequence {seq}:\n{recent_log()}")
 
     def _set_embeddings(self, on: bool) -> None:
         api().llama_set_embeddings(self._ptr, bool(on))

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ...bundle import PREDICTOR_TABLES_ARCH
+from ...engine.contract import SEQUENCES
 from ...sampler import GREEDY, ResidualSampling
 from .bindings import LlamaContext, LlamaError, LlamaModel, blas_single_thread
 from .gguf_tables import GGUFTables
@@ -25,12 +26,21 @@ TABLES_FORMAT_VERSION = 1  # layout of the tables GGUF that export/llama_gguf.py
 
 
 class CodePredictor:
-    """Predicts codebooks 1..15 of a frame from the talker's hidden state and codebook-0 code."""
+    """Predicts codebooks 1..15 of a frame from the talker's hidden state and codebook-0 code.
 
-    capabilities: frozenset[str] = frozenset()
+    ``sequences`` > 1: :meth:`predict_many` predicts that many frames (of different streams) together, one
+    decode per step for all of them and the host heads as one matrix product per step.
+
+    Flash attention is off by default: over at most 17 positions it saves nothing, and llama.cpp's CPU flash
+    attention rounds differently with several rows per decode (up to 8e-4 on a logit at f32), so a frame
+    predicted in a batch would not equal the same frame predicted alone; without it they agree to 1e-6.
+    """
+
+    capabilities: frozenset[str] = frozenset({SEQUENCES})
 
     def __init__(self, model_path: Path | str, tables_path: Path | str, *, n_threads: int | None = None,
-                 n_gpu_layers: int = 0, kv_type: str = "f16", flash_attn: bool | None = None) -> None:
+                 n_gpu_layers: int = 0, kv_type: str = "f16", flash_attn: bool | None = False,
+                 sequences: int = 1) -> None:
         self.model = LlamaModel(model_path, n_gpu_layers=n_gpu_layers)
         if self.model.arch != "qwen3":
             raise LlamaError(f"{Path(model_path).name} is a {self.model.arch!r} GGUF; the predictor needs qwen3")
@@ -49,9 +59,11 @@ class CodePredictor:
         if self.width != self.model.n_embd:
             raise LlamaError(f"predictor width {self.model.n_embd} != tables' {self.width}; mismatched files")
         # n_ctx: llama.cpp pads small contexts up; 2 + 14 positions per frame are needed.
-        self.ctx = LlamaContext(self.model, n_ctx=max(32, self.num_steps + 2), n_batch=self.num_steps + 1,
+        self.sequences = max(1, int(sequences))
+        rows = max(self.num_steps + 1, 2 * self.sequences)  # a 2-position prefill per sequence in one call
+        self.ctx = LlamaContext(self.model, n_ctx=max(32, self.num_steps + 2), n_batch=rows,
                                 n_threads=n_threads, kv_type=kv_type, flash_attn=flash_attn,
-                                max_outputs=self.num_steps + 1)  # 2-position prefill in one call (vocab is 1)
+                                max_outputs=rows, sequences=self.sequences)  # every row outputs (vocab is 1)
         self.placement = self.model.placement
 
         self.heads = np.stack([self.tables.array(f"lm_head.{j}.weight") for j in range(self.num_steps)])
@@ -147,6 +159,70 @@ class CodePredictor:
         self.choose_s += cho
         self.total_s += time.perf_counter() - t_start
         return codes
+
+    def predict_many(self, frames: list[tuple[np.ndarray, int, ResidualSampling]]) -> list[np.ndarray | Exception]:
+        """:meth:`predict` for several frames ``(past_hidden, c0, sampling)`` at once, each in its own sequence.
+
+        Each frame's codes are chosen by its own ``sampling``; a chooser that raises fails only its frame (its
+        exception takes the frame's place in the result, and the others go on without it).
+        """
+        b = len(frames)
+        if not 0 < b <= self.sequences:
+            raise ValueError(f"predict_many takes 1..{self.sequences} frames, got {b}")
+        t_start = time.perf_counter()
+        ctx, heads = self.ctx, self.heads
+        codes = np.zeros((b, self.num_steps), dtype=np.int64)
+        results: list[np.ndarray | Exception | None] = [None] * b
+        live = list(range(b))
+        dec = head = cho = 0.0
+        with blas_single_thread():
+            hidden = np.stack([np.asarray(h, dtype=np.float32).reshape(-1) for h, _, _ in frames])
+            c0_rows = self.tables.rows("talker_codec_embd.weight", np.array([c0 for _, c0, _ in frames]))
+            pairs = np.stack([hidden, c0_rows], axis=1).reshape(2 * b, -1)  # [h_0, E(c0_0), h_1, E(c0_1), ...]
+            if self.has_projection:
+                pairs = pairs @ self.proj_w.T + self.proj_b
+            ctx.clear()
+            seqs = np.arange(b, dtype=np.int32)
+            for j in range(self.num_steps):
+                t0 = time.perf_counter()
+                rows = np.array(live, dtype=np.int32)
+                if j == 0:
+                    ctx.decode_rows(pairs, np.repeat(seqs, 2), np.tile(np.array([0, 1], np.int32), b), outputs=True)
+                    out_rows = [2 * i + 1 for i in range(b)]
+                else:
+                    x = self.tables.rows(self._in_names[j - 1], codes[rows, j - 1])
+                    ctx.decode_rows(x, rows, np.full(len(rows), j + 1, np.int32), outputs=True)
+                    out_rows = list(range(len(rows)))
+                h = np.stack([ctx.hidden(r) for r in out_rows])
+                t1 = time.perf_counter()
+                logits = h @ heads[j].T  # (streams, codebook): one matrix product for every stream
+                t2 = time.perf_counter()
+                still = []
+                for k, i in enumerate(live if j else range(b)):
+                    try:
+                        c = int(frames[i][2].choose(j, logits[k]))
+                        if not 0 <= c < self.codebook_size:
+                            raise ValueError(f"choose returned code {c} outside [0, {self.codebook_size})")
+                    except Exception as exc:  # this stream's chooser failed: it leaves, the others go on
+                        results[i] = exc
+                        continue
+                    codes[i, j] = c
+                    still.append(i)
+                live = still
+                dec += t1 - t0
+                head += t2 - t1
+                cho += time.perf_counter() - t2
+                if not live:
+                    break
+        for i in live:
+            results[i] = codes[i]
+        self.frames += b
+        self.calls += self.num_steps
+        self.decode_s += dec
+        self.head_s += head
+        self.choose_s += cho
+        self.total_s += time.perf_counter() - t_start
+        return results  # type: ignore[return-value]
 
     def close(self) -> None:
         self.ctx.close()

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ...engine.config import TALKER_CONTEXT
-from ...engine.contract import KV_STATE, StepOutput, checked_ids
+from ...engine.contract import KV_STATE, SEQUENCES, StepOutput, checked_ids
 from .bindings import LlamaContext, LlamaError, LlamaModel, blas_single_thread
 from .gguf_tables import GGUFTables
 
@@ -24,20 +24,25 @@ class Talker:
 
     Parameters: ``n_ctx`` positions of KV cache (prompt + frames), ``n_threads`` llama.cpp threads, ``n_gpu_layers``
     (effective only with a GPU build of llama.cpp; :attr:`placement` reports where it actually runs), ``kv_type``
-    ("f16" default, "f32" for strict parity) and ``flash_attn`` (None = llama.cpp's choice).
+    ("f16" default, "f32" for strict parity) and ``flash_attn`` (None = llama.cpp's choice). ``sequences`` > 1
+    makes room for that many sequences of ``n_ctx`` positions each, decoded together by
+    :meth:`decode_sequences` (the batch scheduler's engine, ``runtime/engine/scheduler.py``); the single-sequence
+    methods below drive sequence 0.
     """
 
-    capabilities = frozenset({KV_STATE})  # rewind, save_state, load_state (llama.cpp sequence state)
+    # rewind, save_state, load_state (llama.cpp sequence state); several sequences decoded together
+    capabilities = frozenset({KV_STATE, SEQUENCES})
 
     def __init__(self, path: Path | str, *, n_ctx: int = TALKER_CONTEXT, n_threads: int | None = None,
                  n_batch: int = 512, n_gpu_layers: int = 0, kv_type: str = "f16",
-                 flash_attn: bool | None = None) -> None:
+                 flash_attn: bool | None = None, sequences: int = 1) -> None:
         self.path = Path(path)
         self.model = LlamaModel(self.path, n_gpu_layers=n_gpu_layers)
         if self.model.arch != "qwen3tts":
             raise LlamaError(f"{self.path.name} is a {self.model.arch!r} GGUF; the talker needs a qwen3tts GGUF")
         self.ctx = LlamaContext(self.model, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads, kv_type=kv_type,
-                                flash_attn=flash_attn)
+                                flash_attn=flash_attn, sequences=sequences, max_outputs=sequences)
+        self.sequences = self.ctx.sequences
         self.tables = GGUFTables(self.path)
         emb = self.tables.shape("token_embd.weight")
         out = self.tables.shape("output.weight")
@@ -118,6 +123,46 @@ class Talker:
         self.decode_s += time.perf_counter() - t0
         self.calls += 1
         return self._out()
+
+    # -- several sequences --------------------------------------------------------------------------------------
+
+    def decode_sequences(self, work: list[tuple[int, int, np.ndarray]]) -> list[StepOutput]:
+        """Append ``embeds`` (n, H) to each sequence ``seq`` at positions ``start``.. for every ``(seq, start,
+        embeds)`` of ``work`` (one entry per sequence); the outputs of each one's last position, in order.
+
+        Prompt bodies (all but a prompt's last position) go first, in ``n_batch``-row calls without outputs; then
+        one call holds every sequence's last row — a frame of every stream in one pass over the weights.
+        """
+        if len({seq for seq, _, _ in work}) != len(work) or len(work) > self.sequences:
+            raise ValueError(f"decode_sequences takes one entry per sequence, at most {self.sequences}")
+        t0 = time.perf_counter()
+        ctx, h = self.ctx, self.hidden_size
+        body = [(seq, start, e[:-1]) for seq, start, e in work if len(e) > 1]
+        if body:
+            rows = np.concatenate([e for _, _, e in body])
+            seqs = np.concatenate([np.full(len(e), seq, np.int32) for seq, _, e in body])
+            pos = np.concatenate([np.arange(start, start + len(e), dtype=np.int32) for _, start, e in body])
+            with blas_single_thread():
+                for i in range(0, len(rows), ctx.n_batch):
+                    ctx.decode_rows(rows[i:i + ctx.n_batch], seqs[i:i + ctx.n_batch], pos[i:i + ctx.n_batch],
+                                    outputs=False)
+        last = np.stack([np.asarray(e[-1], np.float32).reshape(h) for _, _, e in work])
+        ctx.decode_rows(last, np.array([seq for seq, _, _ in work], np.int32),
+                        np.array([start + len(e) - 1 for _, start, e in work], np.int32), outputs=True)
+        out = [StepOutput(logits=ctx.logits(i)[self.text_vocab_size:].copy(), hidden=ctx.hidden(i).copy())
+               for i in range(len(work))]
+        self.decode_s += time.perf_counter() - t0
+        self.calls += 1
+        return out
+
+    def seq_remove(self, seq: int, p0: int = 0) -> None:
+        self.ctx.seq_remove(seq, p0)
+
+    def seq_state(self, seq: int) -> np.ndarray:
+        return self.ctx.seq_state(seq)
+
+    def set_seq_state(self, seq: int, data: np.ndarray) -> None:
+        self.ctx.set_seq_state(seq, data)
 
     def close(self) -> None:
         self.ctx.close()

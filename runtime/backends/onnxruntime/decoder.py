@@ -8,8 +8,10 @@ per frame, state layout) come from the model's own metadata, never from constant
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import threading
 import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -20,7 +22,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ...bundle import DECODER_METADATA_KEY
-from ...engine.contract import DECODER_PRIMED_CACHE
+from ...engine.contract import DECODER_PRIMED_CACHE, SEQUENCES
 from .providers import CPU, open_inference_session
 
 METADATA_KEY = DECODER_METADATA_KEY  # the bundle contract names it
@@ -56,7 +58,8 @@ class StreamingDecoder:
     concatenated codes. A call that raises leaves the state exactly as it was.
     """
 
-    capabilities = frozenset({DECODER_PRIMED_CACHE})  # primed states of recent references, forget_primed()
+    # primed states of recent references (forget_primed); fork() for one state per stream on one session
+    capabilities = frozenset({DECODER_PRIMED_CACHE, SEQUENCES})
 
     def __init__(self, model_path: Path | str, providers: Sequence[str] | None = None,
                  threads: int | None = None) -> None:
@@ -83,6 +86,14 @@ class StreamingDecoder:
                           "CPU variant)", RuntimeWarning, stacklevel=2)
         self._state: dict[str, np.ndarray] = self.initial_state()
         self._primed: OrderedDict[bytes, dict[str, np.ndarray]] = OrderedDict()  # reference codes → primed state
+        self._primed_lock = threading.Lock()  # forks share the primed states
+
+    def fork(self) -> StreamingDecoder:
+        """A decoder with a state of its own (a new stream) on the same session and primed states: concurrent
+        streams decode through one loaded graph (onnxruntime sessions take concurrent ``run`` calls)."""
+        other = copy.copy(self)
+        other._state = other.initial_state()
+        return other
 
     def _check_graph(self) -> None:
         inputs = {i.name: i for i in self._session.get_inputs()}
@@ -175,9 +186,12 @@ class StreamingDecoder:
         """
         codes = self.check_codes(ref_codes)
         key = hashlib.sha256(codes.tobytes()).digest()
-        if key in self._primed:
-            self._primed.move_to_end(key)
-            self.restore(self._primed[key])
+        with self._primed_lock:
+            primed = self._primed.get(key)
+            if primed is not None:
+                self._primed.move_to_end(key)
+        if primed is not None:
+            self.restore(primed)
             return
         saved = self._state
         self.reset()
@@ -187,13 +201,15 @@ class StreamingDecoder:
         except BaseException:
             self._state = saved
             raise
-        self._primed[key] = self.snapshot()
-        while len(self._primed) > PRIMED_VOICES:
-            self._primed.popitem(last=False)
+        with self._primed_lock:
+            self._primed[key] = self.snapshot()
+            while len(self._primed) > PRIMED_VOICES:
+                self._primed.popitem(last=False)
 
     def forget_primed(self) -> None:
         """Drop the kept primed states (the next ``prime`` of any reference decodes it again)."""
-        self._primed.clear()
+        with self._primed_lock:
+            self._primed.clear()
 
     def decode_all(self, codes: np.ndarray, chunk: int = 64) -> np.ndarray:
         """Decode a whole sequence in chunks of ``chunk`` frames, continuing the current stream."""
