@@ -36,15 +36,15 @@ _END = object()
 class AsyncTTS:
     """A ``TTS`` for asyncio: ``astream``, ``asynthesize`` and ``create_voice`` run it off the event loop.
 
-    ``AsyncTTS(tts)`` wraps a loaded engine (wrap each ``TTS`` once); ``await AsyncTTS.open(bundle, ...)`` loads one
-    on a thread. As with ``TTS``, one request runs at a time: concurrent requests on one instance wait their turn on
-    their worker threads, not on the loop.
+    ``AsyncTTS(tts)`` wraps a loaded engine; ``await AsyncTTS.open(bundle, ...)`` loads one on a thread. As with
+    ``TTS``, requests run on its lanes: one at a time by default, up to ``max_batch`` at once, batched on one engine;
+    the others wait their turn on their worker threads, not on the loop.
     """
 
     def __init__(self, tts: TTS):
         self.tts = tts
         self.sample_rate = tts.sample_rate
-        self._turn = threading.Lock()  # held by the thread that runs the engine
+        self._cloning = threading.Lock()  # one voice clone at a time (the voice encoders load on first use)
 
     @classmethod
     async def open(cls, bundle: str | Path | Bundle, config: EngineConfig | None = None,
@@ -75,24 +75,18 @@ class AsyncTTS:
         return np.concatenate(chunks) if chunks else np.zeros(0, np.float32), self.sample_rate
 
     async def create_voice(self, audio: Any, ref_text: str | None = None, **kwargs: Any) -> Voice:
-        """``TTS.create_voice`` on a thread, in turn with this engine's streams."""
+        """``TTS.create_voice`` on a thread (the voice encoders, beside the streams)."""
         def clone() -> Voice:
-            with self._turn:
+            with self._cloning:
                 return self.tts.create_voice(audio, ref_text, **kwargs)
 
         return await asyncio.to_thread(clone)
 
     def _work(self, text: Any, options: SpeakOptions | None, overrides: dict[str, Any], bridge: _Bridge,
               pieces: TextPieces | None) -> None:
-        """The worker thread of one request: wait for the engine, then pass ``TTS.stream``'s chunks on."""
+        """The worker thread of one request: pass ``TTS.stream``'s chunks on (it waits there for a lane)."""
         try:
-            while not self._turn.acquire(timeout=_POLL_S):
-                if bridge.stop.is_set():
-                    return
-            try:
-                _run(self.tts, text, options, overrides, bridge)
-            finally:
-                self._turn.release()
+            _run(self.tts, text, options, overrides, bridge)
         finally:
             if pieces is not None:
                 pieces.close()  # the text feed's thread ends with the request

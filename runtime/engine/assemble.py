@@ -262,6 +262,13 @@ class Engines:
         return self
 
 
+def generation_spec(bundle: Bundle, config: EngineConfig) -> Any:
+    """The generation engine's spec row ``config`` picks for ``bundle`` (nothing is loaded)."""
+    engines = Engines(bundle, EngineConfig.build(config, max_batch=1))
+    engines._resolve()
+    return GENERATION_ENGINES[engines.name]
+
+
 def assemble(bundle: Bundle, config: EngineConfig | None = None, *, load: Iterable[str] = SPEAKING_STAGES) -> Engines:
     """The engines of ``bundle`` under ``config``; ``load``: stages to load now (the rest load on first use).
 

@@ -87,7 +87,7 @@ class EngineConfig:
         type=non_negative_int, metavar="MB"))
     max_batch: int = field(default=1, metadata=_flag(
         "--max-batch", "requests that share one engine at once, batched frame by frame (llama.cpp backend; "
-        "default 1: one at a time, the rest wait)", type=positive_int))
+        "default 1: one at a time, the rest wait; the servers batch 4)", type=positive_int))
     max_queued_frames: int = 64  # frames generation may run ahead of the decoder (back-pressure)
     verify: bool = True  # sha256 of every bundle file on load
 

@@ -60,8 +60,10 @@ class SchedulerStats:
 
     talker_decodes: int = 0
     talker_rows: int = 0
+    talker_s: float = 0.0
     predictor_frames: int = 0
     predictor_batches: int = 0
+    predictor_s: float = 0.0
     gather_waits_s: float = 0.0
     joined: int = 0
     left: int = 0
@@ -222,23 +224,27 @@ class BatchScheduler:
                 self._run_predictor(predict)
 
     def _run_talker(self, work: list[_Work]) -> None:
+        t0 = time.perf_counter()
         try:
             with self.engine_lock:
                 outs = self.talker.decode_sequences([(w.seq, *w.args) for w in work])
         except BaseException as exc:  # an engine failure fails the decode's requests, not the scheduler
             self._fail(work, exc)
             return
+        self.stats.talker_s += time.perf_counter() - t0
         self.stats.talker_decodes += 1
         self.stats.talker_rows += len(work)
         self._deliver(work, outs)
 
     def _run_predictor(self, work: list[_Work]) -> None:
+        t0 = time.perf_counter()
         try:
             with self.engine_lock:
                 codes = self.predictor.predict_many([w.args for w in work])
         except BaseException as exc:
             self._fail(work, exc)
             return
+        self.stats.predictor_s += time.perf_counter() - t0
         self.stats.predictor_batches += 1
         self.stats.predictor_frames += len(work)
         self._deliver(work, codes)

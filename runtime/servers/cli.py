@@ -24,6 +24,11 @@ from . import require
 PROG = "qwen3-tts-edge"
 
 
+# Streams one server engine batches at once unless --max-batch says otherwise: on 2 cores four streams share one
+# engine at 1.5x the throughput of taking turns and first audio within a second for all four (bench/README).
+SERVER_MAX_BATCH = 4
+
+
 class ServeError(Qwen3TTSEdgeError):
     """A server option that cannot work (bad URI, port in use...); printed as one line."""
 
@@ -35,6 +40,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-frames", type=_positive, metavar="N",
                    help="cap on 80 ms frames per request (default: the bundle's max_new_tokens)")
     # The same engine flags as speak (per worker engine; --threads defaults to the cores shared among workers).
+    # --max-batch: servers batch SERVER_MAX_BATCH requests on an engine that can (llama.cpp), unless told.
     add_engine_arguments(p.add_argument_group("engine (as for speak; per worker)"))
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
@@ -44,9 +50,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8880)
     p.add_argument("--workers", type=_positive, default=1,
-                   help="engines speaking at once (each loads its own copy of the model)")
+                   help="engines (processes' worth: each loads its own copy of the model and batches --max-batch "
+                        "requests)")
     p.add_argument("--max-queue", type=_non_negative, default=8,
-                   help="requests waiting for a worker before new ones get 429 + Retry-After")
+                   help="requests waiting for a place before new ones get 429 + Retry-After")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
     p.add_argument("--model-name", help="model id listed in /v1/models (default: from the bundle)")
 
@@ -54,7 +61,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
 def add_wyoming_arguments(p: argparse.ArgumentParser) -> None:
     _common(p)
     p.add_argument("--uri", default="tcp://0.0.0.0:10200", help="tcp://HOST:PORT, unix://PATH or stdio://")
-    p.add_argument("--workers", type=_positive, default=1, help="engines speaking at once")
+    p.add_argument("--workers", type=_positive, default=1,
+                   help="engines (each loads its own copy of the model and batches --max-batch requests)")
     p.add_argument("--zeroconf", nargs="?", const="qwen3-tts-edge", metavar="NAME",
                    help="announce the server to Home Assistant over mDNS (needs the zeroconf package)")
 
@@ -72,13 +80,24 @@ def _load(args: argparse.Namespace, max_queue: int):
     if threads is None and args.workers > 1:  # share the cores instead of every engine taking all of them
         threads = max(1, (os.cpu_count() or 1) // args.workers)
     try:
+        config = EngineConfig.from_args(args)
+        if args.max_batch is None:
+            config = EngineConfig.build(config, max_batch=server_max_batch(args.bundle, config))
         pool = EnginePool.load(args.bundle, workers=args.workers, max_queue=max_queue, threads=threads,
-                               config=EngineConfig.from_args(args))
+                               config=config)
     except (BundleError, ValueError) as exc:
         raise ServeError(str(exc)) from exc
     engine = pool.engines[0]
     catalog = VoiceCatalog(engine.speakers, engine.ids.model_type, args.voices)
     return pool, catalog
+
+
+def server_max_batch(bundle: Path, config: EngineConfig) -> int:
+    """``SERVER_MAX_BATCH`` when the bundle's generation engine under ``config`` batches requests, else 1."""
+    from ..bundle import load_bundle
+    from ..engine.assemble import generation_spec
+
+    return SERVER_MAX_BATCH if generation_spec(load_bundle(bundle, verify=False), config).sequences else 1
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -91,8 +110,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     pool, catalog = _load(args, args.max_queue)
     app = create_app(pool, catalog, api_key=args.api_key, model=args.model_name, max_frames=args.max_frames)
     e = pool.engines[0]
-    print(f"{PROG}: serving {app.state.api.model} on http://{args.host}:{args.port}/v1 ({args.workers} worker(s), "
-          f"queue {args.max_queue}; {e.backend} talker {e.talker_precision}, decoder {e.decoder_precision}; "
+    print(f"{PROG}: serving {app.state.api.model} on http://{args.host}:{args.port}/v1 ({args.workers} worker(s) x "
+          f"{e.config.max_batch} streams, queue {args.max_queue}; {e.backend} talker {e.talker_precision}, decoder "
+          f"{e.decoder_precision}; "
           f"voices: {', '.join(catalog.names()) or 'none yet'})", file=sys.stderr)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
     server = uvicorn.Server(config)

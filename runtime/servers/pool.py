@@ -1,8 +1,10 @@
 """N engines and a bounded FIFO queue in front of them: which request speaks on which engine, and when.
 
-A ``TTS`` runs one request at a time, so a request checks one engine out (``async with pool.checkout() as
-engine``) and waits for a free one in arrival order; when ``max_queue`` requests are already waiting the next
-one is refused at once (``QueueFull``, HTTP 429 with ``Retry-After``) instead of piling up. The engine comes as
+Each engine (a ``TTS``) runs up to its ``max_batch`` requests at once (one by default; more share one batched
+engine, ``runtime/engine/scheduler.py``), so the pool has ``workers × max_batch`` places. A request checks one
+out (``async with pool.checkout() as engine``) and waits for a free one in arrival order; when ``max_queue``
+requests are already waiting the next one is refused at once (``QueueFull``, HTTP 429 with ``Retry-After``)
+instead of piling up. The engine comes as
 an ``AsyncTTS``, which runs the request off the event loop (so the loop stays free to answer other clients; Home
 Assistant gives ``describe`` one second) and stops it within a frame when its client goes away. Closing the
 stream waits for the request's thread, so an engine goes back idle; should that wait be cut short (a second
@@ -26,6 +28,11 @@ from ..errors import Qwen3TTSEdgeError
 # Frames per decoded chunk in the servers: the first sound after one frame, then two frames a chunk, so a
 # cancelled request stops within two frames (the library default grows to eight).
 SERVER_CHUNK_FRAMES = (1, 2)
+
+
+def _max_batch(engine: Any) -> int:
+    config = getattr(engine, "config", None)
+    return int(getattr(config, "max_batch", 1) or 1)
 
 
 class QueueFull(Qwen3TTSEdgeError):
@@ -53,7 +60,13 @@ class EnginePool:
             raise ValueError(f"max_queue must be 0 or more, got {max_queue}")
         self.engines = list(engines)
         self.max_queue = max_queue
-        self._free: deque[AsyncTTS] = deque(AsyncTTS(engine) for engine in self.engines)
+        self.max_batch = max(_max_batch(engine) for engine in self.engines)
+        wrapped = [AsyncTTS(engine) for engine in self.engines]
+        # Places interleaved across engines, so requests spread over workers before they batch.
+        self._free: deque[AsyncTTS] = deque(atts for _ in range(self.max_batch) for atts, engine in
+                                            zip(wrapped, self.engines, strict=True)
+                                            if _max_batch(engine) > _)
+        self.capacity = len(self._free)
         self._waiters: deque[asyncio.Future] = deque()
         self._closed = False
         self._mean_s = 2.0  # running mean of how long a request holds an engine (for Retry-After)
@@ -62,7 +75,8 @@ class EnginePool:
     @classmethod
     def load(cls, bundle: str | Path, workers: int = 1, max_queue: int = 8, threads: int | None = None,
              **tts_kwargs: Any) -> EnginePool:
-        """Open ``workers`` engines on one bundle (each loads its own weights; one request at a time each)."""
+        """Open ``workers`` engines on one bundle (each loads its own weights and runs ``max_batch`` requests at
+        once, default 1)."""
         from ..pipeline import TTS
 
         if workers < 1:
@@ -75,8 +89,8 @@ class EnginePool:
 
     @property
     def busy(self) -> int:
-        """Engines held by a request (running, or stopping after a cancel)."""
-        return len(self.engines) - len(self._free)
+        """Places held by a request (running, or stopping after a cancel)."""
+        return self.capacity - len(self._free)
 
     @property
     def queued(self) -> int:
@@ -84,10 +98,11 @@ class EnginePool:
 
     def retry_after(self) -> int:
         """Seconds until a queue slot is likely free: the queue ahead, drained by all workers."""
-        return max(1, math.ceil(self._mean_s * (self.queued + 1) / len(self.engines)))
+        return max(1, math.ceil(self._mean_s * (self.queued + 1) / self.capacity))
 
     def health(self) -> dict[str, Any]:
-        return {"workers": self.workers, "busy": self.busy, "queued": self.queued, "max_queue": self.max_queue,
+        return {"workers": self.workers, "max_batch": self.max_batch, "capacity": self.capacity,
+                "running": self.busy, "busy": self.busy, "queued": self.queued, "max_queue": self.max_queue,
                 "served": self.served, "rejected": self.rejected, "failed": self.failed}
 
     async def _acquire(self) -> AsyncTTS:
@@ -98,8 +113,8 @@ class EnginePool:
         if self.queued >= self.max_queue:
             self.rejected += 1
             wait = self.retry_after()
-            raise QueueFull(f"all {self.workers} workers are busy and {self.queued} requests are queued (max "
-                            f"{self.max_queue}); retry after {wait} s", wait)
+            raise QueueFull(f"all {self.capacity} places ({self.workers} workers x {self.max_batch} streams) are busy "
+                            f"and {self.queued} requests are queued (max {self.max_queue}); retry after {wait} s", wait)
         fut = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
         try:

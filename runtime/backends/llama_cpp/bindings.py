@@ -399,6 +399,10 @@ class LlamaContext:
         if not api().llama_memory_seq_rm(self._mem, int(seq), int(p0), -1):
             raise LlamaError(f"llama.cpp could not remove positions >= {p0} of sequence {seq}")
 
+    def seq_length(self, seq: int) -> int:
+        """Positions cached for sequence ``seq`` (its highest position + 1; 0 when its cells are free)."""
+        return int(api().llama_memory_seq_pos_max(self._mem, int(seq))) + 1
+
     def seq_state(self, seq: int) -> np.ndarray:
         """The KV state of sequence ``seq`` as bytes (``llama_state_seq_get_data``), for :meth:`set_seq_state`."""
         lc = api()

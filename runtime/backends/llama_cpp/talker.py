@@ -24,7 +24,10 @@ class Talker:
 
     Parameters: ``n_ctx`` positions of KV cache (prompt + frames), ``n_threads`` llama.cpp threads, ``n_gpu_layers``
     (effective only with a GPU build of llama.cpp; :attr:`placement` reports where it actually runs), ``kv_type``
-    ("f16" default, "f32" for strict parity) and ``flash_attn`` (None = llama.cpp's choice). ``sequences`` > 1
+    ("f16" default, "f32" for strict parity) and ``flash_attn`` (off by default; None = llama.cpp's choice, which
+    is on: on CPUs it made a decode at 1500 positions 1.8x slower, 2.4x with four sequences, and it rounds a row
+    differently when the decode holds several rows, so a batched stream would not equal the same request alone;
+    bench/README, "Many streams, one engine"). ``sequences`` > 1
     makes room for that many sequences of ``n_ctx`` positions each, decoded together by
     :meth:`decode_sequences` (the batch scheduler's engine, ``runtime/engine/scheduler.py``); the single-sequence
     methods below drive sequence 0.
@@ -35,7 +38,7 @@ class Talker:
 
     def __init__(self, path: Path | str, *, n_ctx: int = TALKER_CONTEXT, n_threads: int | None = None,
                  n_batch: int = 512, n_gpu_layers: int = 0, kv_type: str = "f16",
-                 flash_attn: bool | None = None, sequences: int = 1) -> None:
+                 flash_attn: bool | None = False, sequences: int = 1) -> None:
         self.path = Path(path)
         self.model = LlamaModel(self.path, n_gpu_layers=n_gpu_layers)
         if self.model.arch != "qwen3tts":
@@ -157,6 +160,9 @@ class Talker:
 
     def seq_remove(self, seq: int, p0: int = 0) -> None:
         self.ctx.seq_remove(seq, p0)
+
+    def seq_length(self, seq: int) -> int:
+        return self.ctx.seq_length(seq)
 
     def seq_state(self, seq: int) -> np.ndarray:
         return self.ctx.seq_state(seq)
