@@ -236,7 +236,8 @@ class TTS:
             waited = time.perf_counter() - t0
             yield from run_stream(plan.loops(lane.talker, lane.predictor, self.tables, idle=lane.idle), lane.decoder,
                                   plan.schedule, plan.ref_codes, prompt_s + waited, stats, self.sample_rate,
-                                  self.max_queued_frames, stop, idle=lane.idle, finish=lane.finish)
+                                  self.max_queued_frames, stop, idle=lane.idle, finish=lane.finish,
+                                  decoding=lane.decoding)
 
     def synthesize(self, text: str | Iterable[str], options: SpeakOptions | None = None,
                    **overrides) -> tuple[np.ndarray, int]:

@@ -113,17 +113,20 @@ def run_stream(loops: Iterator[FrameLoop], decoder: DecoderEngine, schedule: Seq
                ref_codes: np.ndarray | None, prompt_s: float, stats: StreamStats, sample_rate: int,
                max_queued_frames: int, stop: threading.Event | None = None,
                idle: Callable[[], AbstractContextManager] = contextlib.nullcontext,
-               finish: Callable[[], None] | None = None) -> Iterator[AudioChunk]:
+               finish: Callable[[], None] | None = None,
+               decoding: Callable[[], AbstractContextManager] = contextlib.nullcontext) -> Iterator[AudioChunk]:
     """Generation on a worker thread, decoding on the consumer's thread, a bounded queue between them.
 
     Runs lazily: the decoder state belongs to this stream from its first chunk on. Timings count from the
     start of iteration plus the (eager) prompt building, so requests created early don't inflate them. A
     slow consumer blocks the generator once ``max_queued_frames`` wait; closing the iterator, or setting ``stop``
-    from another thread, stops it. ``idle`` and ``finish``: see :func:`produce_frames`.
+    from another thread, stops it. ``idle`` and ``finish``: see :func:`produce_frames`; ``decoding`` wraps each
+    decoder call (a batched engine's turn on the CPU).
     """
     t0 = time.perf_counter() - prompt_s
     if ref_codes is not None:
-        decoder.prime(ref_codes)  # clone: continue seamlessly after the reference audio
+        with decoding():
+            decoder.prime(ref_codes)  # clone: continue seamlessly after the reference audio
     else:
         decoder.reset()
     frames: queue.Queue = queue.Queue(maxsize=max_queued_frames)
@@ -141,7 +144,11 @@ def run_stream(loops: Iterator[FrameLoop], decoder: DecoderEngine, schedule: Seq
         codes = np.stack([f.codes for f in pending]) if pending else np.zeros((0, 16), np.int64)
         if pending:
             segment = pending[-1].segment
-        pcm = decoder.decode(codes) if len(codes) else np.zeros(0, np.float32)
+        if len(codes):
+            with decoding():
+                pcm = decoder.decode(codes)
+        else:
+            pcm = np.zeros(0, np.float32)
         stats.decoder_ms += (time.perf_counter() - t) * 1e3
         elapsed = time.perf_counter() - t0
         if stats.ttfa_s is None and len(pcm):

@@ -9,6 +9,7 @@ so ``voice create`` runs the two voice encoders without loading the generation e
 
 from __future__ import annotations
 
+import os
 import threading
 import warnings
 from collections.abc import Iterable
@@ -205,14 +206,17 @@ class Engines:
             return self._lanes
 
     def _batched_lanes(self, cfg: EngineConfig) -> LanePool:
-        from .scheduler import BatchScheduler
+        from .scheduler import BatchScheduler, CoreTurns
 
         gen, decoder = self.generation, self.decoder
         for role, engine in (("talker", gen.talker), ("predictor", gen.predictor), ("decoder", decoder)):
             if SEQUENCES not in capabilities(engine):
                 raise BundleError(f"max_batch {cfg.max_batch}: the {role} engine ({type(engine).__name__}) cannot "
                                   "hold several streams (no SEQUENCES capability); use max_batch 1")
-        scheduler = BatchScheduler(gen.talker, gen.predictor, max_batch=cfg.max_batch)
+        # While no engine call runs, the cores generation uses are the decoders': as many decode at once as fit.
+        cores = cfg.threads or os.cpu_count() or 1
+        scheduler = BatchScheduler(gen.talker, gen.predictor, max_batch=cfg.max_batch,
+                                   turns=CoreTurns(decoders=max(1, cores // cfg.decoder_threads)))
         return BatchedLanes(scheduler, decoder, prefix_cache=cfg.prefix_cache, cache_bytes=cfg.voice_cache_bytes)
 
     @property

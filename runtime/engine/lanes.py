@@ -34,6 +34,7 @@ class Lane:
     decoder: DecoderEngine
     idle: Callable[[], AbstractContextManager] = contextlib.nullcontext
     finish: Callable[[], None] = field(default=lambda: None)
+    decoding: Callable[[], AbstractContextManager] = contextlib.nullcontext  # around each decoder call
     seq: int | None = None
 
 
@@ -133,7 +134,8 @@ class BatchedLanes(LanePool):
             self._decoders[seq] = self._decoder if seq == 0 else self._decoder.fork()
         talker = self._talkers[seq]
         return Lane(talker, SequencePredictor(self.scheduler, seq), self._decoders[seq], idle=talker.inner.parked,
-                    finish=lambda: self.scheduler.set_parked(seq, True), seq=seq)
+                    finish=lambda: self.scheduler.set_parked(seq, True), decoding=self.scheduler.turns.decoding,
+                    seq=seq)
 
     def _close(self, lane: Lane) -> None:
         self.scheduler.close_sequence(lane.seq)
