@@ -2,9 +2,9 @@
 are cancelled or fail change nothing for the rest, and sequences, cells and threads are all given back.
 
 "The same" means code for code, or differing first at a numerical near-tie: llama.cpp computes a row of a
-batched decode almost as it computes it alone (flash attention is off for this: with it, rows differed by 1e-3
-at f32), but a matrix product over four rows rounds differently from one over a single row, and along a
-32-frame stream the tiny f32 model's logits differ by up to ~2e-3. Every decision is recorded (:class:`Decisions`),
+batched decode almost as it computes it alone, but a product over four rows rounds differently from one over a
+single row (the code predictor's flash attention by up to 8e-4 on a logit at f32), and along a 32-frame stream
+the tiny f32 model's logits differ by up to ~2e-3. Every decision is recorded (:class:`Decisions`),
 so the first difference, if any, is checked: the alone run's scores for the two codes within ``TIE``
 (greedy), or its uniform number within ``TIE`` of a boundary of its cumulative distribution (sampled).
 """

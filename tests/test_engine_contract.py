@@ -27,6 +27,7 @@ from qwen3_tts_edge.runtime.engine.contract import (
     CAPABILITIES,
     DECODER_PRIMED_CACHE,
     KV_STATE,
+    SEQUENCES,
     EngineContractError,
     FreshPromptTalker,
     GenerationEngines,
@@ -405,6 +406,15 @@ def test_a_declaration_without_its_methods_is_refused():
         check_engine("talker", Teleports())
     with pytest.raises(EngineContractError, match="forget_primed"):
         check_engine("decoder", type("Dec", (), {"capabilities": frozenset({DECODER_PRIMED_CACHE}), "providers": [],
+                                                 "reset": None, "prime": None, "decode": None})())
+
+    class Batches(FakeTalker):  # SEQUENCES asks each role for its own methods
+        capabilities = frozenset({SEQUENCES})
+
+    with pytest.raises(EngineContractError, match="decode_sequences"):
+        check_engine("talker", Batches())
+    with pytest.raises(EngineContractError, match="fork"):
+        check_engine("decoder", type("Dec", (), {"capabilities": frozenset({SEQUENCES}), "providers": [],
                                                  "reset": None, "prime": None, "decode": None})())
 
 

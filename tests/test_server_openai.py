@@ -34,8 +34,8 @@ LONG = " ".join([TEXT] * 25)  # room for 2000+ frames under the runaway guard (8
 class Server:
     """uvicorn on an ephemeral port in a background thread, over its own engine pool."""
 
-    def __init__(self, bundle, workers=1, max_queue=8, voices=None, **app_options):
-        self.pool = EnginePool.load(bundle, workers=workers, max_queue=max_queue, threads=1)
+    def __init__(self, bundle, workers=1, max_queue=8, voices=None, engine=None, **app_options):
+        self.pool = EnginePool.load(bundle, workers=workers, max_queue=max_queue, threads=1, **(engine or {}))
         engine = self.pool.engines[0]
         catalog = VoiceCatalog(engine.speakers, engine.ids.model_type, voices)
         self.app = create_app(self.pool, catalog, **app_options)
@@ -269,6 +269,47 @@ def test_disconnect_storm_frees_every_worker(server):
     assert h["busy"] == 0 and h["queued"] == 0, h
     assert time.monotonic() - t0 < 30
     assert len(speak(server.client(), "pcm", n=4)) == 4 * 3840  # and the server still speaks
+
+
+def test_one_batched_engine_streams_concurrent_requests_together(tiny_bundle):
+    """--max-batch 2 on one worker: two requests stream at once (the second does not wait for the first's whole
+    reply), /health shows both running, a third waits in the queue, and every reply is complete."""
+    with Server(tiny_bundle, workers=1, max_queue=4, engine={"max_batch": 2}) as s:
+        h = s.health()
+        assert (h["workers"], h["max_batch"], h["capacity"], h["running"]) == (1, 2, 2, 0)
+        firsts: dict[int, float] = {}
+        ends: dict[int, float] = {}
+        seen: list[dict] = []
+
+        async def one(i: int, client) -> int:
+            body = {"model": "qwen3-tts", "voice": "vivian", "input": f"Request {i} of three.",
+                    "response_format": "pcm", "seed": i, **frames(40)}
+            n = 0
+            async with client.stream("POST", f"{s.url}/v1/audio/speech", json=body) as r:
+                assert r.status_code == 200
+                async for data in r.aiter_bytes():
+                    if i not in firsts:
+                        firsts[i] = time.monotonic()
+                        if i == 1:
+                            seen.append(await asyncio.to_thread(s.health))
+                    n += len(data)
+            ends[i] = time.monotonic()
+            return n
+
+        async def main():
+            import httpx2
+
+            async with httpx2.AsyncClient(timeout=120) as client:
+                first_two = [asyncio.create_task(one(i, client)) for i in (0, 1)]
+                await asyncio.sleep(0.3)
+                third = asyncio.create_task(one(2, client))
+                return await asyncio.gather(*first_two, third)
+
+        sizes = asyncio.run(main())
+        assert sizes == [40 * 3840] * 3
+        assert firsts[1] < ends[0] and firsts[0] < ends[1]  # streamed together, not one after the other
+        assert seen and seen[0]["running"] == 2 and seen[0]["max_batch"] == 2
+        assert s.wait_idle()["running"] == 0
 
 
 def test_memory_is_flat_over_200_requests(server):

@@ -31,15 +31,16 @@ class CodePredictor:
     ``sequences`` > 1: :meth:`predict_many` predicts that many frames (of different streams) together, one
     decode per step for all of them and the host heads as one matrix product per step.
 
-    Flash attention is off by default: over at most 17 positions it saves nothing, and llama.cpp's CPU flash
-    attention rounds differently with several rows per decode (up to 8e-4 on a logit at f32), so a frame
-    predicted in a batch would not equal the same frame predicted alone; without it they agree to 1e-6.
+    Flash attention is llama.cpp's choice (on): without it a frame took 25 % longer (47 vs 38 ms at q4_k_m on 2
+    cores: more graph operations per step). With it, a frame predicted in a batch differs from the same frame
+    alone by up to 8e-4 on a logit at f32 (the kernel rounds differently over several rows; 1e-6 without it):
+    a batched stream then equals the request alone up to numerical near-ties (tests/test_batching.py).
     """
 
     capabilities: frozenset[str] = frozenset({SEQUENCES})
 
     def __init__(self, model_path: Path | str, tables_path: Path | str, *, n_threads: int | None = None,
-                 n_gpu_layers: int = 0, kv_type: str = "f16", flash_attn: bool | None = False,
+                 n_gpu_layers: int = 0, kv_type: str = "f16", flash_attn: bool | None = None,
                  sequences: int = 1) -> None:
         self.model = LlamaModel(model_path, n_gpu_layers=n_gpu_layers)
         if self.model.arch != "qwen3":

@@ -25,9 +25,9 @@ class Talker:
     Parameters: ``n_ctx`` positions of KV cache (prompt + frames), ``n_threads`` llama.cpp threads, ``n_gpu_layers``
     (effective only with a GPU build of llama.cpp; :attr:`placement` reports where it actually runs), ``kv_type``
     ("f16" default, "f32" for strict parity) and ``flash_attn`` (off by default; None = llama.cpp's choice, which
-    is on: on CPUs it made a decode at 1500 positions 1.8x slower, 2.4x with four sequences, and it rounds a row
-    differently when the decode holds several rows, so a batched stream would not equal the same request alone;
-    bench/README, "Many streams, one engine"). ``sequences`` > 1
+    is on: on CPUs it made a decode at 1500 positions 1.8x slower, 2.4x with four sequences, for about the same
+    speed at 100, and it rounds a row differently when the decode holds several rows, 1e-3 on a logit instead
+    of 1.5e-5; bench/README, "Many streams, one engine"). ``sequences`` > 1
     makes room for that many sequences of ``n_ctx`` positions each, decoded together by
     :meth:`decode_sequences` (the batch scheduler's engine, ``runtime/engine/scheduler.py``); the single-sequence
     methods below drive sequence 0.
