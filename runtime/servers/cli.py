@@ -24,8 +24,9 @@ from . import require
 PROG = "qwen3-tts-edge"
 
 
-# Streams one server engine batches at once unless --max-batch says otherwise: on 2 cores four streams share one
-# engine at 1.5x the throughput of taking turns and first audio within a second for all four (bench/README).
+# Streams one server engine batches at once unless --max-batch says otherwise: on 2 cores four streams on one engine
+# all hear their first audio within a second (two workers: 12-21 s), at the throughput of two workers and 500 MB
+# less memory (bench/README, "Many streams, one engine").
 SERVER_MAX_BATCH = 4
 
 
