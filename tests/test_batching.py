@@ -308,3 +308,29 @@ def test_max_batch_needs_an_engine_that_batches(tiny_bundle):
         TTS(tiny_bundle, talker_precision="fp32", max_batch=2)
     with pytest.raises(ValueError, match="max_batch"):
         TTS(tiny_bundle, talker_precision="f32", max_batch=0)
+
+
+def test_a_chooser_that_fails_costs_only_its_own_frame(tiny_bundle):
+    """In one predictor batch, a stream whose chooser raises gets its exception back; the other frames are the
+    frames predicted alone (flash attention off on both sides here, so the comparison is exact)."""
+    from qwen3_tts_edge.runtime.backends.llama_cpp import load_generation
+    from qwen3_tts_edge.runtime.bundle import load_bundle
+    from qwen3_tts_edge.runtime.sampler import GREEDY, ResidualSampling
+
+    bundle = load_bundle(tiny_bundle)
+    alone = load_generation(bundle, "f32", flash_attn=False).predictor
+    batch = load_generation(bundle, "f32", flash_attn=False, sequences=3).predictor
+    rng = np.random.default_rng(7)
+    hidden = [rng.standard_normal(batch.hidden_size).astype(np.float32) for _ in range(3)]
+    c0 = [5, 9, 3]
+
+    def breaks_at_step_4(step: int, logits: np.ndarray) -> int:
+        if step == 4:
+            raise RuntimeError("this chooser broke")
+        return int(np.argmax(logits))
+
+    out = batch.predict_many([(hidden[0], c0[0], GREEDY), (hidden[1], c0[1], ResidualSampling.host(breaks_at_step_4)),
+                              (hidden[2], c0[2], GREEDY)])
+    assert isinstance(out[1], RuntimeError) and "broke" in str(out[1])
+    for i in (0, 2):
+        np.testing.assert_array_equal(out[i], alone.predict(hidden[i], c0[i]))

@@ -186,7 +186,7 @@ class CodePredictor:
             seqs = np.arange(b, dtype=np.int32)
             for j in range(self.num_steps):
                 t0 = time.perf_counter()
-                rows = np.array(live, dtype=np.int32)
+                rows = np.array(live, dtype=np.int32)  # the frames still going (a failed chooser drops its frame)
                 if j == 0:
                     ctx.decode_rows(pairs, np.repeat(seqs, 2), np.tile(np.array([0, 1], np.int32), b), outputs=True)
                     out_rows = [2 * i + 1 for i in range(b)]
@@ -199,7 +199,7 @@ class CodePredictor:
                 logits = h @ heads[j].T  # (streams, codebook): one matrix product for every stream
                 t2 = time.perf_counter()
                 still = []
-                for k, i in enumerate(live if j else range(b)):
+                for k, i in enumerate(live):
                     try:
                         c = int(frames[i][2].choose(j, logits[k]))
                         if not 0 <= c < self.codebook_size:
