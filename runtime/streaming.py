@@ -90,23 +90,30 @@ def produce_frames(loops: Iterator[FrameLoop], frames: queue.Queue, stop: thread
                     continue
         return False
 
-    item: object = _END
+    def generate() -> object:
+        """Every frame and segment end into the queue; what the consumer gets last (None: nothing, stopped)."""
+        try:
+            for loop in loops:
+                gen = iter(loop)
+                try:
+                    for frame in gen:
+                        if not put(frame):
+                            return None
+                finally:
+                    gen.close()  # stops an incremental text feed as well
+                if not put(loop.segment_end()) or stop.is_set():
+                    return None
+        except BaseException as exc:  # handed to the consumer, who re-raises it
+            return exc
+        return _END
+
     try:
-        for loop in loops:
-            gen = iter(loop)
-            try:
-                for frame in gen:
-                    if not put(frame):
-                        return
-            finally:
-                gen.close()  # stops an incremental text feed as well
-            if not put(loop.segment_end()) or stop.is_set():
-                return
-    except BaseException as exc:  # handed to the consumer, who re-raises it
-        item = exc
-    if finish is not None:
-        finish()
-    put(item)
+        last = generate()
+    finally:
+        if finish is not None:
+            finish()  # also when stopped or failed
+    if last is not None:
+        put(last)
 
 
 def run_stream(loops: Iterator[FrameLoop], decoder: DecoderEngine, schedule: Sequence[int],

@@ -4,11 +4,11 @@ Each engine (a ``TTS``) runs up to its ``max_batch`` requests at once (one by de
 engine, ``runtime/engine/scheduler.py``), so the pool has ``workers × max_batch`` places. A request checks one
 out (``async with pool.checkout() as engine``) and waits for a free one in arrival order; when ``max_queue``
 requests are already waiting the next one is refused at once (``QueueFull``, HTTP 429 with ``Retry-After``)
-instead of piling up. The engine comes as
-an ``AsyncTTS``, which runs the request off the event loop (so the loop stays free to answer other clients; Home
-Assistant gives ``describe`` one second) and stops it within a frame when its client goes away. Closing the
-stream waits for the request's thread, so an engine goes back idle; should that wait be cut short (a second
-cancel at shutdown), the ``AsyncTTS`` still runs one request at a time, and the next one waits its turn.
+instead of piling up. The engine comes as an ``AsyncTTS``, which runs the request off the event loop (so the loop
+stays free to answer other clients; Home Assistant gives ``describe`` one second) and stops it within a frame when
+its client goes away. Closing the stream waits for the request's thread, so a place goes back free; should that
+wait be cut short (a second cancel at shutdown), the engine's lanes still hold at most ``max_batch`` requests, and
+the next one waits for a lane.
 """
 
 from __future__ import annotations
