@@ -155,3 +155,17 @@ def test_servers_import_only_the_runtime():
             assert not re.match(r"^(\.\.\.|qwen3_tts_edge\.(export|bench|quant))", name), \
                 f"{path.relative_to(REPO)} imports {name}"
             assert name.split(".")[0] not in {"torch", "transformers", "qwen_tts"}, f"{path} imports {name}"
+
+
+def test_a_shutdown_that_hangs_still_ends_the_process():
+    """A thread that never returns (say, a stuck worker) cannot keep a stopping server alive: after the grace
+    time the process prints every thread's stack and exits with 130."""
+    code = ("import threading, time\n"
+            "from qwen3_tts_edge.runtime.servers.cli import exit_if_stuck\n"
+            "threading.Thread(target=time.sleep, args=(120,), name='stuck-worker').start()\n"
+            "exit_if_stuck(0.5)\n")
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 130 and time.monotonic() - t0 < 30
+    assert "shutdown did not finish within 0.5 s" in proc.stderr
+    assert "Thread 0x" in proc.stderr  # faulthandler's stacks of the threads still running

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import logging
 import os
 import sys
+import threading
+import time
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -28,6 +31,10 @@ PROG = "qwen3-tts-edge"
 # all hear their first audio within a second (two workers: 12-21 s), at the throughput of two workers and 500 MB
 # less memory (bench/README, "Many streams, one engine").
 SERVER_MAX_BATCH = 4
+
+
+# How long a server may take to shut down after Ctrl+C / SIGTERM before it exits anyway (see exit_if_stuck).
+SHUTDOWN_GRACE_S = 10.0
 
 
 class ServeError(Qwen3TTSEdgeError):
@@ -66,6 +73,30 @@ def add_wyoming_arguments(p: argparse.ArgumentParser) -> None:
                    help="engines (each loads its own copy of the model and batches --max-batch requests)")
     p.add_argument("--zeroconf", nargs="?", const="qwen3-tts-edge", metavar="NAME",
                    help="announce the server to Home Assistant over mDNS (needs the zeroconf package)")
+
+
+_deadline_armed = threading.Event()
+
+
+def exit_if_stuck(grace_s: float = SHUTDOWN_GRACE_S) -> None:
+    """Arm a deadline for the shutdown that is starting: if the process is still alive after ``grace_s`` (a worker
+    thread or a native library's teardown that never returns), print every thread's stack and exit with 130.
+
+    A server must always stop on Ctrl+C; twice in full test-suite runs (never alone) the Wyoming server did not
+    exit within 20 s of SIGINT, and where it hung could not be seen. The stacks printed here will show it.
+    """
+    if _deadline_armed.is_set():
+        return
+    _deadline_armed.set()
+
+    def watchdog() -> None:
+        time.sleep(grace_s)
+        print(f"{PROG}: shutdown did not finish within {grace_s:g} s; exiting (threads still running below)",
+              file=sys.stderr, flush=True)
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        os._exit(130)
+
+    threading.Thread(target=watchdog, name="qwen3-tts-edge-shutdown-deadline", daemon=True).start()
 
 
 def _logging(level: str) -> None:
@@ -117,7 +148,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
           f"voices: {', '.join(catalog.names()) or 'none yet'})", file=sys.stderr)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
     server = uvicorn.Server(config)
-    server.run()
+    try:
+        server.run()
+    finally:
+        exit_if_stuck()
     if not server.started:
         raise ServeError(f"could not listen on {args.host}:{args.port} (in use? try --port)")
     return 0
@@ -154,6 +188,8 @@ async def _run_wyoming(args: argparse.Namespace, server, service) -> None:
         await server.run(service.handler)
     except OSError as exc:
         raise ServeError(f"could not listen on {args.uri}: {exc.strerror or exc}") from None
+    finally:
+        exit_if_stuck()  # from here on (cancelled by Ctrl+C, or stopped) the process must end
 
 
 def cmd_wyoming(args: argparse.Namespace) -> int:
@@ -169,5 +205,6 @@ def cmd_wyoming(args: argparse.Namespace) -> int:
     try:
         asyncio.run(_run_wyoming(args, server, service))
     finally:
+        exit_if_stuck()
         pool.close()
     return 0
