@@ -261,6 +261,33 @@ def test_a_voice_prefix_saved_by_one_sequence_serves_another(tiny_bundle, alone)
     np.testing.assert_array_equal(codes, expected)
 
 
+def test_forgetting_voices_keeps_running_streams(tiny_bundle):
+    """``forget_voices`` while a batched request runs drops the saved voice prefixes, not that request's cells."""
+    tts = TTS(tiny_bundle, talker_precision="f32", max_batch=2)
+    list(tts.stream("Save this voice first.", speaker="vivian", max_frames=3))
+    assert tts.engines.lanes.saved.voices == 1
+    text = TextPieces()
+    text.push("A request that keeps running ")
+    stream = tts.stream(text, speaker="ryan", seed=1, max_frames=100)
+    it = iter(stream)
+    next(it)
+    talker = tts.engines.generation.talker
+    before: list[int] = []
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:  # until it has used up its text and waits for more (nothing moves)
+        now = [talker.seq_length(seq) for seq in range(2)]
+        if now == before:
+            break
+        before = now
+        time.sleep(0.3)
+    tts.forget_voices()
+    assert [talker.seq_length(seq) for seq in range(2)] == before and max(before) > 0  # its cells are kept
+    assert tts.engines.lanes.saved.voices == 0
+    text.push("and ends.")
+    text.close()
+    assert sum(c.n_frames for c in it) > 0
+
+
 def test_requests_beyond_max_batch_wait_for_a_lane(tiny_bundle):
     tts = TTS(tiny_bundle, talker_precision="f32", max_batch=2)
     texts = [TextPieces() for _ in range(2)]
@@ -273,7 +300,10 @@ def test_requests_beyond_max_batch_wait_for_a_lane(tiny_bundle):
     got: list = []
     runner = threading.Thread(target=lambda: got.extend(third))
     runner.start()
-    time.sleep(0.5)
+    deadline = time.monotonic() + 20
+    while tts.engines.lanes.waiting == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)
     assert not got and tts.engines.lanes.waiting == 1  # both lanes are taken: it waits, making nothing yet
     texts[0].close()  # the first holder's text ends: it finishes and frees its lane
     list(holders[0])

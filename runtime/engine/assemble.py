@@ -234,8 +234,8 @@ class Engines:
 
     def forget(self) -> None:
         """Drop cached voice state: the talker's prompt prefixes and, where the decoder keeps them, primed states."""
-        if self._talker is not None:
-            self._talker.forget()
+        if self._talker is not None and self.config.max_batch == 1:
+            self._talker.forget()  # batched: requests never use it, and resetting it would clear every sequence
         if self._lanes is not None:
             self._lanes.forget()
         if self._decoder is not None and DECODER_PRIMED_CACHE in self.decoder_capabilities:
