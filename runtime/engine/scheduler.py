@@ -34,15 +34,10 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import Qwen3TTSEdgeError
 from ..sampler import GREEDY, ResidualSampling
 from .contract import KV_STATE, StepOutput
 
 GATHER_S = 0.01  # the longest a batch waits for a busy stream's host work (it takes ~1 ms; see bench/README)
-
-
-class SchedulerClosed(Qwen3TTSEdgeError, RuntimeError):
-    """The engine was closed while a request was using it."""
 
 
 @dataclass
@@ -67,6 +62,17 @@ class SchedulerStats:
     gather_waits_s: float = 0.0
     joined: int = 0
     left: int = 0
+
+    def record(self, stage: str, seconds: float, rows: int) -> None:
+        """One engine call of ``stage`` ("talker" or "predictor") over ``rows`` streams."""
+        if stage == "talker":
+            self.talker_s += seconds
+            self.talker_decodes += 1
+            self.talker_rows += rows
+        else:
+            self.predictor_s += seconds
+            self.predictor_batches += 1
+            self.predictor_frames += rows
 
     def as_dict(self) -> dict[str, float]:
         return {**self.__dict__,
@@ -135,7 +141,6 @@ class BatchScheduler:
         self._busy: dict[int, bool] = {}  # open sequences -> True while their thread is doing host work
         self._talk: dict[int, _Work] = {}
         self._predict: dict[int, _Work] = {}
-        self._closed = False
         self._thread: threading.Thread | None = None
         self.stats = SchedulerStats()
 
@@ -150,8 +155,6 @@ class BatchScheduler:
     def open(self) -> int | None:
         """A free sequence id (its cells empty), or None when ``max_batch`` are in use."""
         with self._cv:
-            if self._closed:
-                raise SchedulerClosed("the engine is closed")
             if not self._free:
                 return None
             seq = self._free.popleft()
@@ -181,27 +184,11 @@ class BatchScheduler:
                 self._busy[seq] = not parked
                 self._cv.notify_all()
 
-    def shutdown(self) -> None:
-        """Stop the scheduler thread; requests waiting on it get :class:`SchedulerClosed`."""
-        with self._cv:
-            self._closed = True
-            waiting = [*self._talk.values(), *self._predict.values()]
-            self._talk.clear()
-            self._predict.clear()
-            self._cv.notify_all()
-        for work in waiting:
-            work.error = SchedulerClosed("the engine was closed while this request was running")
-            work.done.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
     # -- handing in work (request threads) ----------------------------------------------------------------------
 
     def _submit(self, queue: dict[int, _Work], seq: int, *args: Any) -> Any:
         work = _Work(seq, args)
         with self._cv:
-            if self._closed:
-                raise SchedulerClosed("the engine is closed")
             queue[seq] = work
             self._busy[seq] = False
             self._cv.notify_all()
@@ -224,7 +211,7 @@ class BatchScheduler:
         """Wait (up to ``gather_s``) until no open sequence is busy with host work; called holding ``_cv``."""
         t0 = time.perf_counter()
         deadline = t0 + self.gather_s
-        while any(self._busy.values()) and not self._closed:
+        while any(self._busy.values()):
             left = deadline - time.perf_counter()
             if left <= 0:
                 break
@@ -254,9 +241,7 @@ class BatchScheduler:
     def _run(self) -> None:
         while True:
             with self._cv:
-                self._cv.wait_for(lambda: self._talk or self._predict or self._closed)
-                if self._closed:
-                    return
+                self._cv.wait_for(lambda: self._talk or self._predict)
                 self._gather()
                 talk = self._take(self._talk)
             if talk:
@@ -269,30 +254,22 @@ class BatchScheduler:
                 self._run_predictor(predict)
 
     def _run_talker(self, work: list[_Work]) -> None:
-        try:
-            with self.turns.engine(), self.engine_lock:
-                t0 = time.perf_counter()
-                outs = self.talker.decode_sequences([(w.seq, *w.args) for w in work])
-        except BaseException as exc:  # an engine failure fails the decode's requests, not the scheduler
-            self._fail(work, exc)
-            return
-        self.stats.talker_s += time.perf_counter() - t0
-        self.stats.talker_decodes += 1
-        self.stats.talker_rows += len(work)
-        self._deliver(work, outs)
+        self._call_engine(work, lambda: self.talker.decode_sequences([(w.seq, *w.args) for w in work]), "talker")
 
     def _run_predictor(self, work: list[_Work]) -> None:
+        self._call_engine(work, lambda: self.predictor.predict_many([w.args for w in work]), "predictor")
+
+    def _call_engine(self, work: list[_Work], call: Any, stage: str) -> None:
+        """One engine call for ``work`` in the engine's CPU turn; its results (or its failure) to each request."""
         try:
             with self.turns.engine(), self.engine_lock:
                 t0 = time.perf_counter()
-                codes = self.predictor.predict_many([w.args for w in work])
-        except BaseException as exc:
+                results = call()
+        except BaseException as exc:  # an engine failure fails the call's requests, not the scheduler
             self._fail(work, exc)
             return
-        self.stats.predictor_s += time.perf_counter() - t0
-        self.stats.predictor_batches += 1
-        self.stats.predictor_frames += len(work)
-        self._deliver(work, codes)
+        self.stats.record(stage, time.perf_counter() - t0, len(work))
+        self._deliver(work, results)
 
 
 class SequenceTalker:

@@ -382,9 +382,7 @@ class LlamaContext:
         if outputs != self._embeddings_on:
             self._set_embeddings(outputs)
         self._embd[:n] = embeds
-        p = np.asarray(positions, dtype=np.int32)
-        for s in range(self.npos):
-            self._pos[s * n:(s + 1) * n] = p if (self.npos == 1 or s < self.npos - 1) else 0
+        self._set_positions(np.asarray(positions, dtype=np.int32))
         self._seq_id_vals[:n] = seqs
         self._out[:n] = 1 if outputs else 0
         self._batch.n_tokens = n
@@ -422,6 +420,13 @@ class LlamaContext:
         if read == 0 and data.size:
             raise LlamaError(f"llama.cpp could not restore a state into sequence {seq}:\n{recent_log()}")
 
+    def _set_positions(self, p: np.ndarray) -> None:
+        """The batch's positions for rows at ``p``: section-major ``[p..., p..., p..., 0...]`` for M-RoPE/IMROPE
+        (text-like positions), plain ``p`` for RoPE."""
+        n = len(p)
+        for s in range(self.npos):
+            self._pos[s * n:(s + 1) * n] = p if (self.npos == 1 or s < self.npos - 1) else 0
+
     def _set_embeddings(self, on: bool) -> None:
         api().llama_set_embeddings(self._ptr, bool(on))
         self._embeddings_on = bool(on)
@@ -431,10 +436,7 @@ class LlamaContext:
             self._set_embeddings(outputs)
         n = chunk.shape[0]
         self._embd[:n] = chunk
-        p = np.arange(self.n_past, self.n_past + n, dtype=np.int32)
-        for s in range(self.npos):
-            # section-major: [p..., p..., p..., 0...] for M-RoPE/IMROPE (text-like positions), plain p for RoPE
-            self._pos[s * n:(s + 1) * n] = p if (self.npos == 1 or s < self.npos - 1) else 0
+        self._set_positions(np.arange(self.n_past, self.n_past + n, dtype=np.int32))
         self._out[:n] = 1 if outputs else 0
         self._batch.n_tokens = n
         rc = self._decode(self._ptr, self._batch)

@@ -98,9 +98,10 @@ class Talker:
     def load_state(self, state: tuple[int, np.ndarray]) -> None:
         self.ctx.load_state(state)
 
-    def _out(self) -> StepOutput:
-        logits = self.ctx.logits()[self.text_vocab_size:].copy()
-        return StepOutput(logits=logits, hidden=self.ctx.hidden().copy())
+    def _out(self, i: int = -1) -> StepOutput:
+        """Output ``i`` of the last decode: codec logits and hidden state, copied."""
+        logits = self.ctx.logits(i)[self.text_vocab_size:].copy()
+        return StepOutput(logits=logits, hidden=self.ctx.hidden(i).copy())
 
     def prefill(self, embeds: np.ndarray) -> StepOutput:
         """Start a new sequence with the prompt ``embeds`` (n, H); outputs of its last position."""
@@ -152,8 +153,7 @@ class Talker:
         last = np.stack([np.asarray(e[-1], np.float32).reshape(h) for _, _, e in work])
         ctx.decode_rows(last, np.array([seq for seq, _, _ in work], np.int32),
                         np.array([start + len(e) - 1 for _, start, e in work], np.int32), outputs=True)
-        out = [StepOutput(logits=ctx.logits(i)[self.text_vocab_size:].copy(), hidden=ctx.hidden(i).copy())
-               for i in range(len(work))]
+        out = [self._out(i) for i in range(len(work))]
         self.decode_s += time.perf_counter() - t0
         self.calls += 1
         return out
