@@ -17,10 +17,13 @@ the argmax of the raw logits. ``uniforms`` and ``top_p`` are float64 because the
 the draw would differ near CDF boundaries. Sums may be reduced in another order than numpy's, so a code can
 differ only where a threshold falls within rounding of a boundary.
 
-Graph I/O: ``past_hidden`` (H,) f32, ``c0`` () int64, ``uniforms`` (15,) f64, ``temperature`` () f32,
-``top_k`` () int64, ``top_p`` () f64, ``do_sample`` () bool, ``forced`` (15,) int64 and ``n_forced`` () int64
-(the first ``n_forced`` codes are taken from ``forced``: teacher forcing, for parity checks and for choosers
-the graph cannot run). Outputs: ``codes`` (15,) int64 and ``logits`` (15, vocab) f32, the raw head logits.
+Graph I/O (format 2; one row per frame, B frames of B streams at once): ``past_hidden`` (B, H) f32, ``c0`` (B,)
+int64, ``uniforms`` (B, 15) f64, ``temperature`` (B,) f32, ``top_k`` (B,) int64, ``top_p`` (B,) f64,
+``do_sample`` (B,) bool, ``forced`` (B, 15) int64 and ``n_forced`` (B,) int64 (the first ``n_forced`` codes of a
+row are taken from ``forced``: teacher forcing, for parity checks and for choosers the graph cannot run).
+Outputs: ``codes`` (B, 15) int64 and ``logits`` (B, 15, vocab) f32, the raw head logits. Every row has the same
+length at every step (a frame always starts empty), so rows need no padding. Format 1 graphs take one frame,
+with scalars in place of the (B,) inputs.
 """
 
 from __future__ import annotations
@@ -41,35 +44,37 @@ INPUTS = ("past_hidden", "c0", "uniforms", "temperature", "top_k", "top_p", "do_
 
 
 def sample_codes(logits: Any, u: Any, temperature: Any, top_k: Any, top_p: Any, do_sample: Any) -> Any:
-    """One residual code from (vocab,) logits, as ``CodeSampler.choose_residual`` picks it (torch, traceable)."""
+    """One residual code per row from (B, vocab) logits, as ``CodeSampler.choose_residual`` picks it (torch,
+    traceable); every other argument has one value per row."""
     import torch
 
     vocab = logits.shape[-1]
     neg_inf = torch.tensor(float("-inf"), dtype=logits.dtype)
-    scores = logits / temperature
+    ids = torch.arange(vocab)[None]
+    scores = logits / temperature[:, None]
     # One ascending sort serves both filters (ONNX TopK orders ties by index, like numpy's stable argsort).
-    asc, order = torch.sort(scores)
+    asc, order = torch.sort(scores, dim=-1)
     # top-k: scores below the k-th largest go (np.partition(scores, -k)[-k] in the sampler)
-    k = torch.where((top_k > 0) & (top_k < vocab), top_k, torch.tensor(vocab, dtype=top_k.dtype))
-    kth = asc.gather(0, (vocab - k).reshape(1))
+    k = torch.where((top_k > 0) & (top_k < vocab), top_k, torch.full_like(top_k, vocab))
+    kth = asc.gather(1, (vocab - k)[:, None])
     scores = torch.where(scores < kth, neg_inf, scores)
     asc = torch.where(asc < kth, neg_inf, asc)  # still the sampler's ascending order: masked entries weigh 0
     # top-p over that order, in float32 like the sampler; the last (largest) entry is always kept
-    e = torch.exp(asc - asc.max())
-    cum = torch.cumsum(e / e.sum(), 0)
-    keep_last = torch.arange(vocab) < vocab - 1
-    remove = (cum <= (1.0 - top_p).to(logits.dtype)) & keep_last & (top_p < 1.0)
-    removed = torch.zeros(vocab, dtype=torch.bool).scatter(0, order, remove)
+    e = torch.exp(asc - asc.max(dim=-1, keepdim=True).values)
+    cum = torch.cumsum(e / e.sum(dim=-1, keepdim=True), -1)
+    keep_last = ids < vocab - 1
+    remove = (cum <= (1.0 - top_p).to(logits.dtype)[:, None]) & keep_last & (top_p < 1.0)[:, None]
+    removed = torch.zeros_like(remove).scatter(1, order, remove)
     scores = torch.where(removed, neg_inf, scores)
     # inverse-CDF draw in float64, index order: the first id whose running sum of exp(score - max) exceeds
     # u x the total; masked ids add exactly 0, so this is the sampler's sum over the kept ids alone
     kept = scores > neg_inf
     s = scores.double()
-    cdf = torch.cumsum(torch.exp(s - s.max()), 0)
-    first = (cdf <= u * cdf[-1]).to(torch.int64).sum()
-    last_kept = (torch.arange(vocab) * kept.to(torch.int64)).max()
+    cdf = torch.cumsum(torch.exp(s - s.max(dim=-1, keepdim=True).values), -1)
+    first = (cdf <= u[:, None] * cdf[:, -1:]).to(torch.int64).sum(-1)
+    last_kept = (ids * kept.to(torch.int64)).max(dim=-1).values
     drawn = torch.where(first < vocab, first, last_kept)
-    return torch.where(do_sample, drawn, torch.argmax(logits))
+    return torch.where(do_sample, drawn, torch.argmax(logits, dim=-1))
 
 
 def _predictor_graph(talker: Any) -> Any:
@@ -91,8 +96,7 @@ def _predictor_graph(talker: Any) -> Any:
             self.heads = cp.lm_head
 
         def forward(self, past_hidden, c0, uniforms, temperature, top_k, top_p, do_sample, forced, n_forced):
-            x = torch.stack([past_hidden.reshape(-1), self.c0_table(c0.reshape(()))])[None]
-            x = self.proj(x)
+            x = self.proj(torch.stack([past_hidden, self.c0_table(c0)], dim=1))  # (B, 2, H)
             cache = ExplicitCache([None] * (2 * len(self.layers)))
             codes, logits, pos = [], [], 0
             for j, head in enumerate(self.heads):
@@ -106,14 +110,14 @@ def _predictor_graph(talker: Any) -> Any:
                               use_cache=True, position_embeddings=rope)[0]
                 cache.advance()
                 pos += t
-                step_logits = head(self.norm(h[:, -1]))[0]
-                code = sample_codes(step_logits, uniforms[j], temperature, top_k, top_p, do_sample)
-                code = torch.where(n_forced > j, forced[j], code)
+                step_logits = head(self.norm(h[:, -1]))  # (B, vocab)
+                code = sample_codes(step_logits, uniforms[:, j], temperature, top_k, top_p, do_sample)
+                code = torch.where(n_forced > j, forced[:, j], code)
                 codes.append(code)
                 logits.append(step_logits)
                 if j + 1 < len(self.heads):
-                    x = self.proj(self.tables[j](code.reshape(1, 1)))
-            return torch.stack(codes), torch.stack(logits)
+                    x = self.proj(self.tables[j](code[:, None]))
+            return torch.stack(codes, dim=1), torch.stack(logits, dim=1)
 
     return PredictorGraph().eval()
 
@@ -128,12 +132,14 @@ def predictor_meta(talker: Any) -> dict[str, Any]:
             "has_projection": isinstance(cp.small_to_mtp_projection, torch.nn.Linear)}
 
 
-def example_inputs(hidden_size: int, num_steps: int) -> tuple[Any, ...]:
+def example_inputs(hidden_size: int, num_steps: int, rows: int = 2) -> tuple[Any, ...]:
     import torch
 
-    return (torch.zeros(hidden_size), torch.tensor(0), torch.full((num_steps,), 0.5, dtype=torch.float64),
-            torch.tensor(0.9), torch.tensor(50), torch.tensor(0.8, dtype=torch.float64), torch.tensor(True),
-            torch.zeros(num_steps, dtype=torch.int64), torch.tensor(0))
+    b = rows
+    return (torch.zeros(b, hidden_size), torch.zeros(b, dtype=torch.int64),
+            torch.full((b, num_steps), 0.5, dtype=torch.float64), torch.full((b,), 0.9),
+            torch.full((b,), 50), torch.full((b,), 0.8, dtype=torch.float64), torch.ones(b, dtype=torch.bool),
+            torch.zeros(b, num_steps, dtype=torch.int64), torch.zeros(b, dtype=torch.int64))
 
 
 def export_predictor_onnx(model_or_checkpoint_dir: Any, out_path: Path | str, *, opset: int = OPSET,
@@ -154,7 +160,8 @@ def export_predictor_onnx(model_or_checkpoint_dir: Any, out_path: Path | str, *,
     with torch.no_grad(), eager_attention(talker.code_predictor.config):
         files = export_graph(_predictor_graph(talker), example_inputs(meta["hidden_size"], meta["num_steps"]),
                              out_path, meta, "Qwen3-TTS code predictor: 15 steps fused, in-graph sampling, fp32",
-                             opset_version=opset, input_names=list(INPUTS), output_names=["codes", "logits"])
+                             opset_version=opset, input_names=list(INPUTS), output_names=["codes", "logits"],
+                             dynamic_axes={n: {0: "B"} for n in (*INPUTS, "codes", "logits")})
     entry: dict[str, Any] = {"role": "predictor", "file": out_path.name, "format": "onnx", "precision": "fp32",
                              "meta": dict(meta, files=files), "fidelity": {}}
     if check:

@@ -8,11 +8,15 @@ updates) and the causal mask is built from the two lengths. One graph serves pre
 extends and single steps; the engine keeps the cache as numpy arrays between runs
 (``runtime/backends/onnxruntime/generation.py``).
 
-Graph I/O (B = 1): ``inputs_embeds`` (1, T, H) f32; ``position_ids`` (3, 1, T) int64 — one row per MRoPE
-section; for a text-like sequence all three are ``n_past .. n_past+T-1`` (the official ``get_rope_index``
-does the same); ``past_key_i`` / ``past_value_i`` (1, kv_heads, P, head_dim) f32 per layer. Outputs:
-``logits`` (1, vocab) and ``hidden`` (1, H), both of the last position (``hidden`` is final-normed, what the
-code predictor takes), and ``present_key_i`` / ``present_value_i`` (1, kv_heads, P+T, head_dim).
+Graph I/O (format 2; B rows, each its own sequence): ``inputs_embeds`` (B, T, H) f32; ``position_ids``
+(3, B, T) int64 — one row per MRoPE section; for a text-like sequence all three are ``n_past .. n_past+T-1``
+(the official ``get_rope_index`` does the same); ``attention_mask`` (B, P+T) int64, 1 where a key position holds
+the row's own past or input, 0 for padding; ``past_key_i`` / ``past_value_i`` (B, kv_heads, P, head_dim) f32 per
+layer. Outputs: ``logits`` (B, vocab) and ``hidden`` (B, H), both of the last position (``hidden`` is
+final-normed, what the code predictor takes), and ``present_key_i`` / ``present_value_i`` (B, kv_heads, P+T,
+head_dim). Rows of different lengths are left-padded (past and input) so every row's last input is the last
+column; padded keys are masked, so a row computes what it computes alone (up to the rounding of a longer sum:
+the batching tests' near-tie rule). Format 1 graphs (B = 1, no ``attention_mask``) still load, unbatched.
 
 The tables file (``predictor_tables.fp32.npy``) is one (rows, H) float32 matrix, memory-mappable:
 text rows with ``text_projection`` applied, then the talker codec rows, then the 15 residual codebook tables
@@ -41,8 +45,8 @@ OPSET = 18
 TALKER_FILE = "talker.fp32.onnx"
 TABLES_FILE = "predictor_tables.fp32.npy"
 METADATA_KEY = GENERATION_METADATA_KEY  # JSON record in the graph's metadata_props (sizes the runtime needs)
-FORMAT_VERSION = 1
-TRACE_T, TRACE_PAST = 3, 2  # neither 0 nor 1, so the tracer cannot specialise a length
+FORMAT_VERSION = 2  # 2: a batch axis (talker attention_mask, predictor rows); the runtime reads 1 and 2
+TRACE_B, TRACE_T, TRACE_PAST = 2, 3, 2  # none 0 or 1, so the tracer cannot specialise a size
 TEXT_ROWS_PER_CHUNK = 8192
 
 
@@ -80,6 +84,17 @@ def causal_mask(q_len: Any, past_len: Any, dtype: Any) -> Any:
     return torch.where(blocked, torch.finfo(dtype).min, 0.0).to(dtype)[None, None]
 
 
+def padded_causal_mask(valid: Any, q_len: Any, dtype: Any) -> Any:
+    """Additive (B, 1, T, P+T) mask: causal as :func:`causal_mask`, and no row sees its padded keys (``valid`` 0)."""
+    import torch
+
+    total = valid.shape[1]
+    q = torch.arange(q_len) + (total - q_len)
+    k = torch.arange(total)
+    blocked = (k[None, :] > q[:, None])[None] | (valid[:, None, :] == 0)
+    return torch.where(blocked, torch.finfo(dtype).min, 0.0).to(dtype)[:, None]
+
+
 @contextlib.contextmanager
 def eager_attention(*configs: Any) -> Iterator[None]:
     """Run the official attention in its eager form (plain matmul + softmax) while tracing, then restore."""
@@ -106,9 +121,9 @@ def _talker_graph(talker: Any) -> Any:
             self.norm = talker.model.norm
             self.head = talker.codec_head
 
-        def forward(self, inputs_embeds, position_ids, *past):
+        def forward(self, inputs_embeds, position_ids, attention_mask, *past):
             cache = ExplicitCache(past)
-            mask = causal_mask(inputs_embeds.shape[1], past[0].shape[2], inputs_embeds.dtype)
+            mask = padded_causal_mask(attention_mask, inputs_embeds.shape[1], inputs_embeds.dtype)
             rope = self.rotary(inputs_embeds, position_ids)
             h = inputs_embeds
             for layer in self.layers:
@@ -198,17 +213,21 @@ def export_talker_onnx(model_or_checkpoint_dir: Any, out_path: Path | str, *, op
     n_layers, kvh, hd, hid = meta["num_layers"], meta["num_kv_heads"], meta["head_dim"], meta["hidden_size"]
     out_path = Path(out_path)
     say(f"talker: exporting the fp32 ONNX graph ({n_layers} layers, H {hid})")
-    x = torch.zeros(1, TRACE_T, hid)
-    pos = torch.arange(TRACE_PAST, TRACE_PAST + TRACE_T).view(1, 1, -1).expand(3, 1, -1).contiguous()
-    past = [torch.zeros(1, kvh, TRACE_PAST, hd) for _ in range(2 * n_layers)]
+    x = torch.zeros(TRACE_B, TRACE_T, hid)
+    pos = torch.arange(TRACE_PAST, TRACE_PAST + TRACE_T).view(1, 1, -1).expand(3, TRACE_B, -1).contiguous()
+    valid = torch.ones(TRACE_B, TRACE_PAST + TRACE_T, dtype=torch.int64)
+    past = [torch.zeros(TRACE_B, kvh, TRACE_PAST, hd) for _ in range(2 * n_layers)]
     past_names, present_names = kv_names(n_layers, "past"), kv_names(n_layers, "present")
-    axes: dict[str, dict[int, str]] = {"inputs_embeds": {1: "T"}, "position_ids": {2: "T"}}
-    axes.update({n: {2: "past"} for n in past_names})
-    axes.update({n: {2: "total"} for n in present_names})
+    axes: dict[str, dict[int, str]] = {"inputs_embeds": {0: "B", 1: "T"}, "position_ids": {1: "B", 2: "T"},
+                                       "attention_mask": {0: "B", 1: "total"}, "logits": {0: "B"},
+                                       "hidden": {0: "B"}}
+    axes.update({n: {0: "B", 2: "past"} for n in past_names})
+    axes.update({n: {0: "B", 2: "total"} for n in present_names})
     with torch.no_grad(), eager_attention(talker.config):
-        files = export_graph(_talker_graph(talker), (x, pos, *past), out_path, meta,
+        files = export_graph(_talker_graph(talker), (x, pos, valid, *past), out_path, meta,
                              "Qwen3-TTS talker (codec head, final-normed hidden) with explicit KV cache, fp32",
-                             opset_version=opset, input_names=["inputs_embeds", "position_ids", *past_names],
+                             opset_version=opset,
+                             input_names=["inputs_embeds", "position_ids", "attention_mask", *past_names],
                              output_names=["logits", "hidden", *present_names], dynamic_axes=axes)
     entry: dict[str, Any] = {"role": "talker", "file": out_path.name, "format": "onnx", "precision": "fp32",
                              "meta": dict(meta, files=files), "fidelity": {}}

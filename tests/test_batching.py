@@ -110,14 +110,26 @@ def _options(request: dict, greedy: bool) -> dict:
     return {"max_frames": FRAMES, **request, "greedy": greedy, "chunk_frames": (1,)}
 
 
-@pytest.fixture(scope="module")
-def alone(tiny_bundle):
-    return TTS(tiny_bundle, talker_precision="f32")
+# Both engines batch: llama.cpp (GGUF f32) and ONNX Runtime (the fp32 graphs, format 2 with a batch axis).
+ENGINES = {"llama.cpp": "f32", "onnxruntime": "fp32"}
+# Decisions recorded per frame: code 0 and the 15 residual codes on the host (llama.cpp); the ONNX predictor
+# draws its residual codes in the graph, so only code 0 is seen there (its codes are compared whole).
+DECISIONS_PER_FRAME = {"f32": 16, "fp32": 1}
+
+
+@pytest.fixture(scope="module", params=list(ENGINES))
+def precision(request) -> str:
+    return ENGINES[request.param]
 
 
 @pytest.fixture(scope="module")
-def batched(tiny_bundle):
-    return TTS(tiny_bundle, talker_precision="f32", max_batch=4)
+def alone(tiny_bundle, precision):
+    return TTS(tiny_bundle, talker_precision=precision)
+
+
+@pytest.fixture(scope="module")
+def batched(tiny_bundle, precision):
+    return TTS(tiny_bundle, talker_precision=precision, max_batch=4)
 
 
 def _run_together(tts: TTS, requests: list[dict], greedy: bool, *, join_after: int = 3,
@@ -156,7 +168,7 @@ def _run_together(tts: TTS, requests: list[dict], greedy: bool, *, join_after: i
 
 
 @pytest.mark.parametrize("greedy", [True, False], ids=["greedy", "sampled"])
-def test_batched_requests_equal_the_same_requests_alone(alone, batched, greedy, monkeypatch):
+def test_batched_requests_equal_the_same_requests_alone(alone, batched, precision, greedy, monkeypatch):
     decisions = Decisions(monkeypatch)
     expected = [_codes(alone.stream(**_options(r, greedy))) for r in REQUESTS]
     assert len({len(c) for c in expected}) > 1  # the lengths differ: streams leave at different frames
@@ -166,7 +178,8 @@ def test_batched_requests_equal_the_same_requests_alone(alone, batched, greedy, 
     for i, request in enumerate(REQUESTS):
         seed = request["seed"]
         ended_by_eos = len(expected[i]) < request.get("max_frames", FRAMES)
-        assert len(alone_decisions[seed]) == 16 * len(expected[i]) + ended_by_eos  # every decision was seen
+        per_frame = DECISIONS_PER_FRAME[precision]
+        assert len(alone_decisions[seed]) == per_frame * len(expected[i]) + ended_by_eos  # every decision seen
         assert_same_up_to_a_near_tie(alone_decisions[seed], batched_decisions[seed], f"request {i}")
         if all(a[2] == b[2] for a, b in zip(alone_decisions[seed], batched_decisions[seed], strict=True)):
             np.testing.assert_array_equal(_codes(got[i]), expected[i], err_msg=f"request {i}")
@@ -201,8 +214,9 @@ def test_a_cancelled_and_a_failing_neighbour_leave_the_others_unchanged(alone, b
     assert isinstance(got[2], RuntimeError) and "the language model went away" in str(got[2])
 
 
-def test_fifty_requests_through_a_batch_of_four_leave_nothing_behind(tiny_bundle):
-    tts = TTS(tiny_bundle, talker_precision="f32", max_batch=4)
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_fifty_requests_through_a_batch_of_four_leave_nothing_behind(tiny_bundle, engine):
+    tts = TTS(tiny_bundle, talker_precision=ENGINES[engine], max_batch=4)
     scheduler, talker = tts.engines.scheduler, tts.engines.generation.talker
     list(tts.stream("warm up", speaker="vivian", max_frames=2))
     before = threading.active_count()
@@ -237,8 +251,8 @@ def test_fifty_requests_through_a_batch_of_four_leave_nothing_behind(tiny_bundle
     assert threading.active_count() <= before + 1
 
 
-def test_a_voice_prefix_saved_by_one_sequence_serves_another(tiny_bundle, alone):
-    tts = TTS(tiny_bundle, talker_precision="f32", max_batch=2)
+def test_a_voice_prefix_saved_by_one_sequence_serves_another(tiny_bundle, alone, precision):
+    tts = TTS(tiny_bundle, talker_precision=precision, max_batch=2)
     request = dict(text="The same voice on another sequence.", speaker="uncle_fu", language="english", seed=5,
                    max_frames=12, greedy=True)
     expected = _codes(alone.stream(**request))
@@ -333,9 +347,18 @@ def test_async_streams_run_together_on_one_engine(tiny_bundle):
     assert times[1][0] < times[0][-1] and times[0][0] < times[1][-1]  # overlapping, not one after the other
 
 
-def test_max_batch_needs_an_engine_that_batches(tiny_bundle):
-    with pytest.raises(BundleError, match="max_batch 2 needs a generation engine that batches requests"):
-        TTS(tiny_bundle, talker_precision="fp32", max_batch=2)
+def test_max_batch_needs_engines_that_hold_several_streams(tiny_bundle):
+    """Engines without ``SEQUENCES`` (here the tests' numpy fake) are refused at the first request, by name."""
+    from fake_engine import FakeDecoder, FakeDims, fake_generation
+
+    from qwen3_tts_edge.runtime import EngineConfig
+    from qwen3_tts_edge.runtime.bundle import load_bundle
+
+    dims = FakeDims.from_manifest(load_bundle(tiny_bundle).manifest)
+    tts = TTS.from_engines(fake_generation(dims), bundle=tiny_bundle, decoder=FakeDecoder(dims), name="fake",
+                           config=EngineConfig(max_batch=2))
+    with pytest.raises(BundleError, match="max_batch 2: the talker engine .FakeTalker. cannot hold several"):
+        list(tts.stream("Two at once?", speaker="vivian", max_frames=2))
     with pytest.raises(ValueError, match="max_batch"):
         TTS(tiny_bundle, talker_precision="f32", max_batch=0)
 

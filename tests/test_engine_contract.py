@@ -318,6 +318,94 @@ def test_code_sampler_residual_sampling_replays_a_seed(gen):
     np.testing.assert_array_equal(codes(4), codes(4))
 
 
+# -- several sequences (SEQUENCES: the batch scheduler's engines) --------------------------------------------------
+
+BATCHING = [pytest.param("llama_cpp", id="llama_cpp", marks=needs_export),
+            pytest.param("onnxruntime", id="onnxruntime", marks=needs_export)]
+
+
+@pytest.fixture(scope="module", params=BATCHING)
+def batch_gen(request) -> tuple[Gen, Gen]:
+    """(engines of one sequence, the same engines made with 3 sequences)."""
+    from qwen3_tts_edge.runtime.bundle import load_bundle
+
+    bundle = load_bundle(request.getfixturevalue("tiny_bundle"))
+    codebook = int(bundle.manifest.audio["codebook_size"])
+    if request.param == "llama_cpp":
+        from qwen3_tts_edge.runtime.backends.llama_cpp import load_generation
+
+        make = lambda n: load_generation(bundle, "f32", n_ctx=256, threads=1, kv_type="f32", flash_attn=False,  # noqa: E731
+                                         sequences=n)
+    else:
+        from qwen3_tts_edge.runtime.backends.onnxruntime.generation import load_generation_onnx
+
+        make = lambda n: load_generation_onnx(bundle, "fp32", threads=1, n_ctx=256, sequences=n)  # noqa: E731
+    return Gen(request.param, make(1), codebook, rtol=1e-4), Gen(request.param, make(3), codebook, rtol=1e-4)
+
+
+def test_sequences_decoded_together_equal_each_alone(batch_gen):
+    """Rows of different lengths, joining at different calls, handed in any order, with a state copied between
+    sequences and a rewind: each sequence's outputs equal the same positions computed alone."""
+    one, many = batch_gen
+    assert SEQUENCES in check_engine("talker", many.talker) and many.talker.sequences == 3
+    t, b = one.talker, many.talker
+    prompts = [_inputs(one, n, seed) for n, seed in ((7, 1), (12, 2), (3, 3))]
+    steps = [_inputs(one, 5, 10 + i) for i in range(3)]
+    alone = []
+    for p, st in zip(prompts, steps, strict=True):
+        alone.append([_copy(t.prefill(p))] + [_copy(t.step(x)) for x in st])
+    got: dict[int, list] = {0: [], 1: [], 2: []}
+    for seq, out in zip((1, 0), b.decode_sequences([(1, 0, prompts[1]), (0, 0, prompts[0])]), strict=True):
+        got[seq].append(_copy(out))
+    for k in range(5):
+        work = [(0, b.seq_length(0), steps[0][k:k + 1]), (1, b.seq_length(1), steps[1][k:k + 1])]
+        if k == 1:
+            work.insert(0, (2, 0, prompts[2]))  # joins with its whole prompt, first in the list
+        elif k > 1:
+            work.append((2, b.seq_length(2), steps[2][k - 2:k - 1]))
+        for (seq, _, _), out in zip(work, b.decode_sequences(work), strict=True):
+            got[seq].append(_copy(out))
+    for seq in range(3):
+        for i, (g, w) in enumerate(zip(got[seq], alone[seq], strict=False)):
+            _close(one, g, w, f"sequence {seq}, output {i}")
+    assert [b.seq_length(s) for s in range(3)] == [12, 17, 6]
+    # sequence 0's state copied into sequence 2 continues as sequence 0 does alone
+    b.set_seq_state(2, b.seq_state(0))
+    t.prefill(prompts[0])
+    for x in steps[0]:
+        t.step(x)
+    want = _copy(t.step(steps[1][0]))
+    _close(one, b.decode_sequences([(2, 12, steps[1][:1])])[0], want, "a copied state")
+    # a rewind of one sequence leaves the others
+    b.seq_remove(1, 12)
+    t.prefill(prompts[1])
+    _close(one, b.decode_sequences([(1, 12, steps[2][:1]), (0, 12, steps[2][1:2])])[0], t.step(steps[2][0]),
+           "after seq_remove(1, 12)")
+    assert b.seq_length(0) == 13 and b.seq_length(2) == 13
+    for seq in range(3):
+        b.seq_remove(seq)
+    assert [b.seq_length(s) for s in range(3)] == [0, 0, 0]
+
+
+def test_predict_many_equals_predict_per_frame(batch_gen):
+    one, many = batch_gen
+    assert SEQUENCES in check_engine("predictor", many.predictor) and many.predictor.sequences == 3
+    rng = np.random.default_rng(4)
+    hidden = [rng.standard_normal(one.talker.hidden_size).astype(np.float32) for _ in range(3)]
+    c0 = [5, 17, 2]
+
+    def sampling(i: int):
+        if i == 1:
+            return GREEDY
+        draws = np.random.default_rng(100 + i)
+        return ResidualSampling(**SAMPLED, uniforms=draws.random)
+
+    want = [one.predictor.predict(hidden[i], c0[i], sampling(i)) for i in range(3)]
+    got = many.predictor.predict_many([(hidden[i], c0[i], sampling(i)) for i in range(3)])
+    for i in range(3):
+        np.testing.assert_array_equal(got[i], want[i], err_msg=f"{one.name}: frame {i}")
+
+
 # -- tables --------------------------------------------------------------------------------------------------------
 
 

@@ -19,7 +19,7 @@ A sequence is one stream's KV cells in the shared context (its own ``n_ctx``); w
 are freed and the sequence goes back to the pool. Voice prefixes saved by one sequence restore into any other
 (``KV_STATE``: the prefix cache works per sequence, with one store shared by all). The engines need the
 ``SEQUENCES`` capability: ``decode_sequences``, ``seq_remove``, ``seq_state``, ``set_seq_state`` on the talker,
-``predict_many`` on the predictor (llama.cpp's engines have it). Torch-free.
+``predict_many`` on the predictor (llama.cpp's engines and the ONNX Runtime graphs of format 2 have it). Torch-free.
 """
 
 from __future__ import annotations
@@ -282,11 +282,11 @@ class SequenceTalker:
         talker = scheduler.talker
         self.hidden_size = talker.hidden_size
         self.placement = talker.placement
-        self._n_ctx = int(talker.n_ctx)
+        self._n_ctx = None if talker.n_ctx is None else int(talker.n_ctx)  # None: unbounded (ONNX Runtime)
         self._n_past = 0
 
     @property
-    def n_ctx(self) -> int:
+    def n_ctx(self) -> int | None:
         return self._n_ctx
 
     @property
@@ -310,7 +310,7 @@ class SequenceTalker:
         x = np.ascontiguousarray(embeds, dtype=np.float32)
         if x.ndim != 2 or x.shape[1] != self.hidden_size or not len(x):
             raise ValueError(f"expected embeddings of shape (n >= 1, {self.hidden_size}), got {x.shape}")
-        if self._n_past + len(x) > self._n_ctx:
+        if self._n_ctx is not None and self._n_past + len(x) > self._n_ctx:
             raise ValueError(f"context full: {self._n_past} + {len(x)} positions > n_ctx {self._n_ctx}")
         out = self.scheduler.talk(self.seq, self._n_past, x)
         self._n_past += len(x)

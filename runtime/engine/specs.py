@@ -50,7 +50,8 @@ ENGINE_SPECS: tuple[EngineSpec, ...] = (
     # MatMulNBits (quant/onnx_policy.py). Names differ from the GGUF ones (fp32 vs f32), so one --talker list
     # can name precisions of both engines and a bundle can hold both.
     EngineSpec("generation", "onnxruntime", "onnx", ("fp32", "int8", "int4"), ("fp32",), ("fp32", "int8", "int4"),
-               "qwen3_tts_edge.runtime.backends.onnxruntime.generation:load_generation_onnx", "talker_onnx"),
+               "qwen3_tts_edge.runtime.backends.onnxruntime.generation:load_generation_onnx", "talker_onnx",
+               sequences=True),
     # The stateful streaming decoder; the fp32 graph is the reference the others are gated on.
     EngineSpec("decoder", "onnxruntime", "onnx", ("fp32", "fp16", "int8"), ("fp32",), ("fp32", "int8", "fp16"),
                "qwen3_tts_edge.runtime.backends.onnxruntime:load_decoder", "decoder"),
