@@ -138,3 +138,50 @@ def test_too_short_for_the_encoder():
     assert log_mel(np.zeros(1280, np.float32), basis).shape == (5, 128)  # the shortest the encoder takes
     with pytest.raises(AudioInputError, match="mel basis"):
         log_mel(np.zeros(24000, np.float32), np.zeros((80, 513)))
+
+
+@pytest.mark.parametrize("source,match", [
+    ((_speechy(61 * 8000, 8000), 8000), r"61\.0 s long; the limit is 60 s"),
+    ((_speechy(24000, 24000), 200_000), r"200000 Hz; reference audio must be 8000-192000 Hz"),
+    ((_speechy(10_000, 100), 100), r"100 Hz; reference audio must be 8000-192000 Hz"),
+])
+def test_clips_out_of_bounds_are_refused_before_resampling(source, match):
+    """100 s at 100 Hz would resample to 2.4 M samples (a 10 MB file: 10^9); a clip over the length limit is
+    refused whatever its mode (x-vector voices had no length check)."""
+    with pytest.raises(AudioInputError, match=match):
+        load_reference(source)
+
+
+def test_a_file_is_bounded_by_its_header_before_decoding(tmp_path):
+    """A FLAC of constant blocks: 30 minutes of silence in a few kB. Refused from the header (its length), not
+    after decoding 14 M samples (which would then be refused as silent)."""
+    import soundfile as sf
+
+    path = tmp_path / "long.flac"
+    sf.write(path, np.zeros(30 * 60 * 8000, np.int16), 8000, subtype="PCM_16")
+    assert path.stat().st_size < 200_000
+    with pytest.raises(AudioInputError, match=r"1800\.0 s long; the limit is 60 s"):
+        load_reference(path)
+    low = tmp_path / "low.wav"
+    sf.write(low, _speechy(10_000, 100), 100)
+    with pytest.raises(AudioInputError, match=r"sampled at 100 Hz"):
+        load_reference(low)
+    ok = tmp_path / "ok.wav"
+    sf.write(ok, _speechy(59 * 8000, 8000), 8000)  # under the limit: read whole, resampled
+    assert len(load_reference(ok)) == 59 * 24000
+    assert len(load_reference(ok, max_seconds=60)) == 59 * 24000
+    with pytest.raises(AudioInputError, match=r"59\.0 s long; the limit is 10 s"):
+        load_reference(ok, max_seconds=10)
+
+
+def test_a_streamed_wav_of_unknown_length_is_bounded_too(tmp_path):
+    """A streamed WAV says 'unknown length' (0xFFFFFFFF): the read is capped at the limit all the same."""
+    import struct
+
+    pcm = (_speechy(61 * 8000, 8000) * 32767).astype("<i2").tobytes()
+    header = (b"RIFF" + struct.pack("<I", 0xFFFFFFFF) + b"WAVEfmt " + struct.pack("<IHHIIHH", 16, 1, 1, 8000, 16000,
+              2, 16) + b"data" + struct.pack("<I", 0xFFFFFFFF))
+    path = tmp_path / "streamed.wav"
+    path.write_bytes(header + pcm)
+    with pytest.raises(AudioInputError, match=r"61\.0 s long; the limit is 60 s"):
+        load_reference(path)

@@ -19,6 +19,10 @@ ENCODER_SAMPLE_RATE = 24000
 MIN_SAMPLES = 1280
 SILENCE_PEAK = 1e-3  # -60 dBFS: below this the clip holds no usable voice
 CLIP_LEVEL, CLIP_FRACTION = 0.999, 0.01  # 1 % of samples at full scale: a clipped (distorted) recording
+# Bounds checked on the header, before a sample is decoded: a small file can declare billions of frames (a FLAC of
+# constant blocks) or a rate that resamples into gigabytes (10 MB of WAV at 100 Hz is 1e9 samples at 24 kHz).
+MAX_REFERENCE_S = 60.0  # 3-10 s clones best; an ICL voice also has to fit half the talker context
+RATE_RANGE = (8000, 192000)
 
 
 class AudioInputError(Qwen3TTSEdgeError):
@@ -44,6 +48,18 @@ def _sample_rate(rate) -> int:
     if isinstance(rate, bool) or not isinstance(rate, int | np.integer) or rate <= 0:
         raise AudioInputError(f"sample rate must be a positive integer, got {rate!r}")
     return int(rate)
+
+
+def check_bounds(frames: int, rate: int, name: str = "reference audio",
+                 max_seconds: float = MAX_REFERENCE_S) -> None:
+    """Refuse a clip by its length and rate alone, so that nothing is decoded or resampled for a clip that is
+    refused anyway."""
+    if not RATE_RANGE[0] <= rate <= RATE_RANGE[1]:
+        raise AudioInputError(f"{name} is sampled at {rate} Hz; reference audio must be {RATE_RANGE[0]}-"
+                              f"{RATE_RANGE[1]} Hz (resample it, e.g. `sox in.wav -r 24000 out.wav`)")
+    if frames > max_seconds * rate:
+        raise AudioInputError(f"{name} is {frames / rate:.1f} s long; the limit is {max_seconds:g} s: trim it "
+                              "(3-10 s of clear speech clones best)")
 
 
 def resample(samples: np.ndarray, rate: int, target: int = ENCODER_SAMPLE_RATE) -> np.ndarray:
@@ -89,8 +105,12 @@ def _ogg_ends(path: Path) -> bool:
     return last >= 0 and len(tail) > last + 5 and bool(tail[last + 5] & 0x04)
 
 
-def _read_file(path: Path) -> tuple[np.ndarray, int]:
-    """All samples of an audio file; a file cut short (a truncated download or copy) is an error."""
+def _read_file(path: Path, max_seconds: float = MAX_REFERENCE_S) -> tuple[np.ndarray, int]:
+    """All samples of an audio file; a file cut short (a truncated download or copy) is an error.
+
+    The header is checked first (``check_bounds``) and the read is capped at the limit, so a header that
+    understates its length still cannot make the read unbounded. Blocks are mixed to mono as they are read (the
+    channel mean of ``to_mono``), so many channels cost no more memory than one."""
     import re
 
     import soundfile as sf
@@ -98,7 +118,18 @@ def _read_file(path: Path) -> tuple[np.ndarray, int]:
     try:
         with sf.SoundFile(str(path)) as f:  # one open: the header facts and the samples
             fmt, frames, rate, extra = f.format, f.frames, f.samplerate, f.extra_info
-            samples = f.read(dtype="float32", always_2d=False)
+            check_bounds(frames, rate, str(path), max_seconds)
+            cap = int(max_seconds * rate)
+            parts, got = [], 0
+            while got <= cap:  # f.read, not f.blocks: blocks pads a short read (a cut MP3) to the block size
+                block = f.read(frames=min(1 << 16, cap + 1 - got), dtype="float32", always_2d=True)
+                if not len(block):
+                    break
+                parts.append(block[:, 0].copy() if block.shape[1] == 1 else block.mean(axis=1))
+                got += len(block)
+        samples = np.concatenate(parts) if parts else np.zeros(0, np.float32)
+        if len(samples) > cap:
+            check_bounds(len(samples), rate, str(path), max_seconds)
     except (sf.LibsndfileError, RuntimeError) as exc:
         why = str(exc).strip()
         if "malformed" in why or "lost sync" in why or "decoder" in why:  # a known format, damaged inside
@@ -121,21 +152,23 @@ def _read_file(path: Path) -> tuple[np.ndarray, int]:
     return samples, int(rate)
 
 
-def load_reference(source: str | Path | tuple[np.ndarray, int]) -> np.ndarray:
+def load_reference(source: str | Path | tuple[np.ndarray, int], max_seconds: float = MAX_REFERENCE_S) -> np.ndarray:
     """A reference clip (file soundfile reads: wav/flac/ogg/mp3, or ``(samples, rate)``) as mono 24 kHz float32.
 
-    Any rate and channel count (the official loader's channel mean); checked by ``check_reference``.
+    Any channel count (the official loader's channel mean) and any rate in ``RATE_RANGE``; at most ``max_seconds``
+    long (``check_bounds``, before decoding); checked by ``check_reference``.
     """
     if isinstance(source, tuple):
         if len(source) != 2:
             raise AudioInputError("pass audio as (samples, sample_rate)")
         samples, rate = source
         name = "reference audio"
+        check_bounds(len(samples), _sample_rate(rate), name, max_seconds)
     else:
         path = Path(source)
         if not path.is_file():
             raise AudioInputError(f"reference audio {path} does not exist")
-        samples, rate = _read_file(path)
+        samples, rate = _read_file(path, max_seconds)
         if len(samples) == 0:
             raise AudioInputError(f"{path} holds no samples")
         name = str(path)
@@ -157,5 +190,7 @@ def describe_source(source: str | Path | tuple[np.ndarray, int]) -> dict:
 
     path = Path(source)
     info = sf.info(str(path))
-    return {"source": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+    with open(path, "rb") as f:  # in blocks: the file is not read into memory whole
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    return {"source": path.name, "sha256": digest,
             "rate": int(info.samplerate), "channels": int(info.channels), "seconds": round(info.duration, 3)}
