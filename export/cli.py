@@ -41,6 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .quiet import quiet_third_party
+
+    quiet_third_party()
     try:
         from .build import export_bundle, missing_export_modules
     except ImportError as exc:

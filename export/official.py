@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib.machinery
 import importlib.util
+import io
 import logging
 import sys
 import types
@@ -52,6 +53,18 @@ def _install_torchaudio_stub() -> None:
     modules["torchaudio.compliance"].kaldi = modules["torchaudio.compliance.kaldi"]
 
 
+# qwen_tts's flash-attn banner: flash-attn is a CUDA kernel package; the export runs the eager attention anyway.
+_BANNER_LINES = ("", "********", "Warning: flash-attn is not installed. Will only run the manual PyTorch version. "
+                 "Please install flash-attn for faster inference.")
+
+
+def _pass_on(printed: str) -> None:
+    """What qwen_tts printed at import, to stderr, less its known flash-attn banner."""
+    rest = [line for line in printed.splitlines() if line.strip() not in _BANNER_LINES]
+    if rest:
+        print("\n".join(rest), file=sys.stderr)
+
+
 @cache
 def qwen_tts() -> types.ModuleType:
     """Return the imported ``qwen_tts`` package, with its Auto* classes registered."""
@@ -61,13 +74,15 @@ def qwen_tts() -> types.ModuleType:
     # prints a flash-attn banner on stdout; keep both out of our output (stdout may carry PCM).
     logging.getLogger("sox").setLevel(logging.ERROR)
     try:
-        with contextlib.redirect_stdout(sys.stderr):
+        with contextlib.redirect_stdout(io.StringIO()) as banner:
             import qwen_tts as pkg
             from qwen_tts.core import Qwen3TTSTokenizerV2Config, Qwen3TTSTokenizerV2Model
             from qwen_tts.core.models import Qwen3TTSConfig, Qwen3TTSForConditionalGeneration, Qwen3TTSProcessor
             from transformers import AutoConfig, AutoModel, AutoProcessor
     except ImportError as exc:
         raise ImportError(f"cannot import qwen_tts ({exc}); {QWEN_TTS_INSTALL_HINT}") from exc
+    finally:
+        _pass_on(banner.getvalue())
     AutoConfig.register("qwen3_tts", Qwen3TTSConfig, exist_ok=True)
     AutoModel.register(Qwen3TTSConfig, Qwen3TTSForConditionalGeneration, exist_ok=True)
     AutoProcessor.register(Qwen3TTSConfig, Qwen3TTSProcessor, exist_ok=True)

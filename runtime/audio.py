@@ -11,7 +11,6 @@ import contextlib
 import os
 import queue
 import sys
-import tempfile
 import threading
 from pathlib import Path
 from typing import BinaryIO
@@ -19,6 +18,7 @@ from typing import BinaryIO
 import numpy as np
 
 from .errors import Qwen3TTSEdgeError
+from .files import atomic_temp
 
 FILE_FORMATS = {".wav": ("WAV", "PCM_16"), ".flac": ("FLAC", "PCM_16"), ".ogg": ("OGG", "VORBIS")}
 
@@ -44,7 +44,7 @@ class FileSink:
             raise AudioError(f"cannot write {self.path.name}: use one of {', '.join(FILE_FORMATS)}")
         if not self.path.parent.is_dir():
             raise AudioError(f"cannot write {self.path}: folder {self.path.parent} does not exist")
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=self.path.suffix, dir=self.path.parent)
+        fd, tmp = atomic_temp(self.path, suffix=self.path.suffix)
         os.close(fd)
         self._tmp = Path(tmp)
         self._file = sf.SoundFile(tmp, "w", samplerate=sample_rate, channels=1, format=fmt[0], subtype=fmt[1])

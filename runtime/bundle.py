@@ -11,13 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import Qwen3TTSEdgeError
+from .files import atomic_temp
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -149,9 +149,10 @@ class Manifest:
 
 
 def write_manifest(root: Path, manifest: Manifest) -> Path:
-    """Write ``manifest.json`` atomically (temp file + rename) so readers never see half a file."""
+    """Write ``manifest.json`` atomically (temp file + rename) so readers never see half a file, with the
+    user's usual file mode (``runtime/files.py``)."""
     root = Path(root)
-    fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".json", dir=root)
+    fd, tmp = atomic_temp(root / MANIFEST_NAME, suffix=".json")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(manifest.to_dict(), f, indent=2, ensure_ascii=False)

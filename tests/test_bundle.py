@@ -49,6 +49,22 @@ def test_manifest_round_trip(tmp_path):
     assert not list(tmp_path.glob(".manifest.*"))  # atomic write leaves no temp file
 
 
+def test_manifest_gets_the_users_file_mode_not_the_temp_files(tmp_path):
+    """The atomic temp file is created 0600; the manifest must end up as readable as any file the user writes."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        write_manifest(tmp_path, Manifest(
+            format_version=FORMAT_VERSION, source={}, model={}, token_ids={}, codec_ids={}, languages={}, speakers={},
+            speaker_dialects={}, sampling={}, audio={}, tools={}, components=(), created="now"))
+        (tmp_path / "plain.txt").write_text("x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / MANIFEST_NAME).stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "plain.txt").stat().st_mode & 0o777 == 0o644
+
+
 @needs_export
 def test_tiny_export_manifest_contents(tiny_bundle):
     m = load_bundle(tiny_bundle).manifest

@@ -60,10 +60,15 @@ def test_export_bad_model_is_one_line(tmp_path):
 @needs_export
 def test_export_then_info_through_the_console_script(tmp_path):
     out = tmp_path / "t"
-    res = _run("export", "random:tiny-custom_voice", "-o", str(out))
+    # q8_0 is the default talker; int8 adds the ONNX generation graphs, whose quantizer turns on INFO logging
+    res = _run("export", "random:tiny-custom_voice", "-o", str(out), "--talker", "q8_0,int8")
     assert res.returncode == 0, res.stderr
     assert res.stdout == ""  # progress goes to stderr only
     assert "bundle" in res.stderr and "written" in res.stderr
+    for chatter in ("[INFO]", "torchvision is not installed", "flash-attn", "FutureWarning", "********"):
+        assert chatter not in res.stderr, f"export printed third-party chatter {chatter!r}:\n{res.stderr}"
+    modes = {p.relative_to(out).as_posix(): p.stat().st_mode & 0o777 for p in out.rglob("*") if p.is_file()}
+    assert len(set(modes.values())) == 1, modes  # manifest.json is as readable as every other bundle file
     info = _run("info", str(out))
     assert info.returncode == 0, info.stderr
     for text in ("format version  1", "random:tiny-custom_voice", "custom_voice", "24000 Hz", "vivian",

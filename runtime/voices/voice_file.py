@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import numpy as np
 
 from ..bundle import Manifest
 from ..errors import Qwen3TTSEdgeError
+from ..files import atomic_temp
 from ..prompt import VoicePrompt
 
 VOICE_FORMAT = 1
@@ -103,7 +103,7 @@ class Voice:
                 "tensors_sha256": _tensors_digest(tensors)}
         data = save(tensors, metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
         path = Path(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent if str(path.parent) else ".")
+        fd, tmp = atomic_temp(path)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
