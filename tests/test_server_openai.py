@@ -10,6 +10,9 @@ import asyncio
 import base64
 import io
 import json
+import logging
+import os
+import socket
 import threading
 import time
 import urllib.request
@@ -34,12 +37,14 @@ LONG = " ".join([TEXT] * 25)  # room for 2000+ frames under the runaway guard (8
 class Server:
     """uvicorn on an ephemeral port in a background thread, over its own engine pool."""
 
-    def __init__(self, bundle, workers=1, max_queue=8, voices=None, engine=None, **app_options):
+    def __init__(self, bundle, workers=1, max_queue=8, voices=None, engine=None, uvicorn_options=None,
+                 **app_options):
         self.pool = EnginePool.load(bundle, workers=workers, max_queue=max_queue, threads=1, **(engine or {}))
         engine = self.pool.engines[0]
-        catalog = VoiceCatalog(engine.speakers, engine.ids.model_type, voices)
-        self.app = create_app(self.pool, catalog, **app_options)
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning", access_log=False)
+        self.catalog = VoiceCatalog(engine.speakers, engine.ids.model_type, voices)
+        self.app = create_app(self.pool, self.catalog, **app_options)
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning", access_log=False,
+                                **(uvicorn_options or {}))
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -75,6 +80,75 @@ class Server:
             if (h["busy"] == 0 and h["queued"] == 0) or time.monotonic() > deadline:
                 return h
             time.sleep(0.02)
+
+
+def raw_post(port: int, path: str, headers: dict, chunks=(), host: str = "127.0.0.1") -> tuple[int, dict, bytes]:
+    """POST over a plain socket, the body sent from a thread while the reply is read, so a server that answers
+    before the body is in (a 413) is heard although the client is still sending."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    sock.sendall((head + "\r\n").encode())
+
+    def send() -> None:
+        try:
+            for chunk in chunks:
+                sock.sendall(chunk)
+        except OSError:  # the server answered and closed: stop sending
+            pass
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    data = b""
+    try:
+        while True:
+            part = sock.recv(65536)
+            if not part:
+                break
+            data += part
+            top, sep, body = data.partition(b"\r\n\r\n")
+            if sep:
+                fields = dict(line.split(": ", 1) for line in top.decode("latin-1").split("\r\n")[1:])
+                fields = {k.lower(): v for k, v in fields.items()}
+                if len(body) >= int(fields.get("content-length", "0")):
+                    return int(top.split()[1]), fields, body
+    finally:
+        sock.close()
+        sender.join(timeout=30)
+    raise AssertionError(f"no complete reply: {data[:200]!r}")
+
+
+def chunked(total: int, piece: int = 1 << 20):
+    """``total`` bytes as HTTP chunks, made from one buffer (the client's own memory stays flat)."""
+    block = b"x" * piece
+    size = f"{piece:x}\r\n".encode()
+    for _ in range(total // piece):
+        yield size
+        yield block
+        yield b"\r\n"
+    yield b"0\r\n\r\n"
+
+
+class PeakRSS:
+    """The process's resident memory sampled every 5 ms on a thread: ``growth`` is the peak over the start."""
+
+    def __init__(self):
+        psutil = pytest.importorskip("psutil")
+        self.proc, self.stop = psutil.Process(), threading.Event()
+
+    def __enter__(self) -> PeakRSS:
+        self.start = self.peak = self.proc.memory_info().rss
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self.stop.wait(0.005):
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.growth = self.peak - self.start
 
 
 def frames(n: int) -> dict:
@@ -325,7 +399,8 @@ def test_memory_is_flat_over_200_requests(server):
     assert rss[200] <= rss[20] * 1.05, {k: v / 2**20 for k, v in rss.items()}
 
 
-def test_voice_upload_list_speak_delete(base_bundle, ref_wav, tmp_path):
+def test_voice_upload_list_speak_delete(base_bundle, ref_wav, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="qwen3_tts_edge.server")
     voices = tmp_path / "voices"
     with Server(base_bundle, voices=voices, max_upload_bytes=400_000) as s:
         c = s.client()
@@ -363,6 +438,7 @@ def test_voice_upload_list_speak_delete(base_bundle, ref_wav, tmp_path):
         with pytest.raises(openai.BadRequestError) as e:
             c.audio.voices.create(audio_sample=io.BytesIO(b"not audio at all"), consent="none", name="junk")
         assert e.value.param == "audio_sample" and not (voices / "junk.voice").exists()
+        assert "/tmp" not in e.value.message and "qwen3-tts-edge-upload" not in e.value.message  # no internals
         with pytest.raises(openai.BadRequestError) as e:
             c.audio.voices.create(audio_sample=io.BytesIO(b"x"), consent="none", name="../escape")
         assert e.value.param == "name"
@@ -374,7 +450,19 @@ def test_voice_upload_list_speak_delete(base_bundle, ref_wav, tmp_path):
             c.audio.speech.create(model="m", voice="x", input="Hi.", extra_body={"ref_audio": base64.b64encode(big)
                                                                                  .decode()})
         assert e.value.status_code == 413 and e.value.param == "ref_audio"
+        # A chunked upload (no Content-Length) is capped too, while it is read: nothing spooled, nothing saved.
+        boundary = "b0undary"
+        head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"name\"\r\n\r\nhuge\r\n--{boundary}\r\n"
+                'Content-Disposition: form-data; name="audio_sample"; filename="a.wav"\r\n\r\n').encode()
+        status, _, reply = raw_post(s.port, "/v1/audio/voices",
+                                    {"Content-Type": f"multipart/form-data; boundary={boundary}",
+                                     "Transfer-Encoding": "chunked"},
+                                    [f"{len(head):x}\r\n".encode(), head, b"\r\n", *chunked(20 << 20)])
+        assert status == 413 and json.loads(reply)["error"]["param"] == "audio_sample"
         assert list(voices.iterdir()) == []
+    logged = [r.getMessage() for r in caplog.records if r.name == "qwen3_tts_edge.server"]
+    assert any("voice 'myclone' saved (icl" in m and "127.0.0.1" in m for m in logged), logged
+    assert any("voice 'myclone' deleted for 127.0.0.1" in m for m in logged), logged
 
 
 def test_api_key_is_required_when_set(tiny_bundle):
@@ -384,3 +472,181 @@ def test_api_key_is_required_when_set(tiny_bundle):
         assert e.value.code == "invalid_api_key"
         assert s.health()["status"] == "ok"  # /health stays open for probes
         assert len(speak(s.client(api_key="s3cret"), "pcm", n=2)) == 2 * 3840
+
+
+def test_a_150_mb_body_is_refused_while_it_is_read(server):
+    """Declared or chunked, a body over the route's cap is a 413 at the cap: the server never holds it (before: a
+    150 MB JSON body was read whole, 270 -> 533 MB, and then got a 400)."""
+    with PeakRSS() as declared:
+        status, headers, body = raw_post(server.port, "/v1/audio/speech", {"Content-Type": "application/json",
+                                                                          "Content-Length": str(150 << 20)})
+    assert status == 413 and json.loads(body)["error"]["code"] == "body_too_large"
+    with PeakRSS() as streamed:
+        status, headers, body = raw_post(server.port, "/v1/audio/speech", {"Content-Type": "application/json",
+                                                                          "Transfer-Encoding": "chunked"},
+                                         chunked(150 << 20))
+    error = json.loads(body)["error"]
+    assert status == 413 and error["param"] == "ref_audio" and "MiB" in error["message"]
+    cap = server.app.state.api.body_limit("POST", "/v1/audio/speech")[0]
+    print(f"150 MB body refused: peak RSS growth {declared.growth / 2**20:.1f} MiB declared, "
+          f"{streamed.growth / 2**20:.1f} MiB chunked (cap {cap / 2**20:.1f} MiB)")
+    assert declared.growth < 16 << 20 and streamed.growth < 64 << 20
+    assert len(speak(server.client(), "pcm", n=2)) == 2 * 3840  # and the server still speaks
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])
+def test_only_a_json_body_makes_speech(server, content_type):
+    """What a cross-site no-cors fetch or form can send (text/plain, a form) is refused: 415, no audio."""
+    body = json.dumps({"model": "m", "voice": "vivian", "input": "Hello.", **frames(2)}).encode()
+    headers = {"Content-Length": str(len(body))} | ({"Content-Type": content_type} if content_type else {})
+    status, _, reply = raw_post(server.port, "/v1/audio/speech", headers, [body])
+    error = json.loads(reply)["error"]
+    assert status == 415 and error["code"] == "unsupported_media_type" and "application/json" in error["message"]
+
+
+def test_the_host_header_is_checked(tiny_bundle):
+    """A DNS-rebinding page reaches the server under its own name: refused, with how to allow a name."""
+    with Server(tiny_bundle, allowed_hosts=["localhost", "127.0.0.1", "::1"]) as s:
+        def get(host: str) -> tuple[int, dict]:
+            sock = socket.create_connection(("127.0.0.1", s.port), timeout=10)
+            sock.sendall(f"GET /v1/audio/voices HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+            data = b""
+            while part := sock.recv(65536):
+                data += part
+            sock.close()
+            top, _, body = data.partition(b"\r\n\r\n")
+            return int(top.split()[1]), json.loads(body)
+
+        status, body = get("evil.example")
+        assert status == 400 and body["error"]["code"] == "invalid_host"
+        assert "--allowed-hosts evil.example" in body["error"]["message"]
+        assert get(f"127.0.0.1:{s.port}")[0] == 200 and get(f"localhost:{s.port}")[0] == 200
+        assert get(f"[::1]:{s.port}")[0] == 200
+
+
+def test_writes_need_the_key_when_one_is_set(tiny_bundle):
+    with Server(tiny_bundle, api_key="s3cret") as s:
+        for method, path in (("DELETE", "/v1/audio/voices/x"), ("POST", "/v1/audio/voices")):
+            req = urllib.request.Request(f"{s.url}{path}", method=method, data=b"" if method == "POST" else None,
+                                         headers={"Content-Type": "multipart/form-data; boundary=b"})
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(req, timeout=10)
+            assert e.value.code == 401 and json.loads(e.value.read())["error"]["code"] == "invalid_api_key"
+
+
+@pytest.mark.parametrize("extra,param,words", [
+    ({"max_new_tokens": 10_000_000}, "max_new_tokens", "at most"),
+    ({"min_new_tokens": 10_000_000}, "min_new_tokens", "8 frames per text token"),
+    ({"instructions": "x" * 2049}, "instructions", "2048"),
+    ({"ref_text": "x" * 2049}, "ref_text", "2048"),
+])
+def test_the_server_decides_how_long_a_request_runs(server, extra, param, words):
+    """max_new_tokens: 10000000 got 200 before; now a 400 naming the cap (8 frames per text token + 40)."""
+    with pytest.raises(openai.BadRequestError) as e:
+        server.client().audio.speech.create(model="m", voice="vivian", input="Hello.", extra_body=extra)
+    assert e.value.param == param and words in e.value.message, e.value.message
+
+
+def test_max_frames_caps_every_request(tiny_bundle):
+    with Server(tiny_bundle, max_frames=3) as s:
+        c = s.client()
+        assert len(c.audio.speech.create(model="m", voice="vivian", input=TEXT, response_format="pcm",
+                                         extra_body={"min_new_tokens": 3}).content) == 3 * 3840
+        with pytest.raises(openai.BadRequestError) as e:
+            c.audio.speech.create(model="m", voice="vivian", input=TEXT, extra_body=frames(4))
+        assert e.value.param == "max_new_tokens" and "at most 3 frames" in e.value.message
+        assert "--max-frames" in e.value.message
+
+
+def test_a_client_that_leaves_while_queued_cancels_its_request(tiny_bundle):
+    """One place: A speaks, B waits in the queue and gives up after 1 s. B must not run for nobody when A is done
+    (before: it ran to its end, or its place was never given back)."""
+    import httpx2
+
+    with Server(tiny_bundle, workers=1) as s:
+        body = {"model": "m", "voice": "vivian", "input": LONG, "response_format": "pcm"}
+        done = threading.Event()
+
+        def first() -> None:
+            try:
+                with httpx2.Client(timeout=120) as c:
+                    assert len(c.post(f"{s.url}/v1/audio/speech", json={**body, **frames(1500)}).content) == 1500 * 3840
+            finally:
+                done.set()
+
+        a = threading.Thread(target=first)
+        a.start()
+        while s.health()["busy"] == 0:
+            time.sleep(0.01)
+        with httpx2.Client(timeout=1.0) as c, pytest.raises(httpx2.TimeoutException):
+            c.post(f"{s.url}/v1/audio/speech", json={**body, **frames(2000)})
+        assert not done.is_set(), "A finished before B gave up: make A longer"
+        a.join(timeout=120)
+        t0 = time.monotonic()
+        h = s.wait_idle(timeout=1.0)
+        print(f"queued client left: workers idle {time.monotonic() - t0:.3f} s after the first request ended")
+        assert h["busy"] == 0 and h["queued"] == 0, h
+        assert h["served"] == 1  # B never ran
+
+
+def test_headers_must_arrive_in_time():
+    """uvicorn has no header timeout: a connection that sends nothing, or trickles its headers, holds a socket
+    for ever. The serve command's protocol drops it."""
+    from qwen3_tts_edge.runtime.servers.cli import _h11_with_header_timeout
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off",
+                            http=_h11_with_header_timeout(0.5))
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        silent = socket.create_connection(("127.0.0.1", port), timeout=10)
+        slow = socket.create_connection(("127.0.0.1", port), timeout=10)
+        ok = socket.create_connection(("127.0.0.1", port), timeout=10)
+        ok.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert ok.recv(100).startswith(b"HTTP/1.1 204")
+        t0 = time.monotonic()
+        for _ in range(4):
+            slow.sendall(b"X")  # a byte at a time, never a whole header
+            time.sleep(0.2)
+        assert silent.recv(10) == b"" and slow.recv(10) == b""  # closed by the server
+        assert time.monotonic() - t0 < 3
+        assert ok.recv(10) == b""  # an idle keep-alive connection ends too
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_voice_names_count_listing_and_leftovers(tmp_path):
+    from qwen3_tts_edge.runtime.servers.voices import VoiceExists, VoiceRequestError
+
+    folder = tmp_path / "voices"
+    folder.mkdir()
+    (folder / "a.voice").write_bytes(b"x")
+    (folder / ".b.voice.k2j3h4").write_bytes(b"half written")  # a crash mid-save
+    (folder / "..c.voice.x1.y2").write_bytes(b"half written")
+    (folder / ".hidden-notes").write_text("not ours")
+    catalog = VoiceCatalog([], "base", folder, max_voices=2)
+    assert sorted(p.name for p in folder.iterdir()) == [".hidden-notes", "a.voice"]
+    with pytest.raises(VoiceRequestError, match="not allowed"):
+        catalog.check_new_name("evil\n")  # NAME_RULE.match let a trailing newline through
+    with pytest.raises(VoiceRequestError):
+        catalog.resolve("a\n")
+    assert catalog.saved() == ["a"]
+    # The listing is re-read when the folder changes, not per request: a file that appears without the folder's
+    # mtime changing is not seen until it does.
+    stamp = folder.stat()
+    (folder / "b.voice").write_bytes(b"x")
+    os.utime(folder, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    assert catalog.saved() == ["a"]
+    os.utime(folder)
+    assert catalog.saved() == ["a", "b"]
+    with pytest.raises(VoiceExists, match="at most 2 saved voices"):
+        catalog.check_room()

@@ -7,16 +7,21 @@ so the JSON body is checked here rather than by FastAPI's validation (whose 422 
 
 Audio is sent as it is made (``pcm``, ``wav``, ``opus``; ``flac`` and ``mp3`` once complete, see
 ``audio_formats``), raw or as server-sent events (``stream_format: "sse"``). A client that goes away cancels
-its request: the worker stops within two frames and takes the next request.
+its request, also while it waits in the queue or before its first byte: the worker stops within two frames
+and takes the next request.
+
+Safe to leave running on a LAN next to a browser: bodies are capped while they are read (``_Guard``), only a
+JSON body makes speech (a cross-site ``no-cors`` fetch can only send text/plain or a form), the ``Host`` header is
+checked against the allowed names (DNS rebinding), and the server, not the request, caps how long it speaks.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import contextlib
 import hmac
-import io
 import json
 import logging
 import os
@@ -27,12 +32,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..aio import AsyncAudioStream, AsyncTTS
 from ..errors import Qwen3TTSEdgeError
-from ..options import SpeakOptions
+from ..options import Limits, SpeakOptions
 from .audio_formats import FORMATS, Encoder
 from .pool import SERVER_CHUNK_FRAMES, EnginePool, PoolClosed, QueueFull
 from .voices import VoiceCatalog, VoiceChoice, VoiceRequestError, language_name
@@ -40,11 +45,16 @@ from .voices import VoiceCatalog, VoiceChoice, VoiceRequestError, language_name
 log = logging.getLogger("qwen3_tts_edge.server")
 
 MAX_INPUT_CHARS = 4096
+MAX_INSTRUCTIONS_CHARS = 2048  # a voice description or style; its tokens go into every segment's prompt
+MAX_REF_TEXT_CHARS = 2048  # the transcript of a reference clip of at most 60 s (audio_in.MAX_REFERENCE_S)
 DEFAULT_MAX_UPLOAD_BYTES = 10 * 1024 * 1024  # OpenAI's limit for a voice sample
+FORM_OVERHEAD_BYTES = 64 * 1024  # multipart boundaries and the small fields around the audio
+SMALL_BODY_BYTES = 64 * 1024  # every other route
 SPEED_RANGE = (0.25, 4.0)
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 _TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
           405: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error",
-          429: "rate_limit_error", 500: "server_error", 503: "server_error"}
+          415: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "server_error"}
 
 
 class ApiError(Exception):
@@ -102,6 +112,7 @@ class SpeechRequest:
     ref_audio: bytes | None = None
     ref_text: str | None = None
     x_vector_only: bool = False
+    input_tokens: int = 0
 
 
 def _field(body: dict[str, Any], name: str, kinds: type | tuple[type, ...], what: str) -> Any:
@@ -111,12 +122,133 @@ def _field(body: dict[str, Any], name: str, kinds: type | tuple[type, ...], what
     if isinstance(value, bool) and bool not in (kinds if isinstance(kinds, tuple) else (kinds,)):
         raise ApiError(400, f"{name} must be {what}, got {json.dumps(value)}", param=name)
     if not isinstance(value, kinds):
-        raise ApiError(400, f"{name} must be {what}, got {json.dumps(value)[:60]}", param=name)
+        raise ApiError(400, f"{name} must be {what}, got {_shown(value)}", param=name)
     return value
 
 
 def _size(n: int) -> str:
     return f"{n / (1024 * 1024):.3g} MiB"
+
+
+def json_body_limit(max_upload_bytes: int) -> int:
+    """The largest speech body: ``ref_audio`` as base64 (4/3 of the upload cap) plus the text fields, each
+    character written as a JSON escape at worst."""
+    return -(-max_upload_bytes // 3) * 4 + 12 * (MAX_INPUT_CHARS + MAX_INSTRUCTIONS_CHARS + MAX_REF_TEXT_CHARS) \
+        + SMALL_BODY_BYTES
+
+
+def _host_name(host: str) -> str:
+    """A Host header's name without its port, lower-case ('[::1]:8880' -> '::1')."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    return host.rpartition(":")[0] if host.count(":") == 1 else host
+
+
+class _Guard:
+    """Pure ASGI middleware (it only wraps ``receive``, so streamed replies and disconnects pass untouched): the
+    ``Host`` check and the body cap of each route.
+
+    The cap counts the body as uvicorn hands it over, so a declared ``Content-Length`` over the cap is refused
+    before a byte is read and a chunked body at the byte that crosses it: memory never holds more than the cap.
+    Starlette's TrustedHostMiddleware would answer in plain text; clients read OpenAI's error shape.
+    """
+
+    def __init__(self, app: Any, api: SpeechApp):
+        self.app, self.api = app, api
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        allowed = self.api.allowed_hosts
+        name = _host_name(headers.get("host", ""))
+        if allowed is not None and name not in allowed:
+            return await ApiError(400, f"Host {name[:80]!r} is not a name this server answers to (allowed: "
+                                  f"{', '.join(allowed)}); if it is yours, start the server with --allowed-hosts "
+                                  f"{name[:80] or 'NAME'}", code="invalid_host").response()(scope, receive, send)
+        limit, param, what = self.api.body_limit(scope["method"], scope["path"])
+        length = headers.get("content-length")
+        too_big = ApiError(413, f"the request body is larger than {_size(limit)}; {what}", param=param,
+                           code="body_too_large", headers={"Connection": "close"})
+        if length is not None and (not length.strip().isdigit() or int(length) > limit):
+            return await too_big.response()(scope, receive, send)
+        seen = 0
+
+        async def capped() -> dict:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise too_big
+            return message
+
+        await self.app(scope, capped, send)
+
+
+class _HeldStream(StreamingResponse):
+    """A streamed reply that owns its request's engine place and stream (``held``): they are released however the
+    reply ends, also when its body never started because the client left before the first byte."""
+
+    def __init__(self, content: Any, held: contextlib.AsyncExitStack, **kwargs: Any):
+        super().__init__(content, **kwargs)
+        self.held = held
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.held.aclose()  # a no-op when the body closed it
+
+
+async def _disconnected(receive: Any) -> None:
+    """Return when the client goes away (the body is read by then, so ``receive`` has nothing else to say)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_client_leaves(request: Request, work: Any) -> Any:
+    """Await ``work`` (the queue wait, a one-off clone, the prompt) unless the client leaves first: then cancel it
+    and return None. Without this a request abandoned while queued would run to its end for nobody."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request.receive))
+    try:
+        await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        raise
+    finally:
+        gone.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+    return None
+
+
+@contextlib.contextmanager
+def _spooled(data: bytes, suffix: str = "") -> Iterator[str]:
+    """``data`` as a temporary file for the voice loader (which bounds a clip by its header before decoding)."""
+    fd, tmp = tempfile.mkstemp(prefix="qwen3-tts-edge-upload-", suffix=suffix)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        yield tmp
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+def _clone_error(exc: BaseException, tmp: str, field: str) -> ApiError:
+    """A failed clone as a 400: our own errors say what is wrong (with the temporary path replaced by the field's
+    name); anything else is logged, not echoed."""
+    if isinstance(exc, Qwen3TTSEdgeError):
+        return ApiError(400, f"could not clone a voice from {field}: {str(exc).replace(tmp, field)}", param=field)
+    log.error("voice clone from %s failed: %r", field, exc)
+    return ApiError(400, f"could not clone a voice from {field} ({type(exc).__name__}); send a 3-10 s clip of "
+                    "clear speech as wav, flac, ogg or mp3", param=field)
 
 
 def _decode_base64(value: str, max_bytes: int) -> bytes:
@@ -135,16 +267,34 @@ class SpeechApp:
 
     def __init__(self, pool: EnginePool, catalog: VoiceCatalog, *, api_key: str | None = None,
                  model: str | None = None, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
-                 max_frames: int | None = None):
+                 max_frames: int | None = None, allowed_hosts: list[str] | tuple[str, ...] | None = None):
         self.pool, self.catalog, self.api_key = pool, catalog, api_key
         engine = pool.engines[0]
         self.model = model or model_id(engine)
         self.model_type = engine.ids.model_type
         self.languages = list(engine.languages)
         self.sample_rate = engine.sample_rate
+        self.tokenizer = engine.tokenizer
         self.max_upload_bytes = max_upload_bytes
-        self.max_frames = max_frames  # server cap on frames per request (None: the bundle's)
+        # The server's cap on frames per request; without --max-frames the runtime's text-length rule (8 frames
+        # per text token + 40) decides, and no request may ask for more than the cap.
+        self.max_frames = max_frames
+        self.allowed_hosts = None if allowed_hosts is None else tuple(_host_name(h) for h in allowed_hosts)
         self.started = int(time.time())
+
+    def body_limit(self, method: str, path: str) -> tuple[int, str | None, str]:
+        """A route's body cap, the field that is most likely too big, and what to send instead."""
+        clip = f"a reference clip may be at most {_size(self.max_upload_bytes)} (3-10 s of speech is plenty)"
+        if method == "POST" and path == "/v1/audio/speech":
+            return json_body_limit(self.max_upload_bytes), "ref_audio", clip
+        if method == "POST" and path == "/v1/audio/voices":
+            return self.max_upload_bytes + FORM_OVERHEAD_BYTES, "audio_sample", clip
+        return SMALL_BODY_BYTES, None, "this route takes no body"
+
+    def frame_cap(self, n_text_tokens: int) -> int:
+        """The most 80 ms frames a request with ``n_text_tokens`` text tokens may make here."""
+        ceiling = Limits().text_ceiling(n_text_tokens)
+        return min(ceiling, self.max_frames) if self.max_frames and ceiling else (self.max_frames or ceiling)
 
     # ---- request parsing -------------------------------------------------------------------------------
     def parse_speech(self, body: dict[str, Any]) -> SpeechRequest:
@@ -157,12 +307,13 @@ class SpeechApp:
             raise ApiError(400, f"input is {len(text)} characters; the maximum is {MAX_INPUT_CHARS}", param="input")
         _field(body, "model", str, "a string (any model name; see GET /v1/models)")
         fmt = body.get("response_format") or "mp3"
-        if fmt not in FORMATS:
-            raise ApiError(400, f"response_format {fmt!r} is not supported; choose one of {', '.join(FORMATS)}",
+        if not isinstance(fmt, str) or fmt not in FORMATS:
+            raise ApiError(400, f"response_format {_shown(fmt)} is not supported; choose one of {', '.join(FORMATS)}",
                            param="response_format")
         stream_format = body.get("stream_format") or "audio"
-        if stream_format not in ("audio", "sse"):
-            raise ApiError(400, f"stream_format must be 'audio' or 'sse', got {stream_format!r}", param="stream_format")
+        if not isinstance(stream_format, str) or stream_format not in ("audio", "sse"):
+            raise ApiError(400, f"stream_format must be 'audio' or 'sse', got {_shown(stream_format)}",
+                           param="stream_format")
         speed = _field(body, "speed", (int, float), "a number from 0.25 to 4.0")
         if speed is not None:
             if not SPEED_RANGE[0] <= speed <= SPEED_RANGE[1]:
@@ -171,6 +322,9 @@ class SpeechApp:
                 raise ApiError(400, f"speed {speed} is not supported: this server does not time-stretch; send 1.0 "
                                "or leave speed out (the voice's own pace)", param="speed")
         instructions = _field(body, "instructions", str, "a string") or None
+        if instructions and len(instructions) > MAX_INSTRUCTIONS_CHARS:
+            raise ApiError(400, f"instructions are {len(instructions)} characters; the maximum is "
+                           f"{MAX_INSTRUCTIONS_CHARS}", param="instructions")
         if instructions and self.model_type == "base":
             raise ApiError(400, "instructions are not supported by a Base (voice clone) model; use a CustomVoice "
                            "1.7B or VoiceDesign bundle", param="instructions")
@@ -183,14 +337,27 @@ class SpeechApp:
         min_new = _field(body, "min_new_tokens", int, "an integer >= 0 (80 ms frames)")
         if max_new is not None and max_new < 1:
             raise ApiError(400, f"max_new_tokens must be 1 or more, got {max_new}", param="max_new_tokens")
-        if self.max_frames is not None:
-            max_new = min(max_new or self.max_frames, self.max_frames)
+        try:
+            n_tokens = len(self.tokenizer.encode(text))
+        except (TypeError, ValueError):  # e.g. a lone surrogate (JSON allows "\ud800"), which is not text
+            raise ApiError(400, "input is not valid Unicode text (it holds a lone surrogate); send UTF-8 text",
+                           param="input") from None
+        cap = self.frame_cap(n_tokens)
+        why = "--max-frames" if self.max_frames == cap else f"8 frames per text token + 40 for {n_tokens} tokens"
+        for name, value in (("max_new_tokens", max_new), ("min_new_tokens", min_new)):
+            if value is not None and value > cap:
+                raise ApiError(400, f"{name} {value} is more than this server allows for this input: at most {cap} "
+                               f"frames of 80 ms ({why}); ask for {cap} or fewer", param=name)
+        max_new = max_new or self.max_frames
         if min_new is not None and (min_new < 0 or (max_new is not None and min_new > max_new)):
             raise ApiError(400, f"min_new_tokens must be between 0 and max_new_tokens, got {min_new}",
                            param="min_new_tokens")
 
         ref_b64 = _field(body, "ref_audio", str, "base64-encoded audio")
         ref_text = _field(body, "ref_text", str, "a string (the transcript of ref_audio)")
+        if ref_text and len(ref_text) > MAX_REF_TEXT_CHARS:
+            raise ApiError(400, f"ref_text is {len(ref_text)} characters; the maximum is {MAX_REF_TEXT_CHARS}",
+                           param="ref_text")
         x_only = bool(_field(body, "x_vector_only_mode", bool, "true or false"))
         ref_audio = None
         choice: VoiceChoice | None = None
@@ -219,41 +386,48 @@ class SpeechApp:
         except (ValueError, TypeError) as exc:
             raise ApiError(400, str(exc), param=param_for(exc)) from None
         return SpeechRequest(text=text, fmt=fmt, sse=stream_format == "sse", choice=choice, options=options,
-                             ref_audio=ref_audio, ref_text=ref_text or None, x_vector_only=x_only)
+                             ref_audio=ref_audio, ref_text=ref_text or None, x_vector_only=x_only,
+                             input_tokens=n_tokens)
 
     # ---- speech ------------------------------------------------------------------------------------------
-    async def speech(self, request: Request) -> StreamingResponse:
+    async def speech(self, request: Request) -> Response:
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind != "application/json":
+            raise ApiError(415, f"the body must be JSON sent as 'Content-Type: application/json' (got "
+                           f"{kind[:60] or 'no Content-Type'})", code="unsupported_media_type")
         req = self.parse_speech(await _json_object(request))
+        prepared = await _unless_client_leaves(request, self._prepare(req))
+        if prepared is None:  # nginx's "client closed request": nobody reads it
+            return Response(status_code=499)
+        stream, held = prepared
         encoder = Encoder(req.fmt, self.sample_rate)
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Sample-Rate": str(self.sample_rate)}
+        if req.sse:
+            return _HeldStream(self._sse_body(stream, encoder, held, req.input_tokens), held,
+                               media_type="text/event-stream", headers=headers)
+        return _HeldStream(self._audio_body(stream, encoder, held), held, media_type=encoder.content_type,
+                           headers=headers)
+
+    async def _prepare(self, req: SpeechRequest) -> tuple[AsyncAudioStream, contextlib.AsyncExitStack]:
+        """An engine place and the request's started stream; both outlive this call (the reply closes them)."""
         try:
-            # The engine and the stream outlive this call: the response body closes them (``held``).
             async with contextlib.AsyncExitStack() as stack:
                 with _pool_errors():
                     engine = await stack.enter_async_context(self.pool.checkout())
-                input_tokens = len(engine.tts.tokenizer.encode(req.text))  # before the engine's thread uses it
                 stream = await stack.enter_async_context(await self._start(engine, req))
-                held = stack.pop_all()
+                return stream, stack.pop_all()
         except (Qwen3TTSEdgeError, ValueError) as exc:
             raise ApiError(400, str(exc), param=param_for(exc)) from None
-        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Sample-Rate": str(self.sample_rate)}
-        if req.sse:
-            return StreamingResponse(self._sse_body(stream, encoder, held, input_tokens),
-                                     media_type="text/event-stream", headers=headers)
-        return StreamingResponse(self._audio_body(stream, encoder, held), media_type=encoder.content_type,
-                                 headers=headers)
 
     async def _start(self, engine: AsyncTTS, req: SpeechRequest) -> AsyncAudioStream:
         """The request's stream on ``engine``; a one-off clone (``ref_audio``) is made first, on the engine."""
         options = req.options
         if req.ref_audio is not None:
-            import soundfile as sf
-
-            try:
-                samples, rate = sf.read(io.BytesIO(req.ref_audio), dtype="float32", always_2d=False)
-            except (RuntimeError, TypeError) as exc:  # libsndfile could not read it
-                raise VoiceRequestError(f"ref_audio is not audio soundfile can read ({exc}); send wav, flac, "
-                                        "ogg or mp3", param="ref_audio") from None
-            voice = await engine.create_voice((samples, rate), req.ref_text, x_vector_only=req.x_vector_only)
+            with _spooled(req.ref_audio) as tmp:
+                try:
+                    voice = await engine.create_voice(tmp, req.ref_text, x_vector_only=req.x_vector_only)
+                except (Qwen3TTSEdgeError, ValueError, RuntimeError) as exc:
+                    raise _clone_error(exc, tmp, "ref_audio") from None
             options = options.replace(voice=voice)
         return engine.astream(req.text, options)
 
@@ -296,9 +470,11 @@ class SpeechApp:
                                                                     "total_tokens": input_tokens + out}})
             except Exception as exc:  # the status line is sent: report the failure as an event
                 log.exception("speech request failed after the stream had started")
-                status = 400 if isinstance(exc, Qwen3TTSEdgeError | ValueError) else 500
-                yield event({"type": "speech.audio.error", **error_body(status, str(exc) or type(exc).__name__,
-                                                                         param_for(exc), type(exc).__name__)})
+                ours = isinstance(exc, Qwen3TTSEdgeError)  # our messages are for the user; others stay in the log
+                message = str(exc) if ours else f"internal error ({type(exc).__name__}); see the server log"
+                yield event({"type": "speech.audio.error", **error_body(400 if ours else 500, message,
+                                                                         param_for(exc) if ours else None,
+                                                                         type(exc).__name__)})
             finally:
                 encoder.close()
 
@@ -310,22 +486,21 @@ class SpeechApp:
         if self.model_type != "base":
             raise ApiError(400, f"voices are cloned by Base bundles only; this is a {self.model_type} bundle "
                            "(its voices are the presets in GET /v1/audio/voices)", param="audio_sample")
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > self.max_upload_bytes + 64 * 1024:
-            raise ApiError(413, f"upload is larger than {_size(self.max_upload_bytes)}",
-                           param="audio_sample")
+        # The whole body is capped by _Guard (max_upload_bytes + the form's overhead) while it is read.
         try:
-            form = await request.form(max_files=1, max_fields=16, max_part_size=self.max_upload_bytes)
-        except Exception as exc:  # starlette's multipart errors (size, shape; starlette >= 0.40 takes max_part_size)
-            if "maximum size" in str(exc):
-                raise ApiError(413, f"audio_sample is larger than {_size(self.max_upload_bytes)}",
-                               param="audio_sample") from None
-            raise ApiError(400, f"could not read the multipart form: {exc}", param="audio_sample") from None
+            form = await request.form(max_files=1, max_fields=16, max_part_size=MAX_INPUT_CHARS * 4)
+        except ApiError:
+            raise
+        except Exception as exc:  # starlette's multipart errors (shape, a field over max_part_size)
+            detail = getattr(exc, "detail", None) or type(exc).__name__
+            raise ApiError(400, f"could not read the multipart form ({detail}); send multipart/form-data with the "
+                           "fields audio_sample (a file) and name", param="audio_sample") from None
         try:
             name = form.get("name")
             if not isinstance(name, str) or not name:
                 raise ApiError(400, "name is required (the new voice's id)", param="name")
             self.catalog.check_new_name(name)
+            self.catalog.check_room()
             upload = next((form.get(k) for k in ("audio_sample", "file", "audio") if hasattr(form.get(k), "read")),
                           None)
             if upload is None:
@@ -336,6 +511,9 @@ class SpeechApp:
                 raise ApiError(413, f"audio_sample is larger than {_size(self.max_upload_bytes)}",
                                param="audio_sample")
             ref_text = form.get("ref_text") if isinstance(form.get("ref_text"), str) else None
+            if ref_text and len(ref_text) > MAX_REF_TEXT_CHARS:
+                raise ApiError(400, f"ref_text is {len(ref_text)} characters; the maximum is {MAX_REF_TEXT_CHARS}",
+                               param="ref_text")
             language = form.get("language") if isinstance(form.get("language"), str) else None
             x_only = str(form.get("x_vector_only_mode") or form.get("x_vector_only") or "").lower() in ("1", "true")
         finally:
@@ -343,28 +521,26 @@ class SpeechApp:
         if language:
             language = language_name(language, self.languages)
         suffix = os.path.splitext(getattr(upload, "filename", "") or "")[1][:8]
-        fd, tmp = tempfile.mkstemp(prefix="qwen3-tts-edge-upload-", suffix=suffix)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
+        if not suffix.replace(".", "").isalnum():
+            suffix = ""
+        with _spooled(data, suffix) as tmp:
             try:
                 with _pool_errors():
                     async with self.pool.checkout() as engine:
                         voice = await engine.create_voice(tmp, ref_text or None, x_vector_only=x_only,
                                                           language=language)
-            except VoiceRequestError:
+            except (VoiceRequestError, ApiError):
                 raise
             except (Qwen3TTSEdgeError, ValueError, RuntimeError) as exc:
-                raise ApiError(400, f"could not clone a voice from audio_sample: {exc}", param="audio_sample") from None
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+                raise _clone_error(exc, tmp, "audio_sample") from None
         self.catalog.create(name, voice)
+        log.info("voice %r saved (%s, %d bytes of audio) for %s", name, voice.mode, len(data), _client(request))
         return JSONResponse({"id": name, "name": name, "object": "audio.voice", "type": "audio_sample",
                              "created_at": int(time.time()), "mode": voice.mode}, status_code=201)
 
-    def delete_voice(self, name: str) -> dict[str, Any]:
+    def delete_voice(self, name: str, request: Request) -> dict[str, Any]:
         self.catalog.delete(name)
+        log.info("voice %r deleted for %s", name, _client(request))
         return {"id": name, "object": "audio.voice.deleted", "deleted": True}
 
     # ---- misc --------------------------------------------------------------------------------------------
@@ -395,10 +571,21 @@ def _pool_errors() -> Iterator[None]:
         raise ApiError(503, str(exc)) from None
 
 
+def _shown(value: Any) -> str:
+    """A request value quoted in an error message, cut short (a message never grows with the request)."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _client(request: Request) -> str:
+    return f"{request.client.host}:{request.client.port}" if request.client else "a client"
+
+
 async def _json_object(request: Request) -> dict[str, Any]:
+    """The body (capped by _Guard while it is read) as a JSON object."""
     try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        body = json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise ApiError(400, "the request body must be a JSON object") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
@@ -416,6 +603,7 @@ def create_app(pool: EnginePool, catalog: VoiceCatalog, **options: Any) -> FastA
 
     app = FastAPI(title="Qwen3-TTS Edge", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.api = api
+    app.add_middleware(_Guard, api=api)
 
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:

@@ -1,14 +1,20 @@
 """The servers' voice catalogue: the bundle's preset speakers plus the voice files saved in ``--voices DIR``.
 
 A saved voice is ``DIR/<name>.voice`` (the runtime's voice file, made by ``qwen3-tts-edge voice create`` or
-uploaded through ``POST /v1/audio/voices``). The folder is read on every listing, so voices copied in by
-hand appear without a restart. New files are written atomically (a temporary file renamed into place), and
-names are checked so a request can never write outside the folder.
+uploaded through ``POST /v1/audio/voices``). The listing is re-read when the folder's mtime changes (not on
+every request), so voices copied in by hand appear without a restart. New files are written durably and
+atomically (fsynced, then linked into place, never over an existing voice); temporary files a crash left behind
+are removed at start. Names are checked whole (``fullmatch``) so a request can never write outside the folder,
+and the folder holds at most ``max_voices`` voices.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import re
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +28,11 @@ NAME_RULE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 LANGUAGE_CODES = {"chinese": "zh", "english": "en", "japanese": "ja", "korean": "ko", "german": "de",
                   "french": "fr", "russian": "ru", "portuguese": "pt", "spanish": "es", "italian": "it"}
 DEFAULT_VOICE = "default"  # the one voice of a bundle without preset speakers (VoiceDesign: instruct decides)
+DEFAULT_MAX_VOICES = 256  # saved voices a server keeps; a full folder refuses uploads (409)
+# Temporary files of a voice being written (Voice.save's and create's): hidden, '.<name>.voice.<random>'.
+_TEMP_RULE = re.compile(r"^\..*\.voice\..+$")
+
+log = logging.getLogger("qwen3_tts_edge.server")
 
 
 class VoiceRequestError(Qwen3TTSEdgeError):
@@ -76,17 +87,35 @@ def language_name(value: str | None, known: list[str]) -> str:
     raise VoiceRequestError(f"unsupported language {value!r}; choose one of {choices}", param="language")
 
 
+def _shown(value: object) -> str:
+    """A name quoted in an error message, cut short."""
+    text = repr(value)
+    return text if len(text) <= 70 else text[:67] + "..."
+
+
 class VoiceCatalog:
     """Preset speakers of the bundle plus saved voices in ``directory`` (None: presets only)."""
 
-    def __init__(self, speakers: list[str], model_type: str, directory: str | Path | None = None):
+    def __init__(self, speakers: list[str], model_type: str, directory: str | Path | None = None,
+                 max_voices: int = DEFAULT_MAX_VOICES):
         self.speakers = sorted(speakers)
         self.model_type = model_type
+        self.max_voices = max_voices
         self.directory = Path(directory) if directory is not None else None
         if self.directory is not None:
             self.directory.mkdir(parents=True, exist_ok=True)
+            self._remove_stray_temporaries()
         self._cache: dict[Path, tuple[tuple[int, int], Voice]] = {}
+        self._listed: tuple[tuple[int, int], list[str]] | None = None  # (folder mtime_ns, inode), names
         self._lock = threading.Lock()
+
+    def _remove_stray_temporaries(self) -> None:
+        """Half-written voices of a server that stopped mid-write (they would fill the disk over months)."""
+        for p in self.directory.iterdir():
+            if _TEMP_RULE.match(p.name) and p.is_file():
+                with contextlib.suppress(OSError):
+                    p.unlink()
+                    log.info("removed the unfinished voice file %s", p)
 
     @property
     def presets(self) -> list[str]:
@@ -96,10 +125,20 @@ class VoiceCatalog:
 
     def saved(self) -> list[str]:
         # Voice files hold a Base checkpoint's x-vector: only a Base bundle can speak with them.
-        if self.model_type != "base" or self.directory is None or not self.directory.is_dir():
+        if self.model_type != "base" or self.directory is None:
             return []
-        return sorted(p.name[: -len(SUFFIX)] for p in self.directory.glob(f"*{SUFFIX}")
-                      if p.is_file() and NAME_RULE.match(p.name[: -len(SUFFIX)]))
+        try:
+            st = self.directory.stat()
+        except OSError:
+            return []
+        key = (st.st_mtime_ns, st.st_ino)
+        listed = self._listed
+        if listed is not None and listed[0] == key:
+            return list(listed[1])
+        names = sorted(p.name[: -len(SUFFIX)] for p in self.directory.glob(f"*{SUFFIX}")
+                       if NAME_RULE.fullmatch(p.name[: -len(SUFFIX)]) and p.is_file())
+        self._listed = (key, names)
+        return list(names)
 
     def names(self) -> list[str]:
         return self.presets + self.saved()
@@ -114,9 +153,9 @@ class VoiceCatalog:
                  for n in self.presets] + [{"id": n, "name": n, "type": "saved"} for n in self.saved()])
 
     def _path(self, name: str) -> Path:
-        if not NAME_RULE.match(name or ""):
-            raise VoiceRequestError(f"voice name {name!r} is not allowed: use 1-64 letters, digits, '_', '-' or '.', "
-                                    "starting with a letter or digit", param="name")
+        if not NAME_RULE.fullmatch(name or ""):
+            raise VoiceRequestError(f"voice name {_shown(name)} is not allowed: use 1-64 letters, digits, '_', '-' or "
+                                    "'.', starting with a letter or digit", param="name")
         if self.directory is None:
             raise VoiceRequestError("this server keeps no saved voices; start it with --voices DIR", param=None)
         return self.directory / f"{name}{SUFFIX}"
@@ -133,11 +172,11 @@ class VoiceCatalog:
             return VoiceChoice(lowered, speaker=lowered)
         if lowered == DEFAULT_VOICE and DEFAULT_VOICE in self.presets:
             return VoiceChoice(DEFAULT_VOICE)
-        if name in self.saved():
+        if NAME_RULE.fullmatch(name) and name in self.saved():
             return VoiceChoice(name, voice=self.load(name))
         available = self.names()
         hint = ", ".join(available) if available else "none yet (upload one with POST /v1/audio/voices)"
-        raise UnknownVoice(f"unknown voice {name!r}; available voices: {hint}")
+        raise UnknownVoice(f"unknown voice {_shown(name)}; available voices: {hint}")
 
     def load(self, name: str) -> Voice:
         """A saved voice, read once and kept while its file is unchanged."""
@@ -166,10 +205,37 @@ class VoiceCatalog:
                               param="name")
         return path
 
+    def check_room(self) -> None:
+        """Refuse a new voice when the folder already holds ``max_voices`` (before any audio is processed)."""
+        if self.directory is not None and len(self.saved()) >= self.max_voices:
+            raise VoiceExists(f"this server keeps at most {self.max_voices} saved voices and has them all; delete "
+                              "one first (DELETE /v1/audio/voices/NAME)", param="name")
+
     def create(self, name: str, voice: Voice) -> Path:
-        """Save a new voice atomically (``Voice.save`` writes a temporary file and renames it)."""
+        """Save a new voice durably: written to a temporary file, fsynced, then linked into place, which fails
+        rather than replace a voice another request saved under the same name meanwhile."""
         path = self.check_new_name(name)
-        return voice.save(path)
+        self.check_room()
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=self.directory)
+        os.close(fd)
+        try:
+            voice.save(tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise VoiceExists(f"a voice named {name!r} was just saved by another request; choose another name",
+                                  param="name") from None
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        dir_fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # the new name itself survives a power cut
+        finally:
+            os.close(dir_fd)
+        return path
 
     def delete(self, name: str) -> None:
         if name.lower() in self.speakers or name.lower() == DEFAULT_VOICE:
