@@ -59,8 +59,10 @@ def test_serve_from_the_command_line_with_an_api_key(tiny_bundle):
     openai = pytest.importorskip("openai")
     pytest.importorskip("fastapi")
     port = _free_port()
-    proc = subprocess.Popen([EXE, "serve", "-b", str(tiny_bundle), "--port", str(port), "--api-key", "k1",
-                             "--max-frames", "4", "--threads", "1", "--backend", "onnxruntime"],
+    key_file = tiny_bundle.parent / "serve-test.key"
+    key_file.write_text("k1\n")  # a key in a file, not on the command line where `ps` shows it
+    proc = subprocess.Popen([EXE, "serve", "-b", str(tiny_bundle), "--port", str(port), "--api-key-file",
+                             str(key_file), "--max-frames", "4", "--threads", "1", "--backend", "onnxruntime"],
                             stderr=subprocess.PIPE, text=True)
     try:
         _wait_for(proc, r"onnxruntime talker fp32, decoder fp32")  # the engine options reach every worker
@@ -75,6 +77,48 @@ def test_serve_from_the_command_line_with_an_api_key(tiny_bundle):
         assert 0 < len(pcm) <= 4 * 3840 and len(pcm) % 3840 == 0  # --max-frames caps every request
     finally:
         _stop(proc)
+
+
+def _serve_args(*argv: str):
+    import argparse
+
+    from qwen3_tts_edge.runtime.servers.cli import add_serve_arguments
+
+    p = argparse.ArgumentParser()
+    add_serve_arguments(p)
+    return p.parse_args(["-b", "unused", *argv])
+
+
+def test_api_key_sources_and_their_order(tmp_path):
+    from qwen3_tts_edge.runtime.servers.cli import API_KEY_ENV, ServeError, api_key
+
+    env = {API_KEY_ENV: "from-env"}
+    assert api_key(_serve_args(), env) == "from-env"
+    assert api_key(_serve_args(), {}) is None
+    (tmp_path / "k").write_text("  from-file\n")
+    assert api_key(_serve_args("--api-key-file", str(tmp_path / "k")), env) == "from-file"
+    assert api_key(_serve_args("--api-key", "flag", "--api-key-file", str(tmp_path / "k")), env) == "flag"
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ServeError, match="is empty; write the key into it"):
+        api_key(_serve_args("--api-key-file", str(tmp_path / "empty")), env)
+    with pytest.raises(ServeError, match="No such file"):
+        api_key(_serve_args("--api-key-file", str(tmp_path / "missing")), env)
+
+
+def test_exposure_warnings_and_allowed_hosts():
+    from qwen3_tts_edge.runtime.servers.cli import allowed_hosts, exposure_warnings
+
+    lan = _serve_args("--host", "0.0.0.0")
+    [warning] = exposure_warnings(lan, None)
+    assert "without an API key" in warning and "QWEN3_TTS_EDGE_API_KEY" in warning
+    assert exposure_warnings(lan, "k") == [] and exposure_warnings(_serve_args(), None) == []
+    assert "`ps`" in exposure_warnings(_serve_args("--api-key", "k"), "k")[0]
+    assert allowed_hosts(_serve_args()) == ["127.0.0.1", "::1", "localhost"]  # loopback bind: loopback names
+    assert allowed_hosts(_serve_args("--host", "::1")) == ["127.0.0.1", "::1", "localhost"]
+    assert allowed_hosts(lan) is None  # a LAN bind answers any name unless told
+    assert allowed_hosts(_serve_args("--host", "0.0.0.0", "--allowed-hosts", "tts.lan, 192.168.1.5")) == \
+        ["tts.lan", "192.168.1.5"]
+    assert allowed_hosts(_serve_args("--allowed-hosts", "*")) is None
 
 
 def test_wyoming_from_the_command_line(tiny_bundle):

@@ -41,6 +41,100 @@ class ServeError(Qwen3TTSEdgeError):
     """A server option that cannot work (bad URI, port in use...); printed as one line."""
 
 
+API_KEY_ENV = "QWEN3_TTS_EDGE_API_KEY"
+DEFAULT_MAX_VOICES = 256
+# HTTP connection limits: connections beyond this many get 503 (on top of the pool's places and queue); a client
+# must send a request's headers within HEADER_TIMEOUT_S of connecting or of its previous reply.
+EXTRA_CONNECTIONS = 32
+HEADER_TIMEOUT_S = 10.0
+KEEP_ALIVE_S = 5
+
+
+def api_key(args: argparse.Namespace, environ: dict | None = None) -> str | None:
+    """The key from --api-key, --api-key-file or $QWEN3_TTS_EDGE_API_KEY, in that order (a file or the environment
+    keeps it out of `ps`)."""
+    if args.api_key:
+        return args.api_key
+    if args.api_key_file is not None:
+        try:
+            key = args.api_key_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ServeError(f"--api-key-file {args.api_key_file}: {getattr(exc, 'strerror', None) or exc}") from None
+        if not key:
+            raise ServeError(f"--api-key-file {args.api_key_file} is empty; write the key into it")
+        return key
+    return (os.environ if environ is None else environ).get(API_KEY_ENV) or None
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def allowed_hosts(args: argparse.Namespace) -> list[str] | None:
+    """The Host names to answer (None: any). Bound to loopback, only loopback names: a web page that rebinds its
+    own name to 127.0.0.1 then cannot read or delete voices."""
+    if args.allowed_hosts:
+        names = [n.strip() for n in args.allowed_hosts.split(",") if n.strip()]
+        return None if "*" in names else names
+    if is_loopback(args.host):
+        from .openai_api import LOOPBACK_HOSTS
+
+        return sorted({*LOOPBACK_HOSTS, args.host.strip("[]").lower()})
+    return None
+
+
+def exposure_warnings(args: argparse.Namespace, key: str | None) -> list[str]:
+    """What the banner warns about: a key in `ps`, a server other machines reach without a key."""
+    out = []
+    if args.api_key:
+        out.append(f"--api-key is visible to every user of this machine (`ps`); use --api-key-file or ${API_KEY_ENV}")
+    if not key and not is_loopback(args.host):
+        out.append(f"listening on {args.host} without an API key: anyone on the network, and any web page a browser "
+                   f"on it opens, can make this server speak and upload or delete voices; set ${API_KEY_ENV} or "
+                   "--api-key-file (and --allowed-hosts)")
+    return out
+
+
+def _h11_with_header_timeout(timeout_s: float):
+    """uvicorn's h11 protocol with a deadline for request headers, which uvicorn lacks: a client that connects and
+    trickles its headers (or sends nothing) is dropped after ``timeout_s`` instead of holding a socket forever."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderDeadlineH11(H11Protocol):
+        _due = None
+
+        def _arm(self) -> None:
+            if self._due is not None:
+                self._due.cancel()
+            self._due = self.loop.call_later(timeout_s, self._late)
+
+        def _late(self) -> None:
+            if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
+                self.transport.close()  # no request in progress: still waiting for headers
+
+        def connection_made(self, transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()
+
+        def connection_lost(self, exc) -> None:
+            if self._due is not None:
+                self._due.cancel()
+            super().connection_lost(exc)
+
+    return HeaderDeadlineH11
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-b", "--bundle", required=True, type=Path, help="an exported bundle")
     p.add_argument("--voices", type=Path, metavar="DIR",
@@ -62,7 +156,14 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         "requests)")
     p.add_argument("--max-queue", type=_non_negative, default=8,
                    help="requests waiting for a place before new ones get 429 + Retry-After")
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes (visible in `ps`: prefer "
+                   f"--api-key-file or ${API_KEY_ENV})")
+    p.add_argument("--api-key-file", type=Path, metavar="FILE", help="read the API key from FILE")
+    p.add_argument("--allowed-hosts", metavar="NAMES",
+                   help="comma-separated Host names the server answers to, '*' for any (default: the loopback "
+                        "names when --host is a loopback address, else any)")
+    p.add_argument("--max-voices", type=_positive, default=DEFAULT_MAX_VOICES,
+                   help=f"saved voices kept in --voices DIR before uploads are refused (default {DEFAULT_MAX_VOICES})")
     p.add_argument("--model-name", help="model id listed in /v1/models (default: from the bundle)")
 
 
@@ -139,14 +240,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .openai_api import create_app
 
     _logging(args.log_level)
+    key, hosts = api_key(args), allowed_hosts(args)
     pool, catalog = _load(args, args.max_queue)
-    app = create_app(pool, catalog, api_key=args.api_key, model=args.model_name, max_frames=args.max_frames)
+    catalog.max_voices = args.max_voices
+    app = create_app(pool, catalog, api_key=key, model=args.model_name, max_frames=args.max_frames,
+                     allowed_hosts=hosts)
     e = pool.engines[0]
     print(f"{PROG}: serving {app.state.api.model} on http://{args.host}:{args.port}/v1 ({args.workers} worker(s) x "
           f"{e.config.max_batch} streams, queue {args.max_queue}; {e.backend} talker {e.talker_precision}, decoder "
           f"{e.decoder_precision}; "
           f"voices: {', '.join(catalog.names()) or 'none yet'})", file=sys.stderr)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    for warning in exposure_warnings(args, key):
+        print(f"{PROG}: warning: {warning}", file=sys.stderr)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
+                            http=_h11_with_header_timeout(HEADER_TIMEOUT_S), timeout_keep_alive=KEEP_ALIVE_S,
+                            limit_concurrency=pool.capacity + args.max_queue + EXTRA_CONNECTIONS)
     server = uvicorn.Server(config)
     try:
         server.run()
