@@ -129,7 +129,7 @@ def predictor_meta(talker: Any) -> dict[str, Any]:
     return {"graph": "predictor", "num_steps": len(cp.lm_head), "codebook_size": int(cp.config.vocab_size),
             "hidden_size": int(talker.config.hidden_size), "predictor_hidden_size": int(cp.config.hidden_size),
             "num_layers": int(cp.config.num_hidden_layers), "codec_vocab_size": int(talker.config.vocab_size),
-            "has_projection": isinstance(cp.small_to_mtp_projection, torch.nn.Linear)}
+            "has_projection": isinstance(cp.small_to_mtp_projection, torch.nn.Linear), "batch_axis": True}
 
 
 def example_inputs(hidden_size: int, num_steps: int, rows: int = 2) -> tuple[Any, ...]:

@@ -194,7 +194,8 @@ def talker_meta(talker: Any) -> dict[str, Any]:
     return {"graph": "talker", "hidden_size": int(c.hidden_size), "num_layers": int(c.num_hidden_layers),
             "num_kv_heads": int(c.num_key_value_heads), "head_dim": int(c.head_dim),
             "codec_vocab_size": int(c.vocab_size), "text_vocab_size": int(c.text_vocab_size),
-            "mrope_sections": 3}  # the official rotary embedding always takes (3, B, T) positions
+            "mrope_sections": 3,  # the official rotary embedding always takes (3, B, T) positions
+            "batch_axis": True}  # graph format 2: rows of several sequences (runtime/engine/assemble.batches)
 
 
 def export_talker_onnx(model_or_checkpoint_dir: Any, out_path: Path | str, *, opset: int = OPSET,

@@ -12,7 +12,9 @@ so the first difference, if any, is checked: the alone run's scores for the two 
 from __future__ import annotations
 
 import asyncio
+import json
 import queue
+import shutil
 import threading
 import time
 from collections import defaultdict
@@ -387,3 +389,22 @@ def test_a_chooser_that_fails_costs_only_its_own_frame(tiny_bundle):
     assert isinstance(out[1], RuntimeError) and "broke" in str(out[1])
     for i in (0, 2):
         np.testing.assert_array_equal(out[i], alone.predict(hidden[i], c0[i]))
+
+
+def test_servers_batch_by_default_where_the_bundle_can(tiny_bundle, tmp_path):
+    """``serve``/``wyoming`` default to SERVER_MAX_BATCH on llama.cpp and on ONNX graphs with a batch axis; an ONNX
+    bundle exported before the axis existed (no ``batch_axis`` in its talker entry) still serves, one at a time."""
+    from qwen3_tts_edge.runtime import EngineConfig
+    from qwen3_tts_edge.runtime.servers.cli import SERVER_MAX_BATCH, server_max_batch
+
+    assert server_max_batch(tiny_bundle, EngineConfig(talker_precision="f32")) == SERVER_MAX_BATCH
+    assert server_max_batch(tiny_bundle, EngineConfig(talker_precision="fp32")) == SERVER_MAX_BATCH
+    old = tmp_path / "format-1"
+    shutil.copytree(tiny_bundle, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    for c in manifest["components"]:
+        if c["role"] in ("talker", "predictor") and c["format"] == "onnx":
+            assert c["meta"].pop("batch_axis") is True
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    assert server_max_batch(old, EngineConfig(talker_precision="fp32")) == 1
+    assert server_max_batch(old, EngineConfig(talker_precision="f32")) == SERVER_MAX_BATCH

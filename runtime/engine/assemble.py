@@ -266,11 +266,18 @@ class Engines:
         return self
 
 
-def generation_spec(bundle: Bundle, config: EngineConfig) -> Any:
-    """The generation engine's spec row ``config`` picks for ``bundle`` (nothing is loaded)."""
+def batches(bundle: Bundle, config: EngineConfig) -> bool:
+    """Whether the generation engine ``config`` picks for ``bundle`` can run ``max_batch`` > 1 (nothing is loaded).
+
+    Its spec row says whether the engine batches; ONNX graphs gained their batch axis in graph format 2, so an
+    ONNX talker must also say so in its manifest entry (``batch_axis``; bundles exported before do not batch)."""
     engines = Engines(bundle, EngineConfig.build(config, max_batch=1))
     engines._resolve()
-    return GENERATION_ENGINES[engines.name]
+    spec = GENERATION_ENGINES[engines.name]
+    if not spec.sequences:
+        return False
+    meta = bundle.manifest.component("talker", engines.talker_precision).meta or {}
+    return bool(meta.get("batch_axis", spec.format != "onnx"))
 
 
 def assemble(bundle: Bundle, config: EngineConfig | None = None, *, load: Iterable[str] = SPEAKING_STAGES) -> Engines:

@@ -142,7 +142,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-frames", type=_positive, metavar="N",
                    help="cap on 80 ms frames per request (default: the bundle's max_new_tokens)")
     # The same engine flags as speak (per worker engine; --threads defaults to the cores shared among workers).
-    # --max-batch: servers batch SERVER_MAX_BATCH requests on an engine that can (llama.cpp), unless told.
+    # --max-batch: servers batch SERVER_MAX_BATCH requests on an engine that can (llama.cpp; ONNX graphs with a batch
+    # axis), unless told.
     add_engine_arguments(p.add_argument_group("engine (as for speak; per worker)"))
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
@@ -226,11 +227,12 @@ def _load(args: argparse.Namespace, max_queue: int):
 
 
 def server_max_batch(bundle: Path, config: EngineConfig) -> int:
-    """``SERVER_MAX_BATCH`` when the bundle's generation engine under ``config`` batches requests, else 1."""
+    """``SERVER_MAX_BATCH`` when the bundle's generation engine under ``config`` batches requests, else 1 (an ONNX
+    bundle exported before its graphs had a batch axis still serves, one request per engine at a time)."""
     from ..bundle import load_bundle
-    from ..engine.assemble import generation_spec
+    from ..engine.assemble import batches
 
-    return SERVER_MAX_BATCH if generation_spec(load_bundle(bundle, verify=False), config).sequences else 1
+    return SERVER_MAX_BATCH if batches(load_bundle(bundle, verify=False), config) else 1
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
