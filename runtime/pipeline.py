@@ -22,7 +22,7 @@ from .engine.config import EngineConfig
 from .engine.contract import GenerationEngines
 from .options import AudioChunk, SpeakOptions, StreamStats
 from .plan import RequestPlan, plan_request, segment_budget
-from .prompt import ModelIds, PromptError, VoicePrompt
+from .prompt import ModelIds, PromptError, VoicePrompt, instruct_token_ids
 from .streaming import STOP_CANCELLED, AudioStream, run_stream
 from .text import TextTokenizer
 from .voices.voice_file import Voice, VoiceError, checkpoint_identity
@@ -220,7 +220,8 @@ class TTS:
                            on_cancel=plan.first_prompt.close)
 
     def _segment_budget(self, o: SpeakOptions) -> int | None:
-        return segment_budget(o, self.tokenizer, self.n_ctx)
+        instruct = instruct_token_ids(self.tokenizer, o.instruct)
+        return segment_budget(o, self.n_ctx, 0 if instruct is None else len(instruct))
 
     def _run(self, plan: RequestPlan, prompt_s: float, stats: StreamStats,
              stop: threading.Event) -> Iterator[AudioChunk]:

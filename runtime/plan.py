@@ -19,7 +19,7 @@ import numpy as np
 from .engine.contract import EmbeddingTables, PredictorEngine, PromptTalker
 from .frame_loop import DEFAULT_MAX_FRAMES, STOP_CONTEXT, STOP_MAX_FRAMES, FrameLoop
 from .options import Limits, SpeakOptions
-from .prompt import ModelIds, Prompt, VoicePrompt, build_prompt, validate_text
+from .prompt import ModelIds, Prompt, VoicePrompt, build_prompt, instruct_token_ids, validate_text
 from .sampler import CodeSampler, SamplingParams
 from .segments import split_segments
 from .text import TextTokenizer
@@ -77,14 +77,15 @@ class RequestPlan:
                 return
 
 
-def segment_budget(o: SpeakOptions, tokenizer: TextTokenizer, n_ctx: int | None) -> int | None:
-    """Text tokens per segment so that a segment's prompt and frames fit the talker's context."""
+def segment_budget(o: SpeakOptions, n_ctx: int | None, instruct_tokens: int = 0) -> int | None:
+    """Text tokens per segment so that a segment's prompt (with ``instruct_tokens`` of instruction) and frames fit
+    the talker's context."""
     if o.segment_tokens is not None:
         return o.segment_tokens
     if n_ctx is None:
         return None
     per_token = o.frames_per_text_token or 8.0
-    room = n_ctx - PROMPT_OVERHEAD - o.limits.text_ceiling_slack - len(tokenizer.encode(o.instruct or ""))
+    room = n_ctx - PROMPT_OVERHEAD - o.limits.text_ceiling_slack - instruct_tokens
     per_token += 0 if o.streaming_text else 1  # the full-text layout also puts every token in the prompt
     return max(8, int(room / per_token))
 
@@ -93,8 +94,9 @@ def plan_request(text: str | Iterable[str], o: SpeakOptions, *, ids: ModelIds, t
                  tables: EmbeddingTables, manifest: Any, n_ctx: int | None) -> RequestPlan:
     """Validate ``text`` and the options against the bundle and decide the request (``o.voice`` is already a
     ``VoicePrompt`` or None). Builds the first prompt now: with incremental text it waits for the first token."""
-    settings = dict(language=o.language, speaker=o.speaker, instruct=o.instruct, voice=o.voice,
-                    streaming_text=o.streaming_text, text_timeout_s=o.text_timeout_s)
+    instruct_ids = instruct_token_ids(tokenizer, o.instruct)  # once: every segment's prompt repeats them
+    settings = dict(language=o.language, speaker=o.speaker, instruct=o.instruct, instruct_ids=instruct_ids,
+                    voice=o.voice, streaming_text=o.streaming_text, text_timeout_s=o.text_timeout_s)
 
     def build(segment: str | Iterable[str]) -> Prompt:
         return build_prompt(ids, tokenizer, tables, segment, **settings)
@@ -102,7 +104,7 @@ def plan_request(text: str | Iterable[str], o: SpeakOptions, *, ids: ModelIds, t
     segments: list[str | Iterable[str]] = [text]
     if isinstance(text, str):
         validate_text(text)
-        budget = segment_budget(o, tokenizer, n_ctx)
+        budget = segment_budget(o, n_ctx, 0 if instruct_ids is None else len(instruct_ids))
         if budget is not None:
             segments = list(split_segments(text, tokenizer, budget))
     first = build(segments[0])  # validates speaker, language, voice now

@@ -99,6 +99,12 @@ def _ids(values) -> np.ndarray:
     return np.asarray(list(values), dtype=np.int64)
 
 
+def instruct_token_ids(tokenizer: TextTokenizer, instruct: str | None) -> np.ndarray | None:
+    """The instruction's prompt tokens (its chat turn), made once per request: a long request's every segment
+    repeats them, and a server lets an instruction run to thousands of characters."""
+    return _ids(tokenizer.encode(instruct_text(instruct))) if instruct else None
+
+
 def resolve_language(ids: ModelIds, language: str | None, speaker: str | None) -> int | None:
     """Codec language id for ``language`` (None for auto), with the official dialect switch."""
     lang = (language or "auto").strip().lower()
@@ -168,6 +174,7 @@ def build_prompt(
     language: str | None = "auto",
     speaker: str | None = None,
     instruct: str | None = None,
+    instruct_ids: np.ndarray | None = None,
     voice: VoicePrompt | None = None,
     streaming_text: bool = True,
     num_code_groups: int = 16,
@@ -178,6 +185,7 @@ def build_prompt(
     ``text`` may be an iterable of pieces still arriving (incremental text, streaming-text layout only): the
     prompt waits for the first token, and the rest is fed frame by frame as it becomes final (each frame waits
     up to ``text_timeout_s`` for its token). Text must hold a non-whitespace character, whole or incremental.
+    ``instruct_ids``: ``instruct`` already tokenised (:func:`instruct_token_ids`), as a request's segments share it.
     """
     _check_inputs(ids, tables, text, speaker, instruct, voice, streaming_text, num_code_groups)
     tok, cod = ids.token_ids, ids.codec_ids
@@ -187,7 +195,8 @@ def build_prompt(
                                                          tok["tts_pad_token_id"]]))
     parts: list[np.ndarray] = []
     if instruct:
-        parts.append(tables.text_embeds(_ids(tokenizer.encode(instruct_text(instruct)))))
+        parts.append(tables.text_embeds(instruct_token_ids(tokenizer, instruct) if instruct_ids is None
+                                        else instruct_ids))
     parts.append(tables.text_embeds(text_ids[:3]))  # <|im_start|>assistant\n
     voice_part, codec_bos = _codec_prefix(ids, tables, lang_id, speaker, voice, bos_vec, pad_vec)
     parts.append(voice_part)

@@ -152,3 +152,36 @@ def test_saved_voice_prefixes_come_back_after_other_voices(tiny_bundle):
     no_save = PrefixReusingTalker(Talker(path, kv_type="f32", flash_attn=False), cache_bytes=0)
     no_save.prefill_embeds(prompt(voice_a, 3), voice_positions=10)
     assert no_save.saved_voices == 0
+
+
+@needs_export
+def test_an_instruction_is_tokenised_once_per_request(tiny_bundle):
+    """Every segment's prompt repeats the instruction; a server lets it run to 2048 characters, so it is tokenised
+    once when the request is planned, not once per segment (1.7B CustomVoice ids: that model takes instruct)."""
+    import dataclasses
+
+    from qwen3_tts_edge.runtime.pipeline import TTS, SpeakOptions
+    from qwen3_tts_edge.runtime.plan import plan_request
+    from qwen3_tts_edge.runtime.text import instruct_text
+
+    tts = TTS(tiny_bundle, talker_precision="q8_0", n_ctx=256)
+    instruct = "Speak slowly and warmly, like a late-night radio host. " * 8
+    seen: list[str] = []
+
+    class Counting:
+        def __getattr__(self, name):
+            return getattr(tts.tokenizer, name)
+
+        def encode(self, text):
+            seen.append(text)
+            return tts.tokenizer.encode(text)
+
+    plan = plan_request(LONG, SpeakOptions(speaker="vivian", instruct=instruct, segment_tokens=12),
+                        ids=dataclasses.replace(tts.ids, model_size="1b7"), tokenizer=Counting(), tables=tts.tables,
+                        manifest=tts.bundle.manifest, n_ctx=256)
+    prompts = [plan.first_prompt] + [plan.build(s) for s in plan.segments[1:]]  # as the frame loop builds them
+    assert len(plan.segments) >= 3
+    assert sum(instruct in text for text in seen) == 1 and seen.count(instruct_text(instruct)) == 1
+    head = len(tts.tokenizer.encode(instruct_text(instruct)))
+    for p in prompts[1:]:  # the same instruction rows lead every segment's prompt
+        np.testing.assert_array_equal(p.embeds[:head], prompts[0].embeds[:head])

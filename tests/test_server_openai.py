@@ -258,6 +258,7 @@ def test_first_audio_arrives_while_the_utterance_is_still_being_made(server):
     ({"instructions": "Speak happily."}, "instructions", "instruct"),
     ({"language": "klingon"}, "language", "english"),
     ({"ref_audio": "UklGRg=="}, "ref_audio", "Base"),
+    ({"ref_audio": ""}, "ref_audio", "empty"),  # found by the fuzz suite: an empty clip was taken as no clip
     ({"seed": "one"}, "seed", "integer"),
 ])
 def test_bad_requests_name_their_field(server, body, param, words):

@@ -361,7 +361,10 @@ class SpeechApp:
         x_only = bool(_field(body, "x_vector_only_mode", bool, "true or false"))
         ref_audio = None
         choice: VoiceChoice | None = None
-        if ref_b64:
+        if ref_b64 is not None:
+            if not ref_b64:
+                raise ApiError(400, "ref_audio is empty: send a 3-10 s clip as base64, or leave the field out",
+                               param="ref_audio")
             if self.model_type != "base":
                 raise ApiError(400, f"ref_audio clones a voice, which only Base bundles do; this is a "
                                f"{self.model_type} bundle (use a preset voice)", param="ref_audio")
