@@ -320,6 +320,8 @@ def _export(model: str, out: Path, requested: dict[str, tuple[str, ...]],
                 meta = dict(entry.get("meta") or {})
                 skip = ("file", "role", "format", "precision", "meta")
                 meta.update({k: v for k, v in entry.items() if k not in skip})
+                if entry["precision"] not in requested[stage]:
+                    meta["requested"] = False  # kept as another precision's source; the runtime prefers the asked
                 components.append(Component.from_file(tmp, entry["file"], entry["role"], entry["format"],
                                                       entry["precision"], meta=meta))
             progress(f"{stage} done in {time.perf_counter() - ts:.1f} s")

@@ -206,3 +206,54 @@ def test_unknown_stage_precisions_fail_before_any_work(tmp_path):
     with pytest.raises(ExportError, match="unknown talker precision"):
         export_bundle("random:tiny-custom_voice", tmp_path / "b", talker=["q3_k"], progress=lambda m: None)
     assert not (tmp_path / "b").exists()
+
+
+@needs_export
+def test_the_default_precision_is_one_the_export_was_asked_for(tiny_bundle, tmp_path):
+    """``export --decoder int8`` keeps the fp32 decoder it was made from; without a precision named, the runtime
+    loads the int8 one the user asked for, not fp32 because fp32 ranks first. Bundles without the mark (exported
+    before it) keep the plain preference."""
+    import copy
+
+    from qwen3_tts_edge.runtime.engine.assemble import DECODER, pick_precision
+    from qwen3_tts_edge.runtime.engine.specs import preference
+
+    root = _copy(tiny_bundle, tmp_path)
+
+    def add_int8(data):  # the fp32 graph's file under another name stands in for the int8 one
+        int8 = copy.deepcopy(next(c for c in data["components"] if c["role"] == "decoder"))
+        shutil.copy(root / int8["file"], root / "decoder.int8.onnx")
+        int8.update(precision="int8", file="decoder.int8.onnx")
+        data["components"].append(int8)
+
+    _edit_manifest(root, add_int8)
+    bundle = load_bundle(root, verify=False)
+    assert preference(DECODER).index("fp32") < preference(DECODER).index("int8")
+    assert pick_precision(bundle, "decoder", None, preference(DECODER)) == "fp32"  # unmarked: as before
+    _edit_manifest(root, lambda d: next(c for c in d["components"] if c["role"] == "decoder"
+                                        and c["precision"] == "fp32")["meta"].update(requested=False))
+    bundle = load_bundle(root, verify=False)
+    assert pick_precision(bundle, "decoder", None, preference(DECODER)) == "int8"
+    assert pick_precision(bundle, "decoder", "fp32", preference(DECODER)) == "fp32"  # still there when named
+
+
+def test_export_marks_precisions_it_kept_only_as_a_source(tiny_checkpoint, tmp_path, monkeypatch):
+    """The export marks what it wrote beyond the request (the fp32 decoder behind an int8 one) ``requested: false``,
+    and nothing the user asked for."""
+    from qwen3_tts_edge.export import build
+
+    calls = []
+
+    def decoder_stage(folder, out, precisions, **_):
+        calls.append(tuple(precisions))
+        (out / "decoder.fp32.onnx").write_bytes(b"fp32")
+        (out / "decoder.int8.onnx").write_bytes(b"int8")
+        return [{"file": "decoder.fp32.onnx", "role": "decoder", "format": "onnx", "precision": "fp32"},
+                {"file": "decoder.int8.onnx", "role": "decoder", "format": "onnx", "precision": "int8"}]
+
+    monkeypatch.setattr(build, "validate_components", lambda components: None)
+    manifest = build._export("random:tiny-custom_voice", tmp_path / "b", {"decoder": ("int8",)},
+                             {"decoder": decoder_stage}, lambda msg: None, None)
+    assert calls == [("int8",)]
+    marks = {c.precision: (c.meta or {}).get("requested", True) for c in manifest.components if c.role == "decoder"}
+    assert marks == {"fp32": False, "int8": True}

@@ -40,8 +40,11 @@ SPEAKING_STAGES = (GENERATION, DECODER)
 
 def pick_precision(bundle: Bundle, role: str, wanted: str | None, prefer: Iterable[str], fmt: str | None = None,
                    engine: str | None = None) -> str:
-    """The precision of ``role`` to load: ``wanted`` if the bundle has it, else the first preferred one it has."""
-    have = [c.precision for c in bundle.manifest.find(role) if fmt is None or c.format == fmt]
+    """The precision of ``role`` to load: ``wanted`` if the bundle has it, else the first preferred one among those
+    the export was asked for (an int8 decoder's export also keeps the fp32 one it was made from, marked
+    ``requested: false``; the user meant int8), else the first preferred one it has."""
+    found = [c for c in bundle.manifest.find(role) if fmt is None or c.format == fmt]
+    have = [c.precision for c in found]
     if not have:
         if engine:
             raise BundleError(f"bundle {bundle.root} has no {role} for the {engine} backend; export one with "
@@ -53,7 +56,8 @@ def pick_precision(bundle: Bundle, role: str, wanted: str | None, prefer: Iterab
             on = f" for the {engine} backend" if engine else ""
             raise BundleError(f"bundle has no {role} in precision {wanted!r}{on}; available: {sorted(have)}")
         return wanted
-    return next((p for p in prefer if p in have), have[0])
+    asked = [c.precision for c in found if (c.meta or {}).get("requested", True)] or have
+    return next((p for p in prefer if p in asked), asked[0])
 
 
 def load_stage(stage: str, bundle: Bundle, precision: str, **settings: Any) -> Any:
