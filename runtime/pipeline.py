@@ -19,7 +19,7 @@ import numpy as np
 from .bundle import Bundle, load_bundle
 from .engine.assemble import CODEC_ENCODER, SPEAKER_ENCODER, SPEAKING_STAGES, Engines, assemble
 from .engine.config import EngineConfig
-from .engine.contract import GenerationEngines
+from .engine.contract import DECODER_PRIMED_CACHE, GenerationEngines
 from .options import AudioChunk, SpeakOptions, StreamStats
 from .plan import RequestPlan, plan_request, segment_budget
 from .prompt import ModelIds, PromptError, VoicePrompt, instruct_token_ids
@@ -116,11 +116,13 @@ class TTS:
         return self.config.max_queued_frames
 
     def create_voice(self, audio, ref_text: str | None = None, *, x_vector_only: bool = False,
-                     language: str | None = None) -> Voice:
+                     language: str | None = None, prime_decoder: bool = True) -> Voice:
         """Clone a voice from reference audio (a file soundfile reads, or ``(samples, rate)``); Base bundles only.
 
         With the reference transcript the voice clones in context (ICL: x-vector + reference codes + text, the
-        official default); without one, or with ``x_vector_only``, from the x-vector only.
+        official default); without one, or with ``x_vector_only``, from the x-vector only. An ICL voice also keeps
+        the decoder's state after its reference (``prime_decoder``): decoding the reference costs as much as
+        speaking it, and without the state a voice's first use pays it before its first audio.
         """
         from .voices.audio_in import describe_source, load_reference
 
@@ -139,11 +141,25 @@ class TTS:
                 raise VoiceError("this bundle has no codec encoder, which ICL cloning needs; re-export it (the "
                                  "default includes it) or clone from the x-vector only (--x-vector-only)")
             ref_codes = self.engines.encoder(CODEC_ENCODER).encode(samples)
+        states = {}
+        if icl and prime_decoder and (primed := self._primed_decoder()) is not None:
+            decoder, identity = primed
+            states[identity] = decoder.primed_state(ref_codes)
         return Voice(x_vector=x_vector, mode="icl" if icl else "xvec", ref_codes=ref_codes, ref_text=ref_text,
                      language=language,
                      checkpoint=checkpoint_identity(m),
                      provenance={**describe_source(audio), "seconds_24k": round(len(samples) / 24000, 3),
-                                 "resampler": "soxr HQ (librosa's default)"})
+                                 "resampler": "soxr HQ (librosa's default)"},
+                     decoder_states=states)
+
+    def _primed_decoder(self) -> tuple[Any, str] | None:
+        """The decoder and the sha256 of its graph when it keeps primed states (a voice's saved state is only
+        valid for that graph); None for a decoder without them or without a bundle file (made elsewhere)."""
+        decoder = self.engines.decoder
+        found = self.bundle.manifest.find("decoder", self.engines.decoder_precision)
+        if DECODER_PRIMED_CACHE not in self.engines.decoder_capabilities or not found:
+            return None
+        return decoder, found[0].sha256
 
     def _check_reference_fits(self, samples: int) -> None:
         """An ICL reference's frames go into every prompt: at most half the talker context, so the new text and
@@ -171,6 +187,15 @@ class TTS:
             raise VoiceError(f"this is a {self.ids.model_type} bundle; voices are for Base models (use --speaker or "
                              "--instruct here)")
         voice.check_for(self.bundle.manifest)
+        if voice.mode == "icl" and voice.decoder_states and (primed := self._primed_decoder()) is not None:
+            decoder, identity = primed
+            state = voice.decoder_states.get(identity)  # another decoder's state is ignored: priming decodes
+            if state is not None:
+                try:
+                    decoder.keep_primed(voice.ref_codes, state)
+                except ValueError as exc:
+                    raise VoiceError(f"the voice's saved decoder state does not fit this decoder ({exc}); re-create "
+                                     "the voice with `qwen3-tts-edge voice create`") from None
         language = voice.language if o.language == "auto" and voice.language else o.language
         return o.replace(voice=voice.prompt(), language=language)
 

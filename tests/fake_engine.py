@@ -295,6 +295,18 @@ class FakeDecoder:
         while len(self._primed) > self._primed_voices:
             self._primed.popitem(last=False)
 
+    def primed_state(self, ref_codes: np.ndarray) -> dict[str, np.ndarray]:
+        self.prime(ref_codes)
+        state = {"phase": np.array([self._phase]), "prev": self._prev.copy(), "frames": np.array([self._frames])}
+        self.reset()
+        return state
+
+    def keep_primed(self, ref_codes: np.ndarray, state: dict[str, np.ndarray]) -> None:
+        key = hashlib.sha256(self._check(ref_codes).tobytes()).digest()
+        if set(state) != {"phase", "prev", "frames"} or np.shape(state["prev"]) != (self.num_quantizers,):
+            raise ValueError("not a primed state of this decoder")
+        self._primed[key] = (float(state["phase"][0]), np.asarray(state["prev"]).copy(), int(state["frames"][0]))
+
     def forget_primed(self) -> None:
         self._primed.clear()
 

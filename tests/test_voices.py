@@ -274,16 +274,72 @@ def test_voice_design_then_clone(base_bundle, tmp_path):
 
 
 @needs_export
-def test_voice_create_loads_only_the_voice_encoders(base_bundle, ref_wav, tmp_path):
-    """``TTS(bundle, load=())`` + ``create_voice`` (what `voice create` does) runs the two encoders and never loads
-    the generation engine or the decoder; speaking later loads them."""
+def test_voice_create_never_loads_the_generation_engine(base_bundle, ref_wav, tmp_path):
+    """``TTS(bundle, load=())`` + ``create_voice`` (what `voice create` does) runs the encoders it needs, and for an
+    ICL voice the decoder (to keep its state after the reference), never the generation engine; speaking later
+    loads it."""
     from qwen3_tts_edge.runtime import TTS
 
     tts = TTS(base_bundle, load=())
     assert tts.engines.loaded == ()
+    assert tts.create_voice(ref_wav, x_vector_only=True).mode == "xvec"
+    assert sorted(tts.engines.loaded) == ["speaker_encoder"]
     voice = tts.create_voice(ref_wav, "A short reference transcript.")
-    assert voice.mode == "icl"
-    assert sorted(tts.engines.loaded) == ["codec_encoder", "speaker_encoder"]
+    assert voice.mode == "icl" and len(voice.decoder_states) == 1
+    assert sorted(tts.engines.loaded) == ["codec_encoder", "decoder", "speaker_encoder"]
     chunks = list(tts.stream("Hello there.", voice=voice, max_frames=4, min_frames=4))
     assert sum(c.n_frames for c in chunks) == 4
     assert {"generation", "decoder"} <= set(tts.engines.loaded)
+
+
+@needs_export
+def test_an_icl_voice_keeps_the_decoder_state_after_its_reference(base_bundle, ref_wav, tmp_path):
+    """The first use of a saved ICL voice restores the decoder's state after the reference instead of decoding the
+    whole reference (it cost seconds at 1.7B), with the same audio; a state made by another decoder graph is
+    ignored (the reference is decoded), a state that does not fit is refused, and a tampered file is refused."""
+    import dataclasses
+
+    from qwen3_tts_edge.runtime import TTS
+    from qwen3_tts_edge.runtime.voices.voice_file import Voice, VoiceError
+
+    tts = TTS(base_bundle, talker_precision="f32")
+    saved = tts.create_voice(ref_wav, "A short reference transcript.").save(tmp_path / "v.voice")
+    voice = Voice.load(saved)
+    (identity, state), = voice.decoder_states.items()
+    assert identity == next(c.sha256 for c in tts.bundle.manifest.find("decoder", tts.engines.decoder_precision))
+    decoder = tts.engines.decoder
+    decoded = []
+    real_decode = decoder.decode
+
+    def counting(codes):
+        decoded.append(len(codes))
+        return real_decode(codes)
+
+    decoder.decode = counting
+    ref_frames = len(voice.ref_codes)
+
+    def speak(v) -> tuple[np.ndarray, int]:
+        tts.forget_voices()  # a cold start, as in a fresh process
+        decoded.clear()
+        pcm = np.concatenate([c.pcm for c in tts.stream("Hello there.", voice=v, seed=3, max_frames=6,
+                                                        min_frames=6)])
+        return pcm, sum(decoded)
+
+    with_state, frames_with = speak(voice)
+    without, frames_without = speak(dataclasses.replace(voice, decoder_states={}))
+    assert frames_with == 6 and frames_without == 6 + ref_frames  # the reference was not decoded again
+    np.testing.assert_array_equal(with_state, without)
+    other, frames_other = speak(dataclasses.replace(voice, decoder_states={"0" * 64: state}))
+    assert frames_other == 6 + ref_frames
+    np.testing.assert_array_equal(other, without)
+    bad = {k: v[..., :1] if v.ndim else v for k, v in state.items()}
+    with pytest.raises(VoiceError, match="saved decoder state does not fit"):
+        list(tts.stream("Hello.", voice=dataclasses.replace(voice, decoder_states={identity: bad}), max_frames=2))
+    raw = bytearray(saved.read_bytes())
+    header_len = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + header_len])
+    start, _ = next(v["data_offsets"] for k, v in header.items() if k.startswith("decoder_state."))
+    raw[8 + header_len + start] ^= 0xFF  # one byte of a saved decoder state
+    (tmp_path / "t.voice").write_bytes(bytes(raw))
+    with pytest.raises(VoiceError, match="damaged"):
+        Voice.load(tmp_path / "t.voice")

@@ -10,7 +10,8 @@ declaration, never ``hasattr``.
 - ``KV_STATE``: the talker can rewind its KV cache and save/restore it (:class:`KVState`). With it, assembly
   wraps the talker in the prompt-prefix cache (``runtime/prefix_cache.py``); without it every prompt is
   prefilled whole (:class:`FreshPromptTalker`).
-- ``DECODER_PRIMED_CACHE``: the decoder keeps primed states of recent voice-clone references and can forget them.
+- ``DECODER_PRIMED_CACHE``: the decoder keeps primed states of recent voice-clone references, can hand one out
+  (``primed_state``, saved with a voice) and take one back (``keep_primed``), and can forget them.
 - ``SEQUENCES``: the talker and the predictor hold several sequences and decode them together (the batch
   scheduler, ``runtime/engine/scheduler.py``, drives them); the decoder can ``fork`` a decoder of its own state
   that shares the loaded model, one per stream.
@@ -193,7 +194,7 @@ REQUIRED: dict[str, tuple[str, ...]] = {
 }
 CAPABILITY_METHODS: dict[str, tuple[str, ...]] = {
     KV_STATE: ("rewind", "save_state", "load_state"),
-    DECODER_PRIMED_CACHE: ("forget_primed",),
+    DECODER_PRIMED_CACHE: ("forget_primed", "primed_state", "keep_primed"),
 }
 # SEQUENCES asks for different methods in each role.
 ROLE_CAPABILITY_METHODS: dict[tuple[str, str], tuple[str, ...]] = {

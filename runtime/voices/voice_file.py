@@ -4,7 +4,10 @@ One safetensors file (read with numpy only): tensor ``x_vector`` (float32 ``[enc
 ``ref_codes`` (``[T, 16]``); metadata key ``qwen3_tts_edge.voice`` holds JSON with the format version, mode,
 reference text, optional default language, ``enc_dim``, the identity of the Base checkpoint (model size and
 a hash of its weights; x-vectors are not portable between checkpoints) and the provenance of the reference
-audio. Written atomically; a damaged file, another checkpoint's voice or a wrong width is refused with the fix.
+audio. An ICL voice may also carry the codec decoder's state after its reference (tensors
+``decoder_state.<id>.<name>``, keyed by the sha256 of the decoder graph that made it): its first use restores it
+instead of decoding the whole reference. Written atomically; a damaged file, another checkpoint's voice or a
+wrong width is refused with the fix.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from ..prompt import VoicePrompt
 VOICE_FORMAT = 1
 METADATA_KEY = "qwen3_tts_edge.voice"
 MODES = ("xvec", "icl")
+STATE_PREFIX = "decoder_state."
 
 
 class VoiceError(Qwen3TTSEdgeError):
@@ -61,6 +65,8 @@ class Voice:
     language: str | None = None
     checkpoint: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
+    # decoder graph sha256 -> the decoder's state after ref_codes (only that graph may restore it)
+    decoder_states: dict[str, dict[str, np.ndarray]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -98,9 +104,13 @@ class Voice:
         tensors = {"x_vector": np.ascontiguousarray(self.x_vector, dtype=np.float32)}
         if self.ref_codes is not None:
             tensors["ref_codes"] = np.ascontiguousarray(self.ref_codes, dtype=np.int64)
+        states = {}
+        for i, (decoder_sha, state) in enumerate(sorted(self.decoder_states.items())):
+            states[str(i)] = decoder_sha
+            tensors.update({f"{STATE_PREFIX}{i}.{name}": np.ascontiguousarray(v) for name, v in state.items()})
         meta = {"format": VOICE_FORMAT, "mode": self.mode, "ref_text": self.ref_text, "language": self.language,
                 "enc_dim": self.enc_dim, "checkpoint": self.checkpoint, "provenance": self.provenance,
-                "tensors_sha256": _tensors_digest(tensors)}
+                "decoder_states": states, "tensors_sha256": _tensors_digest(tensors)}
         data = save(tensors, metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
         path = Path(path)
         fd, tmp = atomic_temp(path)
@@ -137,12 +147,17 @@ class Voice:
                 or _tensors_digest(tensors) != meta.get("tensors_sha256")):
             raise VoiceError(f"{path} is damaged (its tensors do not match their checksum); re-create it with "
                              "`qwen3-tts-edge voice create`")
+        states: dict[str, dict[str, np.ndarray]] = {}
+        for i, decoder_sha in (meta.get("decoder_states") or {}).items():
+            prefix = f"{STATE_PREFIX}{i}."
+            states[decoder_sha] = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         return cls(x_vector=x, mode=meta["mode"], ref_codes=tensors.get("ref_codes"), ref_text=meta.get("ref_text"),
                    language=meta.get("language"), checkpoint=meta.get("checkpoint") or {},
-                   provenance=meta.get("provenance") or {})
+                   provenance=meta.get("provenance") or {}, decoder_states=states)
 
     def describe(self) -> dict[str, Any]:
         """The voice's metadata (``voice info``)."""
-        out = {k: v for k, v in asdict(self).items() if k not in ("x_vector", "ref_codes")}
-        out.update(enc_dim=self.enc_dim, ref_frames=None if self.ref_codes is None else int(len(self.ref_codes)))
+        out = {k: v for k, v in asdict(self).items() if k not in ("x_vector", "ref_codes", "decoder_states")}
+        out.update(enc_dim=self.enc_dim, ref_frames=None if self.ref_codes is None else int(len(self.ref_codes)),
+                   primed_decoders=sorted(sha[:16] for sha in self.decoder_states))
         return out

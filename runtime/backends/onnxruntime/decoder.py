@@ -131,6 +131,9 @@ class StreamingDecoder:
 
     def restore(self, state: dict[str, np.ndarray]) -> None:
         """Load a state from ``snapshot`` (validated against the layout before anything changes)."""
+        self._state = self._checked_state(state)
+
+    def _checked_state(self, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         new = {}
         for s in self._state_layout:
             if s.name not in state:
@@ -140,7 +143,7 @@ class StreamingDecoder:
                 raise ValueError(f"state {s.name!r}: expected {s.shape} {s.dtype}, "
                                  f"got {value.shape} {value.dtype}")
             new[s.name] = value.copy()
-        self._state = new
+        return new
 
     # -- decoding ---------------------------------------------------------------------------------
     def check_codes(self, codes: np.ndarray) -> np.ndarray:
@@ -203,6 +206,25 @@ class StreamingDecoder:
             raise
         with self._primed_lock:
             self._primed[key] = self.snapshot()
+            while len(self._primed) > PRIMED_VOICES:
+                self._primed.popitem(last=False)
+
+    def primed_state(self, ref_codes: np.ndarray) -> dict[str, np.ndarray]:
+        """The state after priming ``ref_codes``, to keep with the voice (a voice's first use then restores it
+        instead of decoding the whole reference); this decoder's stream starts over."""
+        self.prime(ref_codes)
+        state = self.snapshot()
+        self.reset()
+        return state
+
+    def keep_primed(self, ref_codes: np.ndarray, state: dict[str, np.ndarray]) -> None:
+        """Keep ``state`` (from :meth:`primed_state` on this graph) as the primed state of ``ref_codes``; a state
+        that does not fit this graph's layout is a ``ValueError`` and nothing is kept."""
+        key = hashlib.sha256(self.check_codes(ref_codes).tobytes()).digest()
+        checked = self._checked_state(state)
+        with self._primed_lock:
+            self._primed[key] = checked
+            self._primed.move_to_end(key)
             while len(self._primed) > PRIMED_VOICES:
                 self._primed.popitem(last=False)
 
