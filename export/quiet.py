@@ -25,6 +25,8 @@ LOGGERS: dict[str, tuple[int, str]] = {
 WARNINGS: tuple[tuple[type[Warning], str, str], ...] = (
     (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated",
      "torch's exporter calls its own deprecated pytree API"),
+    (UserWarning, r"The tensor attributes .* were assigned during export",
+     "the official codec encoder caches its codebooks as plain attributes; the traced graph holds their values"),
 )
 VERBOSE_ENV = "QWEN3_TTS_EDGE_EXPORT_VERBOSE"
 
