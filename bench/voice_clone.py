@@ -6,8 +6,11 @@
 Creation: the speaker encoder path (load, resample, mel, x-vector) and the codec encoder, in ms per second of
 reference audio, per clip. Time to first audio (one engine, warm, medians over repeats) for:
 - ``x-vector``: an x-vector-only voice, not cached (the prompt layout of a preset speaker: one speaker row);
-- ``icl cold``: an in-context voice seen for the first time: its whole prompt prefilled and the decoder primed
-  with its reference codes (decoding the reference, as the official decodes reference + new codes together);
+- ``icl cold``: an in-context voice seen for the first time, without a saved decoder state (a voice file made
+  before voices kept one, or by another decoder graph): its whole prompt prefilled and the decoder primed with
+  its reference codes (decoding the reference, as the official decodes reference + new codes together);
+- ``icl first use``: the same, from a voice file that keeps the decoder's state after its reference (what
+  ``voice create`` writes): the state is restored instead of decoding the reference;
 - ``icl cached``: the same voice again after another voice spoke in between: its saved voice prefix (role,
   tags, x-vector, transcript) and its primed decoder state are restored, the rest of the prompt prefilled.
 An engine without caches (``TTS(prefix_cache=False)``) pays the cold figure on every request.
@@ -17,6 +20,7 @@ Random-weight bundles make noise, not speech; their timing is the real one for t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -84,14 +88,19 @@ def run(bundle: Path, clips: list[tuple[Path, str]], *, threads: int, repeats: i
     _ttfa_ms(tts, voices[0][2], TEXTS[0], 0)  # warm-up: first-call costs stay out of every figure
     ttfa = []
     for name, icl, xvec in voices:
-        rows: dict[str, list[tuple[float, int, int]]] = {"x-vector": [], "icl cold": [], "icl cached": []}
+        rows: dict[str, list[tuple[float, int, int]]] = {"x-vector": [], "icl cold": [], "icl first use": [],
+                                                          "icl cached": []}
+        unsaved = dataclasses.replace(icl, decoder_states={})
         for r in range(repeats):
             text = TEXTS[(r + 1) % len(TEXTS)]
             tts.forget_voices()  # nothing known: both kinds start cold
             rows["x-vector"].append(_ttfa_ms(tts, xvec, text, r))
             tts.forget_voices()
             _ttfa_ms(tts, xvec, TEXTS[0], r)  # the engine is warm and something else is live
-            rows["icl cold"].append(_ttfa_ms(tts, icl, text, r))
+            rows["icl cold"].append(_ttfa_ms(tts, unsaved, text, r))
+            tts.forget_voices()
+            _ttfa_ms(tts, xvec, TEXTS[0], r)
+            rows["icl first use"].append(_ttfa_ms(tts, icl, text, r))
             _ttfa_ms(tts, xvec, TEXTS[0], r)  # another voice in between: the ICL prefix comes from the LRU
             rows["icl cached"].append(_ttfa_ms(tts, icl, TEXTS[(r + 2) % len(TEXTS)], r))
         ttfa.append({"clip": name, "ref_frames": int(len(icl.ref_codes)),
@@ -113,10 +122,11 @@ def format_markdown(r: dict[str, Any]) -> str:
         lines.append(f"| {c['clip']} | {c['seconds']} | {c['ref_frames']} | {c['speaker_ms']} ({c['speaker_ms_per_s']})"
                      f" | {c['codec_ms']} ({c['codec_ms_per_s']}) | {c['icl_voice_ms_per_s']} |")
     lines += ["", "Time to first audio, ms (median; prompt positions prefilled / reused):", "",
-              "| clip | ref frames | x-vector voice | ICL cold | ICL cached |", "|---|---|---|---|---|"]
+              "| clip | ref frames | x-vector voice | ICL cold | ICL first use (saved decoder state) | ICL cached |",
+              "|---|---|---|---|---|---|"]
     for t in r["ttfa"]:
-        cells = [f"{t[k]['ttfa_ms']:.0f} ({t[k]['prefilled']}/{t[k]['reused']})"
-                 for k in ("x-vector", "icl cold", "icl cached")]
+        cells = [f"{t[k]['ttfa_ms']:.0f} ({t[k]['prefilled']}/{t[k]['reused']})" if k in t else "n/a"
+                 for k in ("x-vector", "icl cold", "icl first use", "icl cached")]
         lines.append(f"| {t['clip']} | {t['ref_frames']} | " + " | ".join(cells) + " |")
     lines += ["", f"Saved voice prefixes cost {r['voice_cache_bytes_per_position'] / 1e3:.0f} KB per position."]
     return "\n".join(lines) + "\n"

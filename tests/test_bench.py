@@ -195,8 +195,9 @@ def test_voice_clone_bench(base_bundle, ref_wav, tmp_path, capsys):
     c = r["creation"][0]
     assert c["ref_frames"] == 26 and c["speaker_ms_per_s"] > 0 and c["codec_ms_per_s"] > 0
     t = r["ttfa"][0]
-    assert all(t[k]["ttfa_ms"] > 0 for k in ("x-vector", "icl cold", "icl cached"))
+    assert all(t[k]["ttfa_ms"] > 0 for k in ("x-vector", "icl cold", "icl first use", "icl cached"))
     assert t["x-vector"]["reused"] == 0
+    assert t["icl first use"]["prefilled"] == t["icl cold"]["prefilled"]  # only the decoder's state was saved
     # The cached voice restores its prefix (role, tags, x-vector, transcript) and prefills only the rest.
     assert t["icl cached"]["reused"] > t["icl cold"]["reused"]
     assert t["icl cached"]["prefilled"] < t["icl cold"]["prefilled"]
