@@ -26,8 +26,9 @@ from .cache import cache_root
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 ENV_VAR = "QWEN3_TTS_EDGE_LLAMA_CPP_SRC"
-# What the converter needs from vendor/llama.cpp (relative paths; folders are taken whole).
-_NEEDED = ("convert_hf_to_gguf.py", "conversion", "gguf-py", "LICENSE")
+# What the converters need from vendor/llama.cpp (relative paths; folders are taken whole).
+LORA_CONVERTER = "convert_lora_to_gguf.py"
+_NEEDED = ("convert_hf_to_gguf.py", LORA_CONVERTER, "conversion", "gguf-py", "LICENSE")
 _MARKERS = ("convert_hf_to_gguf.py", "conversion/qwen3tts.py", "gguf-py/gguf/constants.py")
 
 
@@ -134,6 +135,30 @@ def _download_and_extract(dest: Path, version: str) -> Path:
         return dest
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def lora_converter_dir(*, version: str = LLAMA_CPP_PYTHON_VERSION) -> Path:
+    """:func:`converter_dir`, also holding ``convert_lora_to_gguf.py`` (PEFT LoRA -> GGUF adapter).
+
+    Caches extracted before voice packs existed lack it: the sdist is fetched again and that one file is added
+    (atomically, so a converter running from the folder meanwhile is not disturbed).
+    """
+    folder = converter_dir(version=version)
+    if (folder / LORA_CONVERTER).is_file():
+        return folder
+    if os.environ.get(ENV_VAR):
+        raise LlamaCppSourceError(f"${ENV_VAR}={os.environ[ENV_VAR]} has no {LORA_CONVERTER}; point it at an unpacked "
+                                  f"llama-cpp-python {version} sdist")
+    fresh = _download_and_extract(folder.with_name(f".{folder.name}.lora-{os.getpid()}"), version)
+    try:
+        if not (fresh / LORA_CONVERTER).is_file():
+            raise LlamaCppSourceError(f"the llama-cpp-python {version} sdist lacks {LORA_CONVERTER}")
+        tmp = folder / f".{LORA_CONVERTER}.{os.getpid()}"
+        shutil.copyfile(fresh / LORA_CONVERTER, tmp)
+        os.replace(tmp, folder / LORA_CONVERTER)
+    finally:
+        shutil.rmtree(fresh, ignore_errors=True)
+    return folder
 
 
 def converter_env(folder: Path) -> dict[str, str]:

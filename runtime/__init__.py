@@ -2,9 +2,9 @@
 
 What users touch: ``TTS`` / ``AsyncTTS`` (sync and async speech), ``EngineConfig`` (which engines, precisions,
 threads), ``SpeakOptions`` and its groups (per request), ``Voice`` (what ``create_voice`` returns and voice
-files hold), ``TextPieces`` (push-style incremental text), ``AudioChunk`` / ``AudioStream`` / ``StreamStats``
-(what comes back) and the errors. Names are imported lazily, so light modules of this package (the build check,
-the bundle contract) load without numpy, onnxruntime or llama.cpp.
+files hold), ``VoicePack`` (LoRA voice packs), ``TextPieces`` (push-style incremental text), ``AudioChunk`` /
+``AudioStream`` / ``StreamStats`` (what comes back) and the errors. Names are imported lazily, so light modules
+of this package (the build check, the bundle contract) load without numpy, onnxruntime or llama.cpp.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ _EXPORTS = {
     "PromptOptions": "options", "SamplingOptions": "options", "Limits": "options", "AudioChunk": "options",
     "AudioStream": "streaming", "StreamStats": "options", "Voice": "voices.voice_file", "load_bundle": "bundle",
     "Qwen3TTSEdgeError": "errors", "BundleError": "bundle", "PromptError": "prompt", "VoiceError": "voices.voice_file",
-    "TextError": "text_feed", "TextPieces": "text_feed",
+    "TextError": "text_feed", "TextPieces": "text_feed", "VoicePack": "voices.voice_pack",
+    "VoicePackError": "voices.voice_pack",
 }
 __all__ = ["__version__", *_EXPORTS]
 

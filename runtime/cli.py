@@ -171,8 +171,27 @@ def _cmd_voice_create(args: argparse.Namespace) -> int:
 
 def _cmd_voice_info(args: argparse.Namespace) -> int:
     from .voices.voice_file import Voice
+    from .voices.voice_pack import VoicePack, is_pack_path
 
-    print(json.dumps(Voice.load(args.voice).describe(), indent=2, ensure_ascii=False))
+    voice = VoicePack.load(args.voice) if is_pack_path(args.voice) else Voice.load(args.voice)
+    print(json.dumps(voice.describe(), indent=2, ensure_ascii=False))
+    return 0
+
+
+def _cmd_voice_pack(args: argparse.Namespace) -> int:
+    """`voice pack`: the export side (torch, peft, the vendored converter), imported only here."""
+    try:  # by module name: the runtime never imports export/ (imports point down)
+        vp = import_module("qwen3_tts_edge.export.voice_pack")
+    except ImportError as exc:
+        raise CliError(f"voice pack needs the [export] extra ({exc}): pip install 'qwen3-tts-edge[export]'") from exc
+    rows = dict(vp.parse_speaker_row(r) for r in args.speaker_row or ())
+    t0 = time.perf_counter()
+    pack = vp.make_voice_pack(args.peft_dir, args.bundle, args.output, scale=args.scale, speaker_rows=rows,
+                           languages=args.language or (), adapter_type=args.adapter_type,
+                           progress=lambda msg: print(f"{PROG}: {msg}", file=sys.stderr))
+    print(f"{PROG}: voice pack {args.output}: {pack.nbytes / 1e6:.2f} MB of adapters, default scale {pack.scale:g}"
+          f"{', speakers ' + ', '.join(pack.speakers) if pack.speakers else ''} ({time.perf_counter() - t0:.1f} s)",
+          file=sys.stderr)
     return 0
 
 
@@ -208,7 +227,7 @@ def _cmd_speak(args: argparse.Namespace) -> int:
                                streaming_text=not args.full_text, seed=args.seed, greedy=args.greedy,
                                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                repetition_penalty=args.repetition_penalty, chunk_frames=schedule,
-                               max_frames=args.max_frames, voice=args.voice)
+                               max_frames=args.max_frames, voice=args.voice, voice_scale=args.voice_scale)
         tts = TTS(args.bundle, EngineConfig.from_args(args))
         if args.ref_audio is not None:
             options = options.replace(voice=tts.create_voice(args.ref_audio, ref_text,
@@ -284,7 +303,10 @@ def build_parser(wanted: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--speaker", help="preset speaker (CustomVoice models)")
     p.add_argument("--instruct", help="voice/style instruction (VoiceDesign; CustomVoice 1.7B)")
     p.add_argument("--language", default="auto")
-    p.add_argument("--voice", type=Path, help="voice file for Base models (make one with `voice create`)")
+    p.add_argument("--voice", type=Path, help="voice file for Base models (make one with `voice create`), or a "
+                   "LoRA voice pack NAME.voicepack (`voice pack`; llama.cpp engine)")
+    p.add_argument("--voice-scale", type=float, metavar="S", help="voice pack: adapter scale in [0, 2] "
+                   "(default: the pack's)")
     p.add_argument("--ref-audio", type=Path, metavar="REF",
                    help="one-shot clone on a Base bundle: reference audio (saves nothing; see `voice create`)")
     p.add_argument("--ref-text", help="transcript of --ref-audio (in-context cloning)")
@@ -315,9 +337,19 @@ def build_parser(wanted: str | None = None) -> argparse.ArgumentParser:
     v.add_argument("--language", help="default language for this voice")
     add_engine_arguments(v.add_argument_group("engine"), skip=_GENERATION_ONLY)
     v.set_defaults(func=_cmd_voice_create)
-    v = vsub.add_parser("info", help="print a voice file's metadata")
-    v.add_argument("voice", metavar="NAME.voice", type=Path)
+    v = vsub.add_parser("info", help="print a voice file's or voice pack's metadata")
+    v.add_argument("voice", metavar="NAME.voice|NAME.voicepack", type=Path)
     v.set_defaults(func=_cmd_voice_info)
+    v = vsub.add_parser("pack", help="make a LoRA voice pack from a PEFT adapter folder (needs the [export] extra)")
+    v.add_argument("peft_dir", metavar="PEFT_DIR", type=Path, help="adapter_config.json + adapter_model.safetensors")
+    v.add_argument("-b", "--bundle", required=True, type=Path, help="a bundle of the base the adapter was trained on")
+    v.add_argument("-o", "--output", required=True, type=Path, metavar="NAME.voicepack")
+    v.add_argument("--scale", type=float, default=1.0, help="default adapter scale in [0, 2] (default 1: as trained)")
+    v.add_argument("--speaker-row", action="append", metavar="NAME=ROW",
+                   help="a codec-embedding row the fine-tune wrote, as a speaker name (repeatable)")
+    v.add_argument("--language", action="append", help="a language the voice speaks (repeatable)")
+    v.add_argument("--adapter-type", choices=("f16", "f32"), default="f16", help="adapter precision (default f16)")
+    v.set_defaults(func=_cmd_voice_pack)
 
     p = sub.add_parser("info", help="print a bundle's manifest readably")
     p.add_argument("bundle", metavar="BUNDLE", type=Path)

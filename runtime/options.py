@@ -23,6 +23,8 @@ class PromptOptions:
     instruct: str | None = None  # voice/style instruction (VoiceDesign; 1.7B CustomVoice)
     # Base models: a Voice, a voice file path, or a raw VoicePrompt (x-vector [+ reference codes and text]).
     voice: VoicePrompt | Voice | str | Path | None = None
+    # Voice packs (LoRA, ``NAME.voicepack``): the adapters' scale in [0, 2] (None: the pack's default).
+    voice_scale: float | None = None
     # Prompt layout, not streaming output: True feeds the text one token per frame (the official streaming-text
     # layout, needed for incremental text); False puts the whole text in the prompt.
     streaming_text: bool = True

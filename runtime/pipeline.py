@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from .prompt import ModelIds, PromptError, VoicePrompt, instruct_token_ids
 from .streaming import STOP_CANCELLED, AudioStream, run_stream
 from .text import TextTokenizer
 from .voices.voice_file import Voice, VoiceError, checkpoint_identity
+from .voices.voice_pack import PackTables, VoicePack, VoicePackError, check_scale, is_pack_path
 
 
 class TTS:
@@ -226,9 +228,33 @@ class TTS:
         o = options or SpeakOptions()
         if overrides:
             o = o.replace(**overrides)
+        if isinstance(o.voice, VoicePack) or is_pack_path(o.voice):
+            return self._plan_with_pack(text, o)
+        if o.voice_scale is not None:
+            raise VoicePackError("voice_scale applies to voice packs (NAME.voicepack) only")
         o = self._with_voice_prompt(o)
         return plan_request(text, o, ids=self.ids, tokenizer=self.tokenizer, tables=self.tables,
                             manifest=self.bundle.manifest, n_ctx=self.n_ctx)
+
+    def _plan_with_pack(self, text: str | Iterable[str], o: SpeakOptions) -> RequestPlan:
+        """A request in a voice pack's voice: its speaker rows in this request's tables (and its speaker names
+        known), its adapters set when the request gets the engine (``Engines.use_pack``)."""
+        adapters = self.engines.adapters  # refuses where packs cannot run (engine, max_batch)
+        pack = o.voice if isinstance(o.voice, VoicePack) else adapters.pack(o.voice)
+        pack.check_for(self.bundle.manifest)
+        scale = pack.scale if o.voice_scale is None else check_scale(o.voice_scale)
+        speaker = o.speaker or (next(iter(pack.speakers)) if len(pack.speakers) == 1 else None)
+        language = o.language
+        if language == "auto" and len(pack.languages) == 1 and pack.languages[0] in self.ids.languages:
+            language = pack.languages[0]
+        ids, tables = self.ids, self.tables
+        if pack.speakers:
+            ids = replace(ids, speakers={**ids.speakers, **pack.speakers})
+            tables = PackTables(tables, pack.rows())
+        o = o.replace(voice=None, voice_scale=None, speaker=speaker, language=language)
+        plan = plan_request(text, o, ids=ids, tokenizer=self.tokenizer, tables=tables,
+                            manifest=self.bundle.manifest, n_ctx=self.n_ctx)
+        return replace(plan, adapter=(pack, scale), tables=tables)
 
     def stream(self, text: str | Iterable[str], options: SpeakOptions | None = None,
                **overrides) -> AudioStream:
@@ -258,9 +284,11 @@ class TTS:
                 plan.first_prompt.close()
                 stats.stop_reason = STOP_CANCELLED
                 return
+            self.engines.use_pack(*(plan.adapter or (None, 0.0)))  # this request's adapters (or none)
             self.last_stats = stats
             waited = time.perf_counter() - t0
-            yield from run_stream(plan.loops(lane.talker, lane.predictor, self.tables, idle=lane.idle), lane.decoder,
+            tables = plan.tables or self.tables
+            yield from run_stream(plan.loops(lane.talker, lane.predictor, tables, idle=lane.idle), lane.decoder,
                                   plan.schedule, plan.ref_codes, prompt_s + waited, stats, self.sample_rate,
                                   self.max_queued_frames, stop, idle=lane.idle, finish=lane.finish,
                                   decoding=lane.decoding)

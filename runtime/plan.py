@@ -42,6 +42,8 @@ class RequestPlan:
     schedule: tuple[int, ...]  # frames per decoded chunk, the last repeating
     n_ctx: int | None
     voice: VoicePrompt | None = None
+    adapter: tuple[Any, float] | None = None  # a voice pack and its scale (runtime/voices/voice_pack.py)
+    tables: EmbeddingTables | None = None  # the request's own tables (a pack's codec rows); None: the engine's
     build: Callable[[str | Iterable[str]], Prompt] | None = field(default=None, repr=False, compare=False)
 
     @property

@@ -11,8 +11,9 @@ An ICL reference's frames cannot be part of a saved prefix: in both official lay
 before them (full text) or is summed into their positions (streaming text), so they are prefilled per request.
 Assembly wraps a talker in it when the engine declares the ``KV_STATE`` capability (rewind, save and load its
 KV state; ``runtime/engine/contract.py``). With continuous batching each sequence has its own live prefix and
-all of them share one :class:`SavedPrefixes` store: a voice saved by one sequence restores into any other. A
-LoRA adapter set would make the key wider (adapter set and scales), not change the rule. Torch-free.
+all of them share one :class:`SavedPrefixes` store: a voice saved by one sequence restores into any other. Under
+a voice pack (LoRA adapters) the same vectors give other KV, so the key also holds the adapter set and scale
+(:meth:`PrefixReusingTalker.use_adapter_key`) and the live sequence is not reused across sets. Torch-free.
 """
 
 from __future__ import annotations
@@ -92,6 +93,7 @@ class PrefixReusingTalker:
         self.cache_bytes = self.saved.cache_bytes
         self.can_save = self.cache_bytes > 0
         self.last_prefill = PrefillReport()
+        self._adapter_key = b""  # the adapter set (and scale) the engine runs now; b"": the base model
 
     @property
     def n_ctx(self) -> int | None:
@@ -114,6 +116,13 @@ class PrefixReusingTalker:
         self._last = None
         self.saved.clear()
         self.inner.reset()
+
+    def use_adapter_key(self, key: bytes) -> None:
+        """The engine now runs the adapter set ``key`` (``runtime/engine/adapters.py``): KV computed under another
+        set is never reused, neither the live sequence nor saved prefixes (their keys include ``key``)."""
+        if key != self._adapter_key:
+            self._last = None
+            self._adapter_key = key
 
     def forget_live(self) -> None:
         """Forget the live sequence only (its cells were freed); saved prefixes stay."""
@@ -142,7 +151,7 @@ class PrefixReusingTalker:
         fixed = voice_positions if self.can_save and 0 < voice_positions < len(embeds) else 0
         live = self._live_prefix(embeds)
         self._last = None  # if the prefill fails midway, nothing is trusted next time
-        key = hashlib.sha256(embeds[:fixed].tobytes()).digest() if fixed else b""
+        key = hashlib.sha256(self._adapter_key + embeds[:fixed].tobytes()).digest() if fixed else b""
         state = self.saved.get(key) if fixed > live else None
         if state is not None:
             self.inner.load_state(state)

@@ -19,6 +19,7 @@ from typing import Any
 from ..bundle import Bundle, BundleError
 from .config import EngineConfig
 from .contract import (
+    ADAPTERS,
     DECODER_PRIMED_CACHE,
     SEQUENCES,
     GenerationEngines,
@@ -92,6 +93,8 @@ class Engines:
         self._lanes: LanePool | None = None
         self._lanes_lock = threading.Lock()
         self.decoder_capabilities: frozenset[str] = frozenset()
+        self._adapters: Any = None  # AdapterCache when the engines take voice packs (ADAPTERS, max_batch 1)
+        self._keys_adapters = False
 
     # -- precisions --------------------------------------------------------------------------------------------
 
@@ -151,7 +154,40 @@ class Engines:
         check_engine("tables", engines.tables)
         self._talker = prompt_talker(engines.talker, prefix_cache=self.config.prefix_cache,
                                      cache_bytes=self.config.voice_cache_bytes)
+        if (self.config.max_batch == 1 and ADAPTERS in capabilities(engines.talker)
+                and ADAPTERS in check_engine("predictor", engines.predictor)):
+            from ..prefix_cache import PrefixReusingTalker
+            from .adapters import AdapterCache
+
+            self._adapters = AdapterCache(engines.talker, engines.predictor)
+            self._keys_adapters = isinstance(self._talker, PrefixReusingTalker)  # its KV cache keys on them
         self._generation = engines
+
+    @property
+    def adapters(self) -> Any:
+        """The voice-pack adapter cache (loads the generation engine); refuses, with why, where packs cannot run."""
+        from ..voices.voice_pack import VoicePackError
+
+        self.generation  # noqa: B018 - loads it
+        if self.config.max_batch > 1:
+            raise VoicePackError(f"voice packs run with max_batch 1 for now (this TTS batches up to "
+                                 f"{self.config.max_batch} streams, and llama.cpp sets adapters per context, not per "
+                                 "stream): use max_batch 1 for voice packs")
+        if self._adapters is None:
+            raise VoicePackError(f"the {self.name} engine cannot apply voice packs (LoRA adapters); voice packs run on "
+                                 "the llama.cpp engine: load a GGUF talker precision (--backend llama.cpp)")
+        return self._adapters
+
+    def use_pack(self, pack: Any, scale: float) -> None:
+        """Set a request's voice pack (None: the base model) on the engines before it runs, and key the talker's
+        KV cache on it. Engines without adapters only ever run the base model (packs were refused at planning)."""
+        if self._adapters is None:
+            if pack is not None:
+                self.adapters  # noqa: B018 - raises with why
+            return
+        key = self._adapters.activate(pack, scale)
+        if self._keys_adapters:
+            self._talker.use_adapter_key(key)
 
     @property
     def talker(self) -> PromptTalker:

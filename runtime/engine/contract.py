@@ -12,6 +12,8 @@ declaration, never ``hasattr``.
   prefilled whole (:class:`FreshPromptTalker`).
 - ``DECODER_PRIMED_CACHE``: the decoder keeps primed states of recent voice-clone references, can hand one out
   (``primed_state``, saved with a voice) and take one back (``keep_primed``), and can forget them.
+- ``ADAPTERS``: the talker (and the predictor) load LoRA adapters once and set them per request
+  (``load_adapter``/``set_adapters``; voice packs, ``runtime/engine/adapters.py``).
 - ``SEQUENCES``: the talker and the predictor hold several sequences and decode them together (the batch
   scheduler, ``runtime/engine/scheduler.py``, drives them); the decoder can ``fork`` a decoder of its own state
   that shares the loaded model, one per stream.
@@ -45,7 +47,8 @@ if TYPE_CHECKING:  # pragma: no cover
 KV_STATE = "kv_state"
 DECODER_PRIMED_CACHE = "primed_cache"
 SEQUENCES = "sequences"
-CAPABILITIES = frozenset({KV_STATE, DECODER_PRIMED_CACHE, SEQUENCES})
+ADAPTERS = "adapters"
+CAPABILITIES = frozenset({KV_STATE, DECODER_PRIMED_CACHE, SEQUENCES, ADAPTERS})
 
 
 class EngineContractError(Qwen3TTSEdgeError, TypeError):
@@ -195,6 +198,7 @@ REQUIRED: dict[str, tuple[str, ...]] = {
 CAPABILITY_METHODS: dict[str, tuple[str, ...]] = {
     KV_STATE: ("rewind", "save_state", "load_state"),
     DECODER_PRIMED_CACHE: ("forget_primed", "primed_state", "keep_primed"),
+    ADAPTERS: ("load_adapter", "set_adapters"),
 }
 # SEQUENCES asks for different methods in each role.
 ROLE_CAPABILITY_METHODS: dict[tuple[str, str], tuple[str, ...]] = {

@@ -315,6 +315,12 @@ class LlamaContext:
         self._batch = b
         self._embeddings_on = True
 
+    @property
+    def ptr(self) -> Any:
+        if not self._ptr:
+            raise LlamaError("context is closed")
+        return self._ptr
+
     # -- decoding -------------------------------------------------------------------------------------------
 
     def decode(self, embeds: np.ndarray, *, all_outputs: bool = False) -> None:

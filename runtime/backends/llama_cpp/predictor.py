@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from ...bundle import PREDICTOR_TABLES_ARCH
-from ...engine.contract import SEQUENCES
+from ...engine.contract import ADAPTERS, SEQUENCES
 from ...sampler import GREEDY, ResidualSampling
+from .adapters import AdapterHost, LoraAdapter
 from .bindings import LlamaContext, LlamaError, LlamaModel, blas_single_thread
 from .gguf_tables import GGUFTables
 
@@ -37,7 +38,7 @@ class CodePredictor:
     a batched stream then equals the request alone up to numerical near-ties (tests/test_batching.py).
     """
 
-    capabilities: frozenset[str] = frozenset({SEQUENCES})
+    capabilities: frozenset[str] = frozenset({SEQUENCES, ADAPTERS})
 
     def __init__(self, model_path: Path | str, tables_path: Path | str, *, n_threads: int | None = None,
                  n_gpu_layers: int = 0, kv_type: str = "f16", flash_attn: bool | None = None,
@@ -66,6 +67,7 @@ class CodePredictor:
                                 n_threads=n_threads, kv_type=kv_type, flash_attn=flash_attn,
                                 max_outputs=rows, sequences=self.sequences)  # every row outputs (vocab is 1)
         self.placement = self.model.placement
+        self.adapters = AdapterHost(self.model, self.ctx, "predictor")
 
         self.heads = np.stack([self.tables.array(f"lm_head.{j}.weight") for j in range(self.num_steps)])
         self.has_projection = bool(self.tables.field(f"{a}.has_projection"))
@@ -80,6 +82,16 @@ class CodePredictor:
         self._prefill = np.zeros((2, self.width), dtype=np.float32)
         self._logits = np.zeros(self.codebook_size, dtype=np.float32)
         self.reset_counters()
+
+    # -- LoRA adapters (ADAPTERS) ---------------------------------------------------------------------------------
+
+    def load_adapter(self, data: bytes) -> LoraAdapter:
+        """Load a ``qwen3`` GGUF LoRA adapter (bytes, our predictor tensor names) into this predictor's model."""
+        return self.adapters.load(data)
+
+    def set_adapters(self, adapters: list[tuple[LoraAdapter, float]]) -> None:
+        """The adapters (and scales) the next frames use; [] for the base model."""
+        self.adapters.set(adapters)
 
     # -- counters ---------------------------------------------------------------------------------------------
 
@@ -226,6 +238,7 @@ class CodePredictor:
         return results  # type: ignore[return-value]
 
     def close(self) -> None:
+        self.adapters.close()
         self.ctx.close()
         self.model.close()
         self.tables.close()

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from ...engine.config import TALKER_CONTEXT
-from ...engine.contract import KV_STATE, SEQUENCES, StepOutput, checked_ids
+from ...engine.contract import ADAPTERS, KV_STATE, SEQUENCES, StepOutput, checked_ids
+from .adapters import AdapterHost, LoraAdapter
 from .bindings import LlamaContext, LlamaError, LlamaModel, blas_single_thread
 from .gguf_tables import GGUFTables
 
@@ -33,8 +34,8 @@ class Talker:
     methods below drive sequence 0.
     """
 
-    # rewind, save_state, load_state (llama.cpp sequence state); several sequences decoded together
-    capabilities = frozenset({KV_STATE, SEQUENCES})
+    # rewind, save_state, load_state (llama.cpp sequence state); several sequences decoded together; LoRA adapters
+    capabilities = frozenset({KV_STATE, SEQUENCES, ADAPTERS})
 
     def __init__(self, path: Path | str, *, n_ctx: int = TALKER_CONTEXT, n_threads: int | None = None,
                  n_batch: int = 512, n_gpu_layers: int = 0, kv_type: str = "f16",
@@ -58,8 +59,19 @@ class Talker:
         eos = self.tables.field("tokenizer.ggml.eos_token_id")
         self.codec_eos_id = None if eos is None else int(eos) - self.text_vocab_size
         self.placement = self.model.placement
+        self.adapters = AdapterHost(self.model, self.ctx, "talker")
         self.calls = 0
         self.decode_s = 0.0
+
+    # -- LoRA adapters (ADAPTERS) ---------------------------------------------------------------------------------
+
+    def load_adapter(self, data: bytes) -> LoraAdapter:
+        """Load a ``qwen3tts`` GGUF LoRA adapter (bytes) into this talker's model, once (see ``set_adapters``)."""
+        return self.adapters.load(data)
+
+    def set_adapters(self, adapters: list[tuple[LoraAdapter, float]]) -> None:
+        """The adapters (and scales) the next decodes use; [] for the base model. KV already cached is kept."""
+        self.adapters.set(adapters)
 
     # -- host lookups -----------------------------------------------------------------------------------------
 
@@ -171,6 +183,7 @@ class Talker:
         self.ctx.set_seq_state(seq, data)
 
     def close(self) -> None:
+        self.adapters.close()
         self.ctx.close()
         self.model.close()
         self.tables.close()
