@@ -166,6 +166,19 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-voices", type=_positive, default=DEFAULT_MAX_VOICES,
                    help=f"saved voices kept in --voices DIR before uploads are refused (default {DEFAULT_MAX_VOICES})")
     p.add_argument("--model-name", help="model id listed in /v1/models (default: from the bundle)")
+    _add_ray_arguments(p)
+
+
+def _add_ray_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(f"Ray Serve (scale-out over a Ray cluster; needs {RAY_INSTALL_HINT})")
+    g.add_argument("--ray", action="store_true",
+                   help="run this server as replicas on the Ray cluster $RAY_ADDRESS names (default: the one started "
+                        "on this machine, else a new local one); the bundle path must hold the same export on every "
+                        "node; --workers, --threads, --max-batch are per replica, --max-queue per Ray HTTP proxy")
+    scale = g.add_mutually_exclusive_group()
+    scale.add_argument("--replicas", type=_positive, metavar="N", help="with --ray: N replicas (default 1)")
+    scale.add_argument("--autoscale", metavar="MIN..MAX",
+                       help="with --ray: between MIN and MAX replicas, following the ongoing requests")
 
 
 def add_wyoming_arguments(p: argparse.ArgumentParser) -> None:
@@ -236,6 +249,8 @@ def server_max_batch(bundle: Path, config: EngineConfig) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.ray or args.replicas or args.autoscale:
+        return cmd_serve_ray(args)
     require("fastapi", "uvicorn", "python_multipart")
     import uvicorn
 
@@ -265,6 +280,67 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not server.started:
         raise ServeError(f"could not listen on {args.host}:{args.port} (in use? try --port)")
     return 0
+
+
+RAY_INSTALL_HINT = "pip install 'qwen3-tts-edge[ray]'"
+
+
+def cmd_serve_ray(args: argparse.Namespace) -> int:
+    """``serve --ray``: the same app as replicas on a Ray cluster (``ray_app``), until Ctrl+C; then the app is
+    deleted (its running streams finish first) and this driver disconnects (a local Ray it started stops)."""
+    if not args.ray:
+        raise ServeError("--replicas and --autoscale set the replicas of a Ray Serve deployment: add --ray")
+    require("fastapi", "uvicorn", "python_multipart")
+    from dataclasses import asdict
+
+    from . import ray_app
+    from .ray_app import APP_NAME, ReplicaOptions, deployment, manifest_sha256, parse_autoscale
+
+    ray_app.require_ray()
+    import ray
+    from ray import serve
+
+    _logging(args.log_level)
+    try:
+        autoscale = parse_autoscale(args.autoscale) if args.autoscale else None
+    except ValueError as exc:
+        raise ServeError(str(exc)) from None
+    bundle = args.bundle.resolve()
+    key = api_key(args)
+    try:
+        config = EngineConfig.from_args(args)
+        config = EngineConfig.build(config, threads=config.threads or 1,  # Ray needs each replica's CPUs
+                                    max_batch=args.max_batch or server_max_batch(bundle, config))
+    except ValueError as exc:
+        raise ServeError(str(exc)) from exc
+    options = ReplicaOptions(bundle=str(bundle), manifest_sha256=manifest_sha256(bundle),
+                             voices=str(args.voices.resolve()) if args.voices else None, workers=args.workers,
+                             max_frames=args.max_frames, max_voices=args.max_voices, model_name=args.model_name,
+                             api_key=key, allowed_hosts=allowed_hosts(args), engine=asdict(config))
+    app = deployment(options, replicas=None if autoscale else (args.replicas or 1), autoscale=autoscale,
+                     proxy_queue=args.max_queue, log_level=args.log_level)
+    ray.init(logging_level=args.log_level.upper(), log_to_driver=args.log_level == "debug")
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        try:
+            serve.run(app, name=APP_NAME, route_prefix="/")
+        except RuntimeError as exc:  # the replicas' own error (e.g. another bundle on a node) is in the status
+            why = ray_app.deployment_failure(APP_NAME) or str(exc)
+            raise ServeError(f"Ray Serve could not start the replicas: {why.strip().splitlines()[-1]}") from None
+        scale = f"{autoscale[0]}..{autoscale[1]} replicas" if autoscale else f"{args.replicas or 1} replica(s)"
+        print(f"{PROG}: serving {bundle.name} through Ray Serve on http://{args.host}:{args.port}/v1 ({scale} x "
+              f"{options.workers} worker(s) x {config.max_batch} streams, {options.cpus:g} CPU(s) each; up to "
+              f"{max(1, args.max_queue)} requests wait per proxy, then 429)", file=sys.stderr)
+        for warning in exposure_warnings(args, key):
+            print(f"{PROG}: warning: {warning}", file=sys.stderr)
+        while True:
+            time.sleep(3600)
+    finally:
+        print(f"{PROG}: stopping: running streams finish first (Ctrl+C again to leave now)", file=sys.stderr)
+        try:
+            serve.delete(APP_NAME)
+        finally:
+            ray.shutdown()
 
 
 def _wyoming_server(args: argparse.Namespace):
