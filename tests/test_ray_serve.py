@@ -108,6 +108,11 @@ class RayCluster:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key="test", max_retries=0, timeout=timeout, **kw)
 
 
+# The two-node cluster tests take ~5 min on 2 idle cores and leave Ray's processes winding down behind them (in one
+# full run the next file's server then missed its shutdown deadline): `pytest -m long tests/test_ray_serve.py`.
+CLUSTER = pytest.mark.long
+
+
 @pytest.fixture(scope="module")
 def cluster():
     c = RayCluster()
@@ -238,6 +243,7 @@ def test_the_example_serve_config_is_valid_and_builds(tiny_bundle):
 
 # ---- on the two-node cluster ----------------------------------------------------------------------------------------
 
+@CLUSTER
 def test_two_replicas_on_two_nodes_stream_what_serve_streams(app_gone, tiny_bundle):
     c = app_gone
     c.deploy(tiny_bundle, replicas=2)
@@ -253,6 +259,7 @@ def test_two_replicas_on_two_nodes_stream_what_serve_streams(app_gone, tiny_bund
     assert [r["data"] for r in got] == plain_serve_audio(tiny_bundle, requests)
 
 
+@CLUSTER
 def test_every_replica_full_gives_429_with_retry_after_not_a_hang(app_gone, tiny_bundle):
     c = app_gone
     c.deploy(tiny_bundle, replicas=2, proxy_queue=1, retry_after_s=3)
@@ -279,6 +286,7 @@ def test_every_replica_full_gives_429_with_retry_after_not_a_hang(app_gone, tiny
     assert waiting[1]["status"] == 200 and len(waiting[1]["data"]) == 20 * FRAME_BYTES  # accepted, then served
 
 
+@CLUSTER
 def test_a_killed_replica_fails_its_stream_promptly_and_ray_replaces_it(app_gone, tiny_bundle):
     c = app_gone
     c.deploy(tiny_bundle, replicas=2)
@@ -317,6 +325,7 @@ def test_a_killed_replica_fails_its_stream_promptly_and_ray_replaces_it(app_gone
     print(f"killed stream failed after {failed_after:.2f} s; replica replaced after {restarted_after:.1f} s")
 
 
+@CLUSTER
 def test_autoscaling_adds_a_replica_under_load_and_drains_it_when_idle(app_gone, tiny_bundle):
     c = app_gone
     c.deploy(tiny_bundle, autoscale=(1, 2), autoscaling={
@@ -371,6 +380,7 @@ def _flac_frames(data: bytes) -> float:
     return len(sf.read(io.BytesIO(data), dtype="int16")[0]) / (FRAME_BYTES // 2)
 
 
+@CLUSTER
 def test_a_replica_with_another_bundle_refuses_to_start(app_gone, tiny_bundle):
     c = app_gone
     options = ray_app.ReplicaOptions(bundle=str(tiny_bundle), manifest_sha256="0" * 64,
@@ -383,6 +393,7 @@ def test_a_replica_with_another_bundle_refuses_to_start(app_gone, tiny_bundle):
     assert ray_app.deployment_failure(APP) and "is not the one" in ray_app.deployment_failure(APP)
 
 
+@CLUSTER
 def test_serve_ray_from_the_command_line(cluster, tiny_bundle):
     """``qwen3-tts-edge serve --ray`` on a running cluster ($RAY_ADDRESS): it deploys, serves, and on Ctrl+C deletes
     its application."""
