@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ import numpy as np
 
 from ..bundle import Manifest
 from ..errors import Qwen3TTSEdgeError
-from ..files import atomic_temp
+from ..files import UnreadableTensors, load_tensors, save_tensors
 from ..prompt import VoicePrompt
 
 VOICE_FORMAT = 1
@@ -99,8 +98,6 @@ class Voice:
 
     def save(self, path: str | Path) -> Path:
         """Write the voice file atomically (a failed write leaves any old file as it was)."""
-        from safetensors.numpy import save
-
         tensors = {"x_vector": np.ascontiguousarray(self.x_vector, dtype=np.float32)}
         if self.ref_codes is not None:
             tensors["ref_codes"] = np.ascontiguousarray(self.ref_codes, dtype=np.int64)
@@ -111,34 +108,18 @@ class Voice:
         meta = {"format": VOICE_FORMAT, "mode": self.mode, "ref_text": self.ref_text, "language": self.language,
                 "enc_dim": self.enc_dim, "checkpoint": self.checkpoint, "provenance": self.provenance,
                 "decoder_states": states, "tensors_sha256": _tensors_digest(tensors)}
-        data = save(tensors, metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
-        path = Path(path)
-        fd, tmp = atomic_temp(path)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return save_tensors(path, tensors, METADATA_KEY, meta)
 
     @classmethod
     def load(cls, path: str | Path) -> Voice:
         """Read a voice file; a damaged or foreign file is a ``VoiceError`` saying to re-create it."""
-        from safetensors import SafetensorError
-        from safetensors.numpy import load
-
         path = Path(path)
         if not path.is_file():
             raise VoiceError(f"voice file {path} does not exist; make one with `qwen3-tts-edge voice create`")
         try:
-            raw = path.read_bytes()
-            tensors = load(raw)
-            header_len = int.from_bytes(raw[:8], "little")
-            meta = json.loads(json.loads(raw[8:8 + header_len])["__metadata__"][METADATA_KEY])
-        except (SafetensorError, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-            raise VoiceError(f"{path} is not a readable voice file ({type(exc).__name__}); re-create it with "
+            tensors, meta = load_tensors(path, METADATA_KEY)
+        except UnreadableTensors as exc:
+            raise VoiceError(f"{path} is not a readable voice file ({exc}); re-create it with "
                              "`qwen3-tts-edge voice create`") from None
         if meta.get("format") != VOICE_FORMAT:
             raise VoiceError(f"{path} has voice format {meta.get('format')}; this version reads {VOICE_FORMAT}")

@@ -12,9 +12,7 @@ outside [0, 2] is refused with the fix. ``export/voice_pack.py`` writes packs; t
 from __future__ import annotations
 
 import hashlib
-import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..bundle import Manifest
-from ..files import atomic_temp
+from ..files import UnreadableTensors, load_tensors, save_tensors
 from .voice_file import VoiceError, _tensors_digest, checkpoint_identity
 
 PACK_FORMAT = 1
@@ -131,40 +129,22 @@ class VoicePack:
 
     def save(self, path: str | Path) -> Path:
         """Write the pack atomically (a failed write leaves any old file as it was)."""
-        from safetensors.numpy import save
-
         tensors = self._tensors()
         meta = {"format": PACK_FORMAT, "speakers": self.speakers, "scale": self.scale,
                 "languages": list(self.languages), "checkpoint": self.checkpoint, "info": self.info,
                 "tensors_sha256": self.digest}
-        data = save(tensors, metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
-        path = Path(path)
-        fd, tmp = atomic_temp(path)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return save_tensors(path, tensors, METADATA_KEY, meta)
 
     @classmethod
     def load(cls, path: str | Path) -> VoicePack:
         """Read a pack; a truncated, tampered or foreign file is a ``VoicePackError`` saying to re-make it."""
-        from safetensors import SafetensorError
-        from safetensors.numpy import load
-
         path = Path(path)
         if not path.is_file():
             raise VoicePackError(f"voice pack {path} does not exist; {MAKE_HINT}")
         try:
-            raw = path.read_bytes()
-            tensors = load(raw)
-            header_len = int.from_bytes(raw[:8], "little")
-            meta = json.loads(json.loads(raw[8:8 + header_len])["__metadata__"][METADATA_KEY])
-        except (SafetensorError, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-            raise VoicePackError(f"{path} is not a readable voice pack ({type(exc).__name__}); {MAKE_HINT}") from None
+            tensors, meta = load_tensors(path, METADATA_KEY)
+        except UnreadableTensors as exc:
+            raise VoicePackError(f"{path} is not a readable voice pack ({exc}); {MAKE_HINT}") from None
         if meta.get("format") != PACK_FORMAT:
             raise VoicePackError(f"{path} has voice-pack format {meta.get('format')}; this version reads "
                                  f"{PACK_FORMAT}")
