@@ -26,12 +26,11 @@ import shlex
 import statistics
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
 
-from .server_load import TEXT, _free_port, frames_body, one_request, start_server
+from .server_load import TEXT, _free_port, frames_body, one_request, run_level, start_server
 
 RAY_START_S = 300
 WORKER_NICENESS = 15  # Ray's default for its workers (the replicas); 0 runs them at plain serve's priority
@@ -71,13 +70,6 @@ def stop(proc: subprocess.Popen) -> None:
         proc.kill()
 
 
-def _client(url: str, body: dict, i: int, requests: int, results: list[dict], lock: threading.Lock) -> None:
-    for j in range(requests):
-        r = one_request(url, {**body, "seed": 1000 * i + j}, None)
-        with lock:
-            results.append(r)
-
-
 def measure(url: str, levels: list[int], requests: int, frames: int, voice: str | None) -> list[dict]:
     with urllib.request.urlopen(f"{url}/v1/audio/voices") as r:
         voice = voice or json.loads(r.read())["voices"][0]["id"]
@@ -85,22 +77,11 @@ def measure(url: str, levels: list[int], requests: int, frames: int, voice: str 
     one_request(url, body, None)  # warm-up
     out = []
     for c in levels:
-        results: list[dict] = []
-        lock = threading.Lock()
-        threads = [threading.Thread(target=_client, args=(url, body, i, requests, results, lock))
-                   for i in range(c)]
-        t0 = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - t0
-        ok = [r for r in results if r["status"] == 200]
-        audio = sum(r["audio_s"] for r in ok)
-        lv = {"concurrency": c, "requests": len(results), "ok": len(ok),
-              "ttfb_ms": statistics.median(r["ttfb_s"] for r in ok) * 1e3 if ok else None,
-              "total_ms": statistics.median(r["total_s"] for r in ok) * 1e3 if ok else None,
-              "wall_s": wall, "audio_s": audio, "aggregate_rtf": wall / audio if audio else None}
+        level = run_level(url, c, requests, body, None)  # server_load's clients, seeds and figures
+        lv = {"concurrency": c, "requests": level["requests"], "ok": level["ok"],
+              "ttfb_ms": level["ttfb_p50_ms"] if level["ok"] else None,
+              "total_ms": level["total_p50_ms"] if level["ok"] else None,
+              "wall_s": level["wall_s"], "audio_s": level["audio_s"], "aggregate_rtf": level["aggregate_rtf"]}
         print(f"  {c} stream(s): {lv['ok']}/{lv['requests']} ok, TTFB {lv['ttfb_ms'] or 0:.0f} ms, total "
               f"{lv['total_ms'] or 0:.0f} ms, aggregate RTF {lv['aggregate_rtf'] or float('nan'):.3f}",
               file=sys.stderr)

@@ -134,6 +134,7 @@ def run_level(url: str, concurrency: int, requests: int, body: dict, api_key: st
     return {"concurrency": concurrency, "requests": len(results), "ok": len(ok),
             "errors": sorted({f"{r['status']}: {r.get('error', '')[:80]}" for r in results if r["status"] != 200}),
             "ttfb_p50_ms": _percentile(ttfb, 0.5) * 1e3, "ttfb_p95_ms": _percentile(ttfb, 0.95) * 1e3,
+            "total_p50_ms": _percentile([r["total_s"] for r in ok], 0.5) * 1e3,
             "wall_s": wall, "audio_s": audio, "aggregate_rtf": wall / audio if audio else None,
             "stream_rtf_median": statistics.median([r["rtf"] for r in ok if r["rtf"]]) if ok else None,
             "cpu_ms_per_frame": (cpu1 - cpu0) * 1e3 / (audio / 0.08) if audio and cpu0 is not None and cpu1 else None,
