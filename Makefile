@@ -56,7 +56,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile $(LLAMA_STAMP)
 	  else echo "note: install libportaudio2, sox and espeak-ng with your package manager (--play, voice tests)"; fi; fi
 	@# torch first and pinned: an unpinned resolve can pull a newer CUDA build (see README, Install).
 	$(PIP) install -q -c constraints.txt torch==2.13.0
-	$(PIP) install -q -c constraints.txt -e ".[export,audio,plot,dev,server,ray]"
+	$(PIP) install -q -c constraints.txt -e ".[export,audio,plot,dev,server,ray,pipecat,livekit]"
 	@# qwen-tts declares a CUDA-only torchaudio, gradio and exact pins it does not need for the 12 Hz
 	@# models; its real imports are in the [export] extra, so install it without its declared deps.
 	$(PIP) install -q --no-deps qwen-tts==0.1.1
