@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -44,15 +45,25 @@ def _wait_for(proc: subprocess.Popen, pattern: str, timeout: float = 60) -> re.M
     raise AssertionError(f"server never printed {pattern!r}; stderr: {''.join(seen)}")
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """Ctrl+C: the server shuts down cleanly (exit 130 with one line, as every interrupted command)."""
+def _stop(proc: subprocess.Popen) -> str:
+    """Ctrl+C: the server shuts down (exit 130 with one line, as every interrupted command) within 20 s.
+
+    A shutdown that had to be cut off by the server's own deadline (``exit_if_stuck``) still stops, as a user needs,
+    but its stacks are reported as a warning; one that does not stop at all fails with the stacks ``kill -USR1``
+    prints."""
     proc.send_signal(signal.SIGINT)
     try:
         _, err = proc.communicate(timeout=20)
     except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGUSR1)  # the servers dump every thread's stack on SIGUSR1
+        time.sleep(2)
         proc.kill()
-        raise
+        _, err = proc.communicate()
+        raise AssertionError(f"the server did not exit within 20 s of SIGINT; its stacks:\n{err}") from None
     assert proc.returncode in (0, 130) and "Traceback" not in err, err
+    if "shutdown did not finish" in err or "Timeout (0:" in err:
+        warnings.warn(f"the server's shutdown was cut off by its deadline; stacks:\n{err}", stacklevel=2)
+    return err
 
 
 def test_serve_from_the_command_line_with_an_api_key(tiny_bundle):
@@ -121,10 +132,6 @@ def test_exposure_warnings_and_allowed_hosts():
     assert allowed_hosts(_serve_args("--allowed-hosts", "*")) is None
 
 
-# Known flake, open: in full-suite runs (never alone; both full runs of 2026-12-06 and twice before) the server does not
-# exit within 20 s of SIGINT and even the 10 s exit_if_stuck watchdog does not fire (a thread holding the GIL in
-# native teardown is the suspect). Left out of the default run until that is fixed: `pytest -m long`.
-@pytest.mark.long
 def test_wyoming_from_the_command_line(tiny_bundle):
     pytest.importorskip("wyoming")
     from wyoming.client import AsyncTcpClient
@@ -148,8 +155,11 @@ def test_wyoming_from_the_command_line(tiny_bundle):
 
         info = asyncio.run(describe())
         assert info.tts[0].supports_synthesize_streaming and "ryan" in [v.name for v in info.tts[0].voices]
+        proc.send_signal(signal.SIGUSR1)  # stacks on demand; the server keeps serving
+        assert asyncio.run(describe()).tts[0].voices
     finally:
-        _stop(proc)
+        err = _stop(proc)
+    assert re.search(r"[Tt]hread 0x[0-9a-f]+ \(most recent call first\)", err), err  # what SIGUSR1 printed
 
 
 @pytest.mark.parametrize("command,blocked", [("serve", "fastapi"), ("wyoming", "wyoming")])
@@ -217,3 +227,16 @@ def test_a_shutdown_that_hangs_still_ends_the_process():
     assert proc.returncode == 130 and time.monotonic() - t0 < 30
     assert "shutdown did not finish within 0.5 s" in proc.stderr
     assert "Thread 0x" in proc.stderr  # faulthandler's stacks of the threads still running
+
+
+def test_a_native_call_holding_the_interpreter_cannot_stop_the_deadline():
+    """The Python watchdog needs the interpreter lock; a native call that keeps it (libc ``sleep`` through ctypes'
+    PyDLL, which does not release it) would silence it. faulthandler's C timer still dumps the stacks and exits."""
+    code = ("import ctypes\n"
+            "from qwen3_tts_edge.runtime.servers.cli import exit_if_stuck\n"
+            "exit_if_stuck(0.5)\n"
+            "ctypes.PyDLL(None).sleep(120)\n")
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and time.monotonic() - t0 < 30, proc.stderr
+    assert "Timeout (0:00:05.5" in proc.stderr and "shutdown did not finish" not in proc.stderr, proc.stderr

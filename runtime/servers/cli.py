@@ -191,18 +191,31 @@ def add_wyoming_arguments(p: argparse.ArgumentParser) -> None:
 
 
 _deadline_armed = threading.Event()
+# The native backstop fires this long after the Python watchdog (which exits with 130 and a message) should have.
+_NATIVE_BACKSTOP_S = 5.0
+
+
+def dump_stacks_on_sigusr1() -> None:
+    """``kill -USR1 PID`` prints every thread's stack to stderr: a server that seems stuck can say where, without a
+    debugger (faulthandler's own signal handler, so it works while a native call holds the interpreter)."""
+    import signal
+
+    if hasattr(signal, "SIGUSR1"):
+        faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True, chain=False)
 
 
 def exit_if_stuck(grace_s: float = SHUTDOWN_GRACE_S) -> None:
     """Arm a deadline for the shutdown that is starting: if the process is still alive after ``grace_s`` (a worker
     thread or a native library's teardown that never returns), print every thread's stack and exit with 130.
 
-    A server must always stop on Ctrl+C; twice in full test-suite runs (never alone) the Wyoming server did not
-    exit within 20 s of SIGINT, and where it hung could not be seen. The stacks printed here will show it.
+    A server must always stop on Ctrl+C. The watchdog is a Python thread; a native call that holds the interpreter
+    lock would stop it too, so faulthandler's C-level timer backs it up ``_NATIVE_BACKSTOP_S`` later (it dumps the
+    stacks and exits without taking the lock).
     """
     if _deadline_armed.is_set():
         return
     _deadline_armed.set()
+    faulthandler.dump_traceback_later(grace_s + _NATIVE_BACKSTOP_S, exit=True, file=sys.stderr)
 
     def watchdog() -> None:
         time.sleep(grace_s)
@@ -257,6 +270,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .openai_api import create_app
 
     _logging(args.log_level)
+    dump_stacks_on_sigusr1()
     key, hosts = api_key(args), allowed_hosts(args)
     pool, catalog = _load(args, args.max_queue)
     catalog.max_voices = args.max_voices
@@ -370,12 +384,36 @@ async def _run_wyoming(args: argparse.Namespace, server, service) -> None:
         announcer = HomeAssistantZeroconf(port=int(uri.port), name=args.zeroconf, host=host)
         await announcer.register_server()
         print(f"{PROG}: announced as {args.zeroconf}._wyoming._tcp.local.", file=sys.stderr)
+    restore_sigint = _arm_deadline_on_sigint()
     try:
         await server.run(service.handler)
     except OSError as exc:
         raise ServeError(f"could not listen on {args.uri}: {exc.strerror or exc}") from None
     finally:
+        restore_sigint()
         exit_if_stuck()  # from here on (cancelled by Ctrl+C, or stopped) the process must end
+
+
+def _arm_deadline_on_sigint():
+    """Chain the event loop's Ctrl+C handler so the shutdown deadline starts the moment SIGINT arrives, not when the
+    cancelled server returns (a shutdown that hangs before that point would otherwise never be cut off). Returns
+    the function that puts the previous handler back."""
+    import signal
+
+    previous = signal.getsignal(signal.SIGINT)
+    if not callable(previous):  # SIGINT ignored (a background job of a script) or not ours to chain
+        return lambda: None
+
+    def on_sigint(signum, frame):
+        exit_if_stuck()
+        previous(signum, frame)
+
+    signal.signal(signal.SIGINT, on_sigint)
+
+    def restore() -> None:
+        if signal.getsignal(signal.SIGINT) is on_sigint:
+            signal.signal(signal.SIGINT, previous)
+    return restore
 
 
 def cmd_wyoming(args: argparse.Namespace) -> int:
@@ -383,6 +421,7 @@ def cmd_wyoming(args: argparse.Namespace) -> int:
     from .wyoming_server import WyomingService
 
     _logging(args.log_level)
+    dump_stacks_on_sigusr1()
     server = _wyoming_server(args)
     pool, catalog = _load(args, max_queue=64)  # Home Assistant waits; it never retries on a 429
     service = WyomingService(pool, catalog, max_frames=args.max_frames)
