@@ -20,13 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import Qwen3TTSEdgeError
+from ..languages import language_code, model_language
 from ..voices.voice_file import Voice
 
 SUFFIX = ".voice"
 NAME_RULE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-# Model language names and the ISO 639-1 codes clients (Home Assistant) group voices by.
-LANGUAGE_CODES = {"chinese": "zh", "english": "en", "japanese": "ja", "korean": "ko", "german": "de",
-                  "french": "fr", "russian": "ru", "portuguese": "pt", "spanish": "es", "italian": "it"}
 DEFAULT_VOICE = "default"  # the one voice of a bundle without preset speakers (VoiceDesign: instruct decides)
 DEFAULT_MAX_VOICES = 256  # saved voices a server keeps; a full folder refuses uploads (409)
 # Temporary files of a voice being written (Voice.save's and create's): hidden, '.<name>.voice.<random>'.
@@ -66,23 +64,14 @@ class VoiceChoice:
     voice: Voice | None = None
 
 
-def language_code(name: str) -> str:
-    """The short code of a model language name ('english' -> 'en'); unknown names are kept as they are."""
-    return LANGUAGE_CODES.get(name, name)
-
-
 def language_name(value: str | None, known: list[str]) -> str:
     """A request's language (a model name such as 'english', or a code such as 'en' / 'en-US') to the model's
     name; ``known`` is the bundle's list (with 'auto'). Raises ``VoiceRequestError`` naming the choices."""
     if value is None or value == "":
         return "auto"
-    v = value.strip().lower().replace("_", "-")
-    if v in known:
-        return v
-    by_code = {language_code(n): n for n in known}
-    base = v.split("-")[0]
-    if base in by_code:
-        return by_code[base]
+    name = model_language(value, known)
+    if name is not None:
+        return name
     choices = ", ".join(f"{n} ({language_code(n)})" if language_code(n) != n else n for n in known)
     raise VoiceRequestError(f"unsupported language {value!r}; choose one of {choices}", param="language")
 
