@@ -287,3 +287,31 @@ def test_lean_install_imports_no_framework():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
     assert out.splitlines() == ["[]", "the pipecat TTS service needs pipecat-ai: pip install "
                                 "'qwen3-tts-edge[pipecat]'"]
+
+
+def test_pipecats_openai_service_speaks_through_serve_with_its_default_voice(tiny_bundle):
+    """pipecat's OpenAITTSService refuses voices outside OpenAI's list and defaults to 'alloy'; serve's default
+    aliases map that name to a preset speaker, so the stock service speaks."""
+    pytest.importorskip("fastapi")
+    from pipecat.services.openai.tts import OpenAITTSService
+    from test_server_cli import EXE, _free_port, _stop, _wait_for
+
+    port = _free_port()
+    proc = subprocess.Popen([EXE, "serve", "-b", str(tiny_bundle), "--port", str(port), "--threads", "1",
+                             "--max-frames", "12"], stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(proc, r"Uvicorn running on")
+
+        async def main():
+            service = OpenAITTSService(api_key="unused", base_url=f"http://127.0.0.1:{port}/v1")
+            async with Run(service) as run:
+                await run.worker.queue_frame(TTSSpeakFrame("Hello from pipecat."))
+                await asyncio.wait_for(run.sink.audio_arrived.wait(), 60)
+            return run, service._settings.voice
+
+        run, voice = asyncio.run(main())
+    finally:
+        _stop(proc)
+    assert voice == "alloy" and run.source.errors == []
+    audio = b"".join(f.audio for f in run.sink.audio())
+    assert 0 < len(audio) <= 12 * 3840  # pcm at 24 kHz, capped by --max-frames

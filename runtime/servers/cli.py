@@ -166,7 +166,31 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-voices", type=_positive, default=DEFAULT_MAX_VOICES,
                    help=f"saved voices kept in --voices DIR before uploads are refused (default {DEFAULT_MAX_VOICES})")
     p.add_argument("--model-name", help="model id listed in /v1/models (default: from the bundle)")
+    p.add_argument("--voice-alias", action="append", type=_alias, metavar="NAME=VOICE", default=[],
+                   help="answer the voice NAME (e.g. OpenAI's alloy) with VOICE, a preset or (Base) a saved voice; "
+                        "repeatable; on top of the defaults: CustomVoice maps OpenAI's 13 names to its presets, "
+                        "VoiceDesign to its one voice, Base maps none")
+    p.add_argument("--no-default-aliases", action="store_true",
+                   help="only the --voice-alias names, not the bundle kind's default OpenAI names")
     _add_ray_arguments(p)
+
+
+def _alias(text: str) -> tuple[str, str]:
+    from .voices import parse_alias
+
+    try:
+        return parse_alias(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def voice_aliases(args: argparse.Namespace, catalog) -> dict[str, str]:
+    """The alias table of ``serve``: the bundle kind's defaults (unless --no-default-aliases), then --voice-alias."""
+    from .voices import default_aliases
+
+    table = {} if args.no_default_aliases else default_aliases(catalog.model_type, catalog.speakers)
+    table.update(dict(args.voice_alias))
+    return table
 
 
 def _add_ray_arguments(p: argparse.ArgumentParser) -> None:
@@ -274,13 +298,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     key, hosts = api_key(args), allowed_hosts(args)
     pool, catalog = _load(args, args.max_queue)
     catalog.max_voices = args.max_voices
+    try:
+        catalog.set_aliases(voice_aliases(args, catalog))  # the OpenAI API's only: Wyoming lists real voices
+    except ValueError as exc:
+        pool.close()
+        raise ServeError(str(exc)) from None
     app = create_app(pool, catalog, api_key=key, model=args.model_name, max_frames=args.max_frames,
                      allowed_hosts=hosts)
     e = pool.engines[0]
     print(f"{PROG}: serving {app.state.api.model} on http://{args.host}:{args.port}/v1 ({args.workers} worker(s) x "
           f"{e.config.max_batch} streams, queue {args.max_queue}; {e.backend} talker {e.talker_precision}, decoder "
           f"{e.decoder_precision}; "
-          f"voices: {', '.join(catalog.names()) or 'none yet'})", file=sys.stderr)
+          f"voices: {', '.join(catalog.names()) or 'none yet'}; {_aliases_line(catalog)})", file=sys.stderr)
     for warning in exposure_warnings(args, key):
         print(f"{PROG}: warning: {warning}", file=sys.stderr)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
@@ -296,6 +325,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _aliases_line(catalog) -> str:
+    if not catalog.aliases:
+        return "OpenAI voice names not mapped (--voice-alias alloy=VOICE)"
+    targets = sorted(set(catalog.aliases.values()))
+    return f"{len(catalog.aliases)} voice aliases to {', '.join(targets)} (GET /v1/audio/voices)"
+
+
 RAY_INSTALL_HINT = "pip install 'qwen3-tts-edge[ray]'"
 
 
@@ -304,6 +340,9 @@ def cmd_serve_ray(args: argparse.Namespace) -> int:
     deleted (its running streams finish first) and this driver disconnects (a local Ray it started stops)."""
     if not args.ray:
         raise ServeError("--replicas and --autoscale set the replicas of a Ray Serve deployment: add --ray")
+    if args.voice_alias or args.no_default_aliases:
+        raise ServeError("--voice-alias and --no-default-aliases are not passed to Ray Serve replicas yet; leave them "
+                         "out with --ray (its replicas answer the bundle's own voice names only)")
     require("fastapi", "uvicorn", "python_multipart")
     from dataclasses import asdict
 

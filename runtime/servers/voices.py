@@ -27,6 +27,15 @@ SUFFIX = ".voice"
 NAME_RULE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 DEFAULT_VOICE = "default"  # the one voice of a bundle without preset speakers (VoiceDesign: instruct decides)
 DEFAULT_MAX_VOICES = 256  # saved voices a server keeps; a full folder refuses uploads (409)
+# OpenAI's voice names. Its API refuses any other, and so do clients that check before sending (pipecat's
+# OpenAITTSService); Home Assistant's and LiveKit's OpenAI plugins default to one of them.
+OPENAI_VOICES = ("alloy", "ash", "ballad", "cedar", "coral", "echo", "fable", "marin", "nova", "onyx", "sage",
+                 "shimmer", "verse")
+# The default table on a CustomVoice bundle: OpenAI's higher voices to the female presets, its lower ones to the
+# male presets with English as their own language, alternating so that neighbouring names sound different.
+CUSTOM_VOICE_ALIASES = {"alloy": "vivian", "coral": "serena", "marin": "vivian", "nova": "serena", "sage": "vivian",
+                        "shimmer": "serena", "ash": "ryan", "ballad": "aiden", "cedar": "ryan", "echo": "aiden",
+                        "fable": "ryan", "onyx": "aiden", "verse": "ryan"}
 # Temporary files of a voice being written (Voice.save's and create's): hidden, '.<name>.voice.<random>'.
 _TEMP_RULE = re.compile(r"^\..*\.voice\..+$")
 
@@ -76,6 +85,26 @@ def language_name(value: str | None, known: list[str]) -> str:
     raise VoiceRequestError(f"unsupported language {value!r}; choose one of {choices}", param="language")
 
 
+def default_aliases(model_type: str, speakers: list[str]) -> dict[str, str]:
+    """OpenAI's voice names on a bundle of this kind: CustomVoice, its presets (``CUSTOM_VOICE_ALIASES``, a preset
+    the bundle lacks replaced by its first); VoiceDesign, its one voice (the request's ``instructions`` describe it);
+    Base, none (saved voices are the user's: map them with ``--voice-alias``)."""
+    if model_type == "base":
+        return {}
+    if not speakers:
+        return dict.fromkeys(OPENAI_VOICES, DEFAULT_VOICE)
+    ordered = sorted(speakers)
+    return {name: target if target in speakers else ordered[0] for name, target in CUSTOM_VOICE_ALIASES.items()}
+
+
+def parse_alias(text: str) -> tuple[str, str]:
+    """``NAME=VOICE`` (the ``--voice-alias`` flag) -> (name, voice)."""
+    name, sep, target = text.partition("=")
+    if not sep or not name.strip() or not target.strip():
+        raise ValueError(f"expected NAME=VOICE (e.g. alloy=vivian), got {text!r}")
+    return name.strip().lower(), target.strip()
+
+
 def _shown(value: object) -> str:
     """A name quoted in an error message, cut short."""
     text = repr(value)
@@ -97,6 +126,35 @@ class VoiceCatalog:
         self._cache: dict[Path, tuple[tuple[int, int], Voice]] = {}
         self._listed: tuple[tuple[int, int], list[str]] | None = None  # (folder mtime_ns, inode), names
         self._lock = threading.Lock()
+        self.aliases: dict[str, str] = {}  # other names for voices (OpenAI's), see set_aliases
+
+    def set_aliases(self, aliases: dict[str, str]) -> None:
+        """Answer ``aliases``' names (e.g. OpenAI's ``alloy``) with their voices. A name may not hide a preset; a
+        target is a preset (or ``default``) or, on a Base bundle, a saved voice, which may be uploaded later."""
+        checked = {}
+        for name, target in aliases.items():
+            name = name.strip().lower()
+            if not NAME_RULE.fullmatch(name):
+                raise ValueError(f"voice alias {name!r} is not a usable name: use 1-64 letters, digits, '_', '-' or "
+                                 "'.', starting with a letter or digit")
+            if name in self.speakers or name == DEFAULT_VOICE:
+                raise ValueError(f"voice alias {name!r} would hide the preset voice of that name; choose another")
+            if target.lower() in self.presets:
+                target = target.lower()
+            elif self.model_type != "base" or not NAME_RULE.fullmatch(target):
+                voices = ", ".join(self.presets) + (" or a saved voice's name" if self.model_type == "base" else "")
+                raise ValueError(f"voice alias {name}={target}: {target!r} is not a voice of this bundle; map it to "
+                                 f"one of {voices}")
+            checked[name] = target
+        chained = sorted(n for n, t in checked.items() if t.lower() in checked)
+        if chained:
+            raise ValueError(f"voice alias {chained[0]}={checked[chained[0]]} names another alias; map it to a voice")
+        self.aliases = checked
+
+    def alias_listing(self) -> dict[str, str]:
+        """The aliases whose voice is there now (a saved voice may not have been uploaded yet)."""
+        saved = set(self.saved()) if any(t not in self.presets for t in self.aliases.values()) else set()
+        return {n: t for n, t in self.aliases.items() if t in self.presets or t in saved}
 
     def _remove_stray_temporaries(self) -> None:
         """Half-written voices of a server that stopped mid-write (they would fill the disk over months)."""
@@ -137,9 +195,11 @@ class VoiceCatalog:
         return names[0] if names else None
 
     def listing(self) -> list[dict[str, str]]:
-        """Voices as objects (Open WebUI reads ``id``): presets first, then saved voices."""
+        """Voices as objects (Open WebUI reads ``id``): presets first, then saved voices, then the aliases that
+        speak (``voice`` names what they speak with)."""
         return ([{"id": n, "name": n.replace("_", " ").title() if n in self.speakers else n, "type": "preset"}
-                 for n in self.presets] + [{"id": n, "name": n, "type": "saved"} for n in self.saved()])
+                 for n in self.presets] + [{"id": n, "name": n, "type": "saved"} for n in self.saved()]
+                + [{"id": n, "name": n, "type": "alias", "voice": t} for n, t in self.alias_listing().items()])
 
     def _path(self, name: str) -> Path:
         if not NAME_RULE.fullmatch(name or ""):
@@ -163,8 +223,22 @@ class VoiceCatalog:
             return VoiceChoice(DEFAULT_VOICE)
         if NAME_RULE.fullmatch(name) and name in self.saved():
             return VoiceChoice(name, voice=self.load(name))
+        target = self.aliases.get(lowered)
+        if target is not None:
+            try:
+                return self.resolve(target)
+            except UnknownVoice:
+                raise UnknownVoice(f"voice {_shown(name)} is an alias of {target!r}, which is not saved here (yet): "
+                                   f"upload it (POST /v1/audio/voices) or map {lowered} to another voice with "
+                                   "--voice-alias") from None
         available = self.names()
         hint = ", ".join(available) if available else "none yet (upload one with POST /v1/audio/voices)"
+        listed = self.alias_listing()
+        if listed:
+            hint += "; aliases: " + ", ".join(f"{n} ({t})" for n, t in listed.items())
+        elif lowered in OPENAI_VOICES:
+            hint += (f"; OpenAI's voice names are not mapped on this server: start it with --voice-alias "
+                     f"{lowered}=VOICE")
         raise UnknownVoice(f"unknown voice {_shown(name)}; available voices: {hint}")
 
     def load(self, name: str) -> Voice:
@@ -189,6 +263,9 @@ class VoiceCatalog:
         path = self._path(name)
         if name.lower() in self.speakers or name.lower() == DEFAULT_VOICE:
             raise VoiceExists(f"{name!r} is a preset voice of this bundle; choose another name", param="name")
+        if name.lower() in self.aliases:
+            raise VoiceExists(f"{name!r} is an alias (of {self.aliases[name.lower()]!r}) on this server; choose "
+                              "another name", param="name")
         if path.exists():
             raise VoiceExists(f"a voice named {name!r} exists; delete it first (DELETE /v1/audio/voices/{name})",
                               param="name")
