@@ -261,7 +261,9 @@ def _planned_steps(requested: dict[str, tuple[str, ...]]) -> int:
 def export_bundle(model: str, out: Path, *, talker: Sequence[str] | None = None,
                   decoder: Sequence[str] | None = None, speaker_encoder: Sequence[str] | None = None,
                   codec_encoder: Sequence[str] | None = None, force: bool = False,
-                  backends: Sequence[str] | None = None, progress: Progress | None = None) -> Manifest:
+                  backends: Sequence[str] | None = None, progress: Progress | None = None,
+                  adapter: str | Path | None = None, merge: bool = False, adapter_scale: float | None = None,
+                  speaker_rows: dict[str, int] | None = None) -> Manifest:
     """Export MODEL into the bundle folder ``out`` and return its manifest.
 
     ``talker`` / ``decoder`` / ``speaker_encoder`` / ``codec_encoder`` name the precisions to write; None
@@ -269,9 +271,16 @@ def export_bundle(model: str, out: Path, *, talker: Sequence[str] | None = None,
     in fp32), so a plain export can speak. Talker precisions name their engine (GGUF ``q8_0`` for llama.cpp,
     ONNX ``fp32`` for ONNX Runtime); ``backends`` (``GENERATION_ENGINES`` names) replaces the default talker
     precisions with each engine's default when ``talker`` is None. ``progress`` receives messages; without
-    one, a progress bar (plain lines off a terminal) goes to stderr.
+    one, a progress bar (plain lines off a terminal) goes to stderr. ``adapter`` (a PEFT folder) with ``merge``
+    exports MODEL with that LoRA merged at ``adapter_scale`` and ``speaker_rows`` registered (``export/merge.py``).
     """
+    from .merge import check_request
+
     out = Path(out)
+    merging = None
+    scale = check_request(adapter, merge, adapter_scale, speaker_rows)
+    if adapter is not None:
+        merging = (Path(adapter), scale, dict(speaker_rows or {}))
     talkers = _talker_request(talker, backends)
     requested = {"talker": tuple(p for p in talkers if p in _PRECISIONS["talker"]),
                  "talker_onnx": tuple(p for p in talkers if p in _PRECISIONS["talker_onnx"]),
@@ -286,7 +295,8 @@ def export_bundle(model: str, out: Path, *, talker: Sequence[str] | None = None,
     _prepare_target(out, force)
     bar = ExportProgress(_planned_steps(requested), desc=f"export {out.name}") if progress is None else None
     try:
-        return _export(model, out, requested, exporters, bar or progress, getattr(bar or progress, "step", None))
+        return _export(model, out, requested, exporters, bar or progress, getattr(bar or progress, "step", None),
+                       merging)
     finally:
         if bar is not None:
             bar.close()
@@ -294,21 +304,48 @@ def export_bundle(model: str, out: Path, *, talker: Sequence[str] | None = None,
 
 def _export(model: str, out: Path, requested: dict[str, tuple[str, ...]],
             exporters: dict[str, Callable[..., list[dict[str, Any]]]], progress: Progress,
-            step: Callable[[str], None] | None) -> Manifest:
+            step: Callable[[str], None] | None, merging: tuple[Path, float, dict[str, int]] | None = None
+            ) -> Manifest:
     step = step or null_step
     t0 = time.perf_counter()
     progress(f"resolving {model} ...")
     source: ModelSource = resolve_model(model)
     folder = source.path
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = None
+    if merging is not None:
+        from .merge import adapter_identity, merged_checkpoint
+
+        peft_dir, scale, rows = merging
+        progress(f"merging the LoRA adapter {peft_dir} at scale {scale:g} ...")
+        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.merge-", dir=out.parent))
+        try:
+            folder = merged_checkpoint(source.path, peft_dir, work, scale=scale, speaker_rows=rows)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+    try:
+        return _export_folder(source, folder, out, requested, exporters, progress, step, t0,
+                              None if merging is None else adapter_identity(*merging))
+    finally:
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _export_folder(source: ModelSource, folder: Path, out: Path, requested: dict[str, tuple[str, ...]],
+                   exporters: dict[str, Callable[..., list[dict[str, Any]]]], progress: Progress,
+                   step: Callable[[str], None], t0: float, adapter: dict[str, Any] | None) -> Manifest:
     facts = checkpoint_facts(folder)
     progress(f"checkpoint {folder} ({facts['model']['tts_model_type']}, {facts['model']['tts_model_size']}) "
              f"in {time.perf_counter() - t0:.1f} s; hashing source files ...")
-    source_info = {"model": source.spec, "kind": source.kind, "path": str(folder), "variant": source.variant,
+    # A merged checkpoint's files (the merged weights) are its identity: packs for the base are refused on it.
+    source_info = {"model": source.spec, "kind": source.kind, "path": str(source.path), "variant": source.variant,
                    "shape": source.shape, "seed": source.seed, "files": source_file_hashes(folder)}
+    if adapter is not None:
+        source_info["adapter"] = adapter
     step("checkpoint")
     _voice_stages(facts["model"]["tts_model_type"], requested, exporters, progress)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         components = _copy_tokenizer(folder, tmp)

@@ -38,6 +38,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"generation engine(s) to export for, comma-separated ({', '.join(GENERATION_ENGINES)}; "
                         f"default llama.cpp): sets the default --talker precisions (llama.cpp q8_0, onnxruntime fp32)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle at BUNDLE")
+    p.add_argument("--adapter", type=Path, metavar="PEFT_DIR", help="a PEFT LoRA folder trained on MODEL, merged "
+                   "into this bundle (with --merge; for many voices on one bundle use `voice pack`)")
+    p.add_argument("--merge", action="store_true", help="merge --adapter into the exported weights (one voice)")
+    p.add_argument("--scale", type=float, default=None, metavar="S",
+                   help="--adapter: scale to merge at, in [0, 2] (default 1: as trained)")
+    p.add_argument("--speaker-row", action="append", metavar="NAME=ROW",
+                   help="--adapter: a codec-embedding row the fine-tune wrote, registered as speaker NAME "
+                        "(repeatable; CustomVoice)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -52,7 +60,11 @@ def run(args: argparse.Namespace) -> int:
     if missing:
         raise ExtraMissingError(f"export needs the [export] extra, and this environment lacks "
                                 f"{', '.join(missing)}: {EXPORT_EXTRA_HINT}")
+    from .voice_pack import parse_speaker_row
+
+    rows = dict(parse_speaker_row(r) for r in args.speaker_row or ())
     export_bundle(args.model, args.output, talker=args.talker, decoder=args.decoder,
                   speaker_encoder=args.speaker_encoder, codec_encoder=args.codec_encoder, force=args.force,
-                  backends=args.backend)
+                  backends=args.backend, adapter=args.adapter, merge=args.merge, adapter_scale=args.scale,
+                  speaker_rows=rows or None)
     return 0

@@ -31,10 +31,16 @@ import numpy as np
 
 from ..runtime.backends.llama_cpp.gguf_tables import GGUFTables
 from ..runtime.bundle import Bundle, load_bundle
-from ..runtime.voices.voice_pack import PACK_SUFFIX, VoicePack, VoicePackError, check_scale, pack_identity
+from ..runtime.voices.voice_pack import (
+    ADAPTER_TYPES,
+    PACK_SUFFIX,
+    VoicePack,
+    VoicePackError,
+    check_scale,
+    pack_identity,
+)
 from .llama_cpp_src import LORA_CONVERTER, LlamaCppSourceError, converter_env, lora_converter_dir
 
-ADAPTER_TYPES = ("f32", "f16")
 _LAYER_MODULES = {  # PEFT module under a decoder layer -> llama.cpp tensor (both are qwen3-style blocks)
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
@@ -151,9 +157,10 @@ def _collect(cfg: dict[str, Any], sd: dict[str, np.ndarray], speaker_rows: dict[
         scaling = _alpha_for(cfg, module) / (math.sqrt(r) if cfg.get("use_rslora") else r)
         target[module] = (np.ascontiguousarray(a, np.float32), np.ascontiguousarray(b * scaling, np.float32))
     if unmappable:
-        raise VoicePackExportError(f"the adapter has modules a voice pack cannot carry: {sorted(set(unmappable))}; "
-                                   "voice packs take LoRA on talker / code-predictor q/k/v/o/gate/up/down_proj and a "
-                                   "retrained talker.model.codec_embedding (with --speaker-row)")
+        raise VoicePackExportError(f"the adapter has modules a voice pack (or a merged export) cannot carry: "
+                                   f"{sorted(set(unmappable))}; they take LoRA on talker / code-predictor "
+                                   "q/k/v/o/gate/up/down_proj and a retrained talker.model.codec_embedding (with "
+                                   "--speaker-row)")
     if codec is not None and not speaker_rows:
         raise VoicePackExportError(f"the adapter retrains {CODEC_EMBEDDING}; name the rows it wrote with --speaker-row "
                                    "NAME=ROW (e.g. the official fine-tune's new speaker at row 3000)")
@@ -219,6 +226,18 @@ def talker_adapter_gguf(modules: dict[str, tuple[np.ndarray, np.ndarray]], bundl
     return out.read_bytes()
 
 
+def _add_tensor(w: Any, name: str, arr: np.ndarray, outtype: str) -> None:
+    """One adapter tensor at ``outtype``; q8_0 rows that are not whole 32-value blocks (B at rank < 32) stay f16,
+    as llama.cpp's converter does for the talker."""
+    import gguf
+
+    if outtype == "q8_0" and arr.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0] == 0:
+        q = gguf.GGMLQuantizationType.Q8_0
+        w.add_tensor(name, gguf.quants.quantize(arr.astype(np.float32), q), raw_dtype=q)
+    else:
+        w.add_tensor(name, arr.astype(np.float32 if outtype == "f32" else np.float16))
+
+
 def predictor_adapter_gguf(modules: dict[str, tuple[np.ndarray, np.ndarray]], outtype: str, work: Path) -> bytes:
     """The code-predictor adapter for our ``qwen3`` predictor GGUF, written with gguf-py, as bytes."""
     import gguf
@@ -229,12 +248,11 @@ def predictor_adapter_gguf(modules: dict[str, tuple[np.ndarray, np.ndarray]], ou
     w.add_string(gguf.Keys.Adapter.TYPE, "lora")
     w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, 0.0)  # PEFT's scaling is folded into lora_b
     w.add_name("Qwen3-TTS code predictor LoRA")
-    dtype = np.float16 if outtype == "f16" else np.float32
     for module, (a, b) in modules.items():
         m = PREDICTOR_MODULE.match(module)
         name = f"blk.{m.group(1)}.{_LAYER_MODULES[m.group(2)]}.weight"
-        w.add_tensor(name + ".lora_a", a.astype(dtype))
-        w.add_tensor(name + ".lora_b", b.astype(dtype))
+        for suffix, arr in ((".lora_a", a), (".lora_b", b)):
+            _add_tensor(w, name + suffix, arr, outtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -255,16 +273,24 @@ def _base_codec_rows(bundle: Bundle) -> tuple[np.ndarray, float]:
         tables.close()
 
 
+def changed_rows_error(changed: Sequence[int], speaker_rows: dict[str, int]) -> str | None:
+    """Why a retrained codec table cannot be used: rows it changed that no ``--speaker-row`` names (or None)."""
+    extra = sorted(set(changed) - set(speaker_rows.values()))
+    if not extra:
+        return None
+    more = " ..." if len(extra) > 12 else ""
+    return (f"the adapter changes codec-embedding rows {extra[:12]}{more} not named by --speaker-row; name each "
+            "row the fine-tune wrote")
+
+
 def _speaker_vectors(codec: np.ndarray, speaker_rows: dict[str, int], bundle: Bundle) -> np.ndarray:
     base, tol = _base_codec_rows(bundle)
     if codec.shape != base.shape:
         raise VoicePackExportError(f"the adapter's {CODEC_EMBEDDING} is {codec.shape}, the bundle's {base.shape}")
-    changed = set(np.nonzero(np.max(np.abs(codec - base), axis=1) > tol * (1 + np.abs(base).max()))[0].tolist())
-    extra = sorted(changed - set(speaker_rows.values()))
-    if extra:
-        more = " ..." if len(extra) > 12 else ""
-        raise VoicePackExportError(f"the adapter changes codec-embedding rows {extra[:12]}{more} not named by "
-                                   "--speaker-row; name each row the fine-tune wrote")
+    changed = np.nonzero(np.max(np.abs(codec - base), axis=1) > tol * (1 + np.abs(base).max()))[0].tolist()
+    error = changed_rows_error(changed, speaker_rows)
+    if error:
+        raise VoicePackExportError(error)
     return np.stack([codec[row] for _, row in sorted(speaker_rows.items())]).astype(np.float32)
 
 

@@ -288,6 +288,8 @@ def _plugged(name: str):
 
 def build_parser(wanted: str | None = None) -> argparse.ArgumentParser:
     """The parser; of the plugged subcommands only ``wanted`` gets (and imports) its arguments."""
+    from .voices.voice_pack import ADAPTER_TYPES  # numpy: not at the module's import
+
     parser = argparse.ArgumentParser(prog=PROG, description="Qwen3-TTS 12 Hz on edge hardware: export, speak, "
                                      "inspect and benchmark artifact bundles.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -348,7 +350,8 @@ def build_parser(wanted: str | None = None) -> argparse.ArgumentParser:
     v.add_argument("--speaker-row", action="append", metavar="NAME=ROW",
                    help="a codec-embedding row the fine-tune wrote, as a speaker name (repeatable)")
     v.add_argument("--language", action="append", help="a language the voice speaks (repeatable)")
-    v.add_argument("--adapter-type", choices=("f16", "f32"), default="f16", help="adapter precision (default f16)")
+    v.add_argument("--adapter-type", choices=ADAPTER_TYPES, default="f16",
+                   help="adapter precision (default f16; q8_0 keeps rank < 32 B matrices in f16)")
     v.set_defaults(func=_cmd_voice_pack)
 
     p = sub.add_parser("info", help="print a bundle's manifest readably")

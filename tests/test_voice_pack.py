@@ -110,21 +110,23 @@ def _codes(tts, frames=30, **kw):
 
 
 def _lockstep(tts, reference, pack, speaker, frames):
-    """Greedy decisions of our engines (pack set) against the merged official model along its own trajectory
-    (bench/parity.py ``greedy_agreement``, with the request's tables and adapters): flips, reference codes."""
+    """Greedy decisions of our engines (pack set, or none) against the merged official model along its own
+    trajectory (bench/parity.py ``greedy_agreement``, with the request's tables and adapters): flips, reference
+    codes."""
     from qwen3_tts_edge.bench.parity import TIE_GAP, _logits_of
     from qwen3_tts_edge.export.torch_reference import TorchPredictor, TorchTables, TorchTalker
     from qwen3_tts_edge.runtime.prompt import build_prompt
     from qwen3_tts_edge.runtime.sampler import CodeSampler, SamplingParams
 
     speaker = speaker or "ryan"
-    plan = tts.plan(TEXT, language="english", voice=str(pack), speaker=speaker)
-    ids = dataclasses.replace(tts.ids, speakers={**tts.ids.speakers, **plan.adapter[0].speakers})
+    plan = tts.plan(TEXT, language="english", voice=None if pack is None else str(pack), speaker=speaker)
+    ids = dataclasses.replace(tts.ids, speakers={**tts.ids.speakers, **(plan.adapter[0].speakers if plan.adapter
+                                                                          else {})})
     ref_talker, ref_pred, ref_tables = TorchTalker(reference), TorchPredictor(reference), TorchTables(reference)
     prompt = build_prompt(ids, tts.tokenizer, ref_tables, TEXT, language="english", speaker=speaker)
     ours_prompt = plan.first_prompt
     assert np.max(np.abs(prompt.embeds - ours_prompt.embeds)) <= 1e-5  # our tables (with the pack's rows) agree
-    tts.engines.use_pack(*plan.adapter)
+    tts.engines.use_pack(*(plan.adapter or (None, 0.0)))
     gen = tts.engines.generation
     talker, predictor = gen.talker, gen.predictor
     m = tts.bundle.manifest

@@ -27,6 +27,7 @@ PACK_FORMAT = 1
 METADATA_KEY = "qwen3_tts_edge.voicepack"
 PACK_SUFFIX = ".voicepack"
 MAX_SCALE = 2.0
+ADAPTER_TYPES = ("f32", "f16", "q8_0")  # adapter tensor types `voice pack` writes (fidelity: README, precisions)
 MAKE_HINT = "make it again with `qwen3-tts-edge voice pack PEFT_DIR -b BUNDLE -o NAME.voicepack`"
 
 
