@@ -165,6 +165,11 @@ class EnginePool:
             await asyncio.sleep(0.01)
         return not self.busy
 
+    @property
+    def closed(self) -> bool:
+        """True once ``close`` ran: the pool refuses new requests (a replica's health check reports it)."""
+        return self._closed
+
     def close(self) -> None:
         """Refuse new requests and drop the waiting ones; running requests end with their tasks (shutdown)."""
         self._closed = True

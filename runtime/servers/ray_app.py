@@ -28,7 +28,6 @@ Ray is imported only inside the functions that need it: the lean install and ``s
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
@@ -39,7 +38,7 @@ from typing import Any
 
 from ..errors import Qwen3TTSEdgeError
 from .cli import API_KEY_ENV, RAY_INSTALL_HINT
-from .voices import _TEMP_RULE, VoiceCatalog
+from .voices import VoiceCatalog
 
 log = logging.getLogger("qwen3_tts_edge.server")
 
@@ -177,13 +176,7 @@ class SharedVoiceCatalog(VoiceCatalog):
     replica is writing at that moment.
     """
 
-    def _remove_stray_temporaries(self) -> None:
-        cutoff = time.time() - STRAY_TEMP_AGE_S
-        for p in self.directory.iterdir():
-            with contextlib.suppress(OSError):
-                if _TEMP_RULE.match(p.name) and p.is_file() and p.stat().st_mtime < cutoff:
-                    p.unlink()
-                    log.info("removed the unfinished voice file %s", p)
+    stray_temp_age_s = STRAY_TEMP_AGE_S
 
 
 def load_replica(options: ReplicaOptions):
@@ -250,7 +243,7 @@ class ReplyWatch:
 def health_problem(pool: Any, watch: ReplyWatch, wedged_after_s: float) -> str | None:
     """Why this replica should be replaced, or None: a closed pool, or engines held while no reply has moved for
     ``wedged_after_s`` and the process has (nearly) stopped computing."""
-    if getattr(pool, "_closed", False):  # EnginePool has no public flag for it yet
+    if pool.closed:
         return "the engine pool is closed (the replica is shutting down)"
     stalled = watch.stalled_s()
     if pool.busy and stalled > wedged_after_s and watch.cpu_since_move_s() < WEDGED_CPU_FRACTION * stalled:
