@@ -315,3 +315,19 @@ def test_pipecats_openai_service_speaks_through_serve_with_its_default_voice(tin
     assert voice == "alloy" and run.source.errors == []
     audio = b"".join(f.audio for f in run.sink.audio())
     assert 0 < len(audio) <= 12 * 3840  # pcm at 24 kHz, capped by --max-frames
+
+
+def test_bench_measures_first_audio_in_both_modes(tiny_bundle, tmp_path):
+    """``bench/agents.py`` end to end on the tiny bundle: a report with both modes, every reply interrupted and
+    stopped, no audio after an interruption (the speed itself is bench's business, not asserted here)."""
+    import json
+
+    from qwen3_tts_edge.bench.agents import main
+
+    out = tmp_path / "agents.json"
+    assert main(["--framework", "pipecat", "-b", str(tiny_bundle), "--runs", "1", "--token-ms", "5",
+                 "--talker-precision", "f32", "--json", str(out), "--markdown", str(tmp_path / "agents.md")]) == 0
+    r = json.loads(out.read_text())["results"]["pipecat"]
+    assert len(r["runs"]["token"]) == len(r["runs"]["sentence"]) == 1
+    assert r["interruption"]["stop_reasons"] == ["cancelled"] and r["interruption"]["stale_audio_frames"] == 0
+    assert r["token_over_sentence"] > 0 and "| pipecat |" in (tmp_path / "agents.md").read_text()
