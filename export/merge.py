@@ -4,9 +4,11 @@ For a device that speaks one fine-tuned voice, one merged bundle costs no adapte
 read exactly as ``voice pack`` reads it (``export/voice_pack``: the same module mapping, PEFT's scaling folded
 into B, the same refusals and ``--speaker-row`` rules), so a merged bundle and the base bundle + that pack apply
 the same update: ``W + scale * B @ A`` in float32 on every adapted weight, the named codec-embedding rows written
-and their speaker names registered in ``config.json`` (``spk_id``; presets list them). The merged checkpoint is
-a folder beside the output (changed weight files written, the rest linked) that the usual stage exporters read;
-the manifest's ``source.adapter`` records the adapter's identity (file hashes, scale, rows).
+and their speaker names registered in ``config.json`` (``spk_id``; presets list them). A Base checkpoint with
+speaker rows becomes a CustomVoice one, as the official Base fine-tune writes it (``tts_model_type``, ``spk_id``,
+``spk_is_dialect``, no speaker encoder). The merged checkpoint is a folder beside the output (changed weight
+files written, the rest linked) that the usual stage exporters read; the manifest's ``source.adapter`` records
+the adapter's identity (file hashes, scale, rows).
 """
 
 from __future__ import annotations
@@ -71,9 +73,12 @@ def _merged_config(folder: Path, speaker_rows: dict[str, int]) -> dict[str, Any]
     bad = {n: r for n, r in speaker_rows.items() if not codebook <= r < vocab}
     if bad:
         raise MergeError(f"speaker rows {bad} are outside the control/speaker rows [{codebook}, {vocab})")
-    if speaker_rows and cfg.get("tts_model_type") != "custom_voice":
-        raise MergeError(f"speaker rows need a CustomVoice checkpoint (this one is {cfg.get('tts_model_type')}: "
-                         "its prompt has no speaker row)")
+    kind = cfg.get("tts_model_type")
+    if speaker_rows and kind not in ("custom_voice", "base"):
+        raise MergeError(f"speaker rows need a CustomVoice or Base checkpoint (a {kind} prompt has no speaker row)")
+    if speaker_rows and kind == "base":  # what the official Base fine-tune writes: a CustomVoice model
+        cfg["tts_model_type"] = "custom_voice"
+        talker["spk_is_dialect"] = {**(talker.get("spk_is_dialect") or {}), **dict.fromkeys(speaker_rows, False)}
     taken = {n: r for n, r in speaker_rows.items() if n in {k.lower() for k in talker.get("spk_id") or {}}}
     if taken:
         raise MergeError(f"speaker names {sorted(taken)} are preset speakers of this checkpoint; choose new names")
@@ -100,12 +105,16 @@ def merged_checkpoint(folder: Path, peft_dir: Path, work: Path, *, scale: float,
     speaker_rows = {k.lower(): int(v) for k, v in (speaker_rows or {}).items()}
     cfg = _merged_config(folder, speaker_rows)
     updates, codec = lora_updates(peft_dir, speaker_rows)
+    drop = "speaker_encoder." if cfg["tts_model_type"] == "custom_voice" else None  # a Base turned CustomVoice
     out = work / "checkpoint"  # a plain identifier: transformers derives module names from the folder
     out.mkdir(parents=True)
     weight_files = _checkpoint_files(folder)
     for path in weight_files:
         tensors = load_file(str(path))
-        touched = False
+        dropped = [k for k in tensors if drop and k.startswith(drop)]
+        for k in dropped:
+            del tensors[k]
+        touched = bool(dropped)
         for key in [k for k in tensors if k in updates]:
             a, b = updates.pop(key)
             w = tensors[key].float().numpy()

@@ -33,6 +33,7 @@ from ..runtime.backends.llama_cpp.gguf_tables import GGUFTables
 from ..runtime.bundle import Bundle, load_bundle
 from ..runtime.voices.voice_pack import (
     ADAPTER_TYPES,
+    BASE_WITHOUT_ROWS,
     PACK_SUFFIX,
     VoicePack,
     VoicePackError,
@@ -312,6 +313,8 @@ def make_voice_pack(peft_dir: str | Path, bundle_dir: str | Path, output: str | 
     bad = {n: r for n, r in speaker_rows.items() if not codebook <= r < vocab}
     if bad:
         raise VoicePackExportError(f"speaker rows {bad} are outside the control/speaker rows [{codebook}, {vocab})")
+    if m.model.get("tts_model_type") == "base" and not speaker_rows:
+        raise VoicePackExportError(BASE_WITHOUT_ROWS)
     unknown = [lang for lang in languages if lang not in m.languages]
     if unknown:
         raise VoicePackExportError(f"unknown languages {unknown}; this base knows {', '.join(sorted(m.languages))}")

@@ -251,6 +251,8 @@ class TTS:
         if pack.speakers:
             ids = replace(ids, speakers={**ids.speakers, **pack.speakers})
             tables = PackTables(tables, pack.rows())
+            if ids.model_type == "base":  # a Base fine-tune speaks as CustomVoice (its row where the x-vector was)
+                ids = replace(ids, model_type="custom_voice")
         o = o.replace(voice=None, voice_scale=None, speaker=speaker, language=language)
         plan = plan_request(text, o, ids=ids, tokenizer=self.tokenizer, tables=tables,
                             manifest=self.bundle.manifest, n_ctx=self.n_ctx)

@@ -120,8 +120,10 @@ def _lockstep(tts, reference, pack, speaker, frames):
 
     speaker = speaker or "ryan"
     plan = tts.plan(TEXT, language="english", voice=None if pack is None else str(pack), speaker=speaker)
-    ids = dataclasses.replace(tts.ids, speakers={**tts.ids.speakers, **(plan.adapter[0].speakers if plan.adapter
-                                                                          else {})})
+    extra = plan.adapter[0].speakers if plan.adapter else {}
+    ids = dataclasses.replace(tts.ids, speakers={**tts.ids.speakers, **extra})
+    if extra and ids.model_type == "base":  # as TTS._plan_with_pack: a Base fine-tune speaks as CustomVoice
+        ids = dataclasses.replace(ids, model_type="custom_voice")
     ref_talker, ref_pred, ref_tables = TorchTalker(reference), TorchPredictor(reference), TorchTables(reference)
     prompt = build_prompt(ids, tts.tokenizer, ref_tables, TEXT, language="english", speaker=speaker)
     ours_prompt = plan.first_prompt

@@ -116,15 +116,77 @@ def test_adapter_without_merge_points_at_voice_pack(tmp_path, capsys):
     assert not (tmp_path / "b").exists()
 
 
-def test_merge_refuses_speaker_rows_on_a_base_checkpoint(official, tmp_path):
+def test_merge_refuses_taken_speaker_names(official, tmp_path):
     from qwen3_tts_edge.export.build import export_bundle
     from qwen3_tts_edge.export.merge import MergeError
 
     _peft_adapter(official, tmp_path / "peft", MODULES, 8, speaker_row=True)
-    with pytest.raises(MergeError, match="speaker rows need a CustomVoice checkpoint"):
-        export_bundle("random:tiny-base", tmp_path / "b", talker=["f32"], decoder=["fp32"], adapter=tmp_path / "peft",
-                      merge=True, speaker_rows={"newspk": NEW_ROW}, progress=lambda msg: None)
     with pytest.raises(MergeError, match="preset speakers"):
         export_bundle("random:tiny-custom_voice", tmp_path / "b", talker=["f32"], decoder=["fp32"],
                       adapter=tmp_path / "peft", merge=True, speaker_rows={"ryan": NEW_ROW}, progress=lambda msg: None)
     assert not (tmp_path / "b").exists() and not list(tmp_path.glob(".b.*"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# a Base fine-tune (what the official fine-tune script trains): its speaker row makes it speak as CustomVoice
+
+
+@pytest.fixture(scope="module")
+def base_fine_tune(tmp_path_factory):
+    """(Base bundle, pack with a speaker row, merged bundle, official Base model merged by PEFT) at ``SCALE``."""
+    import torch
+
+    from qwen3_tts_edge.export.build import export_bundle
+    from qwen3_tts_edge.export.random_checkpoint import cached_random_checkpoint
+    from qwen3_tts_edge.export.torch_reference import load_official
+    from qwen3_tts_edge.export.voice_pack import make_voice_pack
+
+    torch.set_num_threads(1)
+    ckpt = cached_random_checkpoint("tiny", "base")
+    tmp = tmp_path_factory.mktemp("base-ft")
+    quiet = {"progress": lambda msg: None, "talker": ["f32"], "decoder": ["fp32"], "speaker_encoder": [],
+             "codec_encoder": []}
+    export_bundle("random:tiny-base", tmp / "base", **quiet)
+    pm = _peft_adapter(lambda: load_official(ckpt), tmp / "peft", MODULES, 9, speaker_row=True)
+    rows = {"newspk": NEW_ROW}
+    export_bundle("random:tiny-base", tmp / "merged", adapter=tmp / "peft", merge=True, adapter_scale=SCALE,
+                  speaker_rows=rows, **quiet)
+    make_voice_pack(tmp / "peft", tmp / "base", tmp / "newspk.voicepack", scale=SCALE, speaker_rows=rows,
+                    adapter_type="f32")
+    _peft_adapter(lambda: load_official(ckpt), tmp / "peft-norows", MODULES, 10)
+    return tmp, _merged(pm, SCALE)
+
+
+def test_base_fine_tune_as_pack_and_merged_speaks_like_the_official_merge(base_fine_tune):
+    from qwen3_tts_edge.runtime.bundle import load_bundle
+
+    tmp, reference = base_fine_tune
+    m = load_bundle(tmp / "merged").manifest
+    assert m.model["tts_model_type"] == "custom_voice" and m.speakers == {"newspk": NEW_ROW}
+    merged, base = _strict_tts(tmp / "merged"), _strict_tts(tmp / "base")
+    pack = tmp / "newspk.voicepack"
+    flips, ref_codes = _lockstep(merged, reference, None, "newspk", FRAMES)
+    pack_flips, pack_ref = _lockstep(base, reference, pack, "newspk", FRAMES)
+    assert np.array_equal(pack_ref, ref_codes) and len(flips) <= 3 and len(pack_flips) <= 3, (flips, pack_flips)
+    n = min([f["frame"] for f in flips + pack_flips] + [FRAMES])
+    assert n >= FRAMES // 2, (flips, pack_flips)
+    assert np.array_equal(_codes(merged, frames=n, speaker="newspk"), ref_codes[:n])
+    assert np.array_equal(_codes(base, frames=n, voice=str(pack), speaker=None), ref_codes[:n])  # the pack's speaker
+
+
+def test_a_pack_without_speaker_rows_on_a_base_bundle_says_what_it_needs(base_fine_tune):
+    from qwen3_tts_edge.export.voice_pack import make_voice_pack
+    from qwen3_tts_edge.runtime.voices.voice_pack import VoicePack, VoicePackError
+
+    tmp, _ = base_fine_tune
+    need = r"no speaker rows, and a Base bundle has no preset speakers .* --speaker-row NAME=ROW"
+    with pytest.raises(VoicePackError, match=need):
+        make_voice_pack(tmp / "peft-norows", tmp / "base", tmp / "norows.voicepack")
+    assert not (tmp / "norows.voicepack").exists()
+    # a pack written without rows (e.g. by an older version) is refused the same way at request time
+    with_rows = VoicePack.load(tmp / "newspk.voicepack")
+    bare = VoicePack(with_rows.talker_adapter, with_rows.predictor_adapter, checkpoint=with_rows.checkpoint)
+    bare.save(tmp / "bare.voicepack")
+    base = _strict_tts(tmp / "base")
+    with pytest.raises(VoicePackError, match=need):
+        base.stream("Hello.", voice=str(tmp / "bare.voicepack"))

@@ -31,6 +31,13 @@ ADAPTER_TYPES = ("f32", "f16", "q8_0")  # adapter tensor types `voice pack` writ
 MAKE_HINT = "make it again with `qwen3-tts-edge voice pack PEFT_DIR -b BUNDLE -o NAME.voicepack`"
 
 
+BASE_WITHOUT_ROWS = (
+    "this voice pack has no speaker rows, and a Base bundle has no preset speakers (a Base model speaks a cloned "
+    "voice, which a pack cannot be combined with): make the pack with --speaker-row NAME=ROW naming the row the "
+    "fine-tune wrote (the official Base fine-tune writes its speaker at row 3000), or use a CustomVoice bundle "
+    "with packs trained on that CustomVoice model")
+
+
 class VoicePackError(VoiceError):
     """A voice pack that cannot be used here (damaged, for another base, bad scale, wrong engine); says the fix."""
 
@@ -125,8 +132,11 @@ class VoicePack:
             bad = {n: r for n, r in self.speakers.items() if not codebook <= r < vocab}
             if bad:
                 raise VoicePackError(f"speaker rows {bad} are outside the control/speaker rows [{codebook}, {vocab})")
-            if manifest.model.get("tts_model_type") != "custom_voice":
-                raise VoicePackError("speaker rows need a CustomVoice bundle (the prompt has a speaker row only there)")
+        kind = manifest.model.get("tts_model_type")
+        if self.speakers and kind not in ("custom_voice", "base"):
+            raise VoicePackError(f"speaker rows need a CustomVoice or Base bundle (a {kind} prompt has no speaker row)")
+        if kind == "base" and not self.speakers:
+            raise VoicePackError(BASE_WITHOUT_ROWS)
 
     def save(self, path: str | Path) -> Path:
         """Write the pack atomically (a failed write leaves any old file as it was)."""
