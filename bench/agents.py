@@ -133,8 +133,119 @@ async def measure_pipecat(engine: AsyncTTS, args: argparse.Namespace) -> dict[st
     return summarize(runs)
 
 
+async def measure_livekit(engine: AsyncTTS, args: argparse.Namespace) -> dict[str, Any]:
+    """LiveKit Agents 1.8: the plugin in an ``AgentSession`` (no room: a sink takes the room's audio output), the
+    reply said as an async token stream. Token-level is the plugin as it is (it streams, so LiveKit feeds it the
+    tokens); sentence is the same plugin declared non-streaming, which LiveKit wraps in its ``StreamAdapter`` (a
+    sentence tokenizer, then one ``synthesize()`` per sentence), as it does for every TTS without streaming input.
+    Interrupted with ``SpeechHandle.interrupt()``."""
+    import logging
+
+    from livekit.agents import Agent, AgentSession, tts
+    from livekit.agents.voice import io
+
+    from ..runtime.agents.livekit_tts import TTS as LiveKitTTS
+
+    logging.getLogger("livekit.agents").setLevel(logging.ERROR)  # e.g. "audio output cannot pause"
+
+    class SentenceLevel(LiveKitTTS):
+        """The plugin without streaming input: LiveKit puts its sentence ``StreamAdapter`` in front."""
+
+        def __init__(self, **kwargs: Any):
+            super().__init__(**kwargs)
+            self._capabilities = tts.TTSCapabilities(streaming=False)
+
+    class Sink(io.AudioOutput):
+        def __init__(self):
+            super().__init__(label="bench", capabilities=io.AudioOutputCapabilities(pause=False))
+            self.first_audio: float | None = None
+            self.interrupted_at: float | None = None
+            self.audio_after_interruption = 0
+            self.playing = False
+
+        async def capture_frame(self, frame):
+            await super().capture_frame(frame)
+            self.playing = True
+            if self.first_audio is None:
+                self.first_audio = time.perf_counter()
+            if self.interrupted_at is not None:
+                self.audio_after_interruption += 1
+
+        def _finished(self, interrupted: bool) -> None:
+            if self.playing:
+                self.playing = False
+                self.on_playback_finished(playback_position=0.0, interrupted=interrupted)
+
+        def flush(self):
+            super().flush()
+            self._finished(False)
+
+        def clear_buffer(self):
+            self._finished(True)
+
+    options = SpeakOptions(speaker=args.speaker, seed=1, min_frames=100)  # noise weights: no early end of speech
+    sessions = {}
+    for mode, plugin in (("token", LiveKitTTS), ("sentence", SentenceLevel)):
+        session = AgentSession(tts=plugin(engine=engine, options=options))
+        await session.start(Agent(instructions="Read the reply aloud."))
+        sessions[mode] = session
+
+    async def reply(mode: str) -> dict[str, float]:
+        session = sessions[mode]
+        sink = session.output.audio = Sink()
+        typed: asyncio.Queue[str | None] = asyncio.Queue()
+        marks: dict[str, float] = {}
+
+        async def llm():  # writes the whole reply at its pace, whether or not it is still being read
+            for i, piece in enumerate(words(REPLY)):
+                marks.setdefault("t0", time.perf_counter())
+                typed.put_nowait(piece)
+                if i + 1 == first_sentence_words(REPLY):
+                    marks["sentence_typed"] = time.perf_counter()
+                await asyncio.sleep(args.token_ms / 1000)
+            typed.put_nowait(None)
+
+        async def text():
+            while (piece := await typed.get()) is not None:
+                yield piece
+
+        writing = asyncio.create_task(llm())
+        handle = session.say(text(), add_to_chat_ctx=False)
+        while sink.first_audio is None:
+            await asyncio.sleep(0.005)
+        stats = engine.tts.last_stats
+        frames_then = stats.frames
+        sink.interrupted_at = t_int = time.perf_counter()
+        handle.interrupt()
+        while stats.stop_reason is None:
+            await asyncio.sleep(0.002)
+        stopped = time.perf_counter()
+        await handle
+        await writing
+        await asyncio.sleep(0.5)  # any stale audio would arrive here
+        t0 = marks["t0"]
+        return {"first_audio_ms": (sink.first_audio - t0) * 1e3,
+                "first_sentence_typed_ms": (marks["sentence_typed"] - t0) * 1e3,
+                "stop_ms": (stopped - t_int) * 1e3, "frames_after_interruption": stats.frames - frames_then,
+                "stop_reason": stats.stop_reason, "audio_frames_after_interruption": sink.audio_after_interruption,
+                # the runtime's own first audio, from its request's start (for sentence mode: the first sentence's)
+                "engine_first_audio_ms": None if stats.ttfa_s is None else stats.ttfa_s * 1e3}
+
+    try:
+        await reply("token")  # warm-up: the voice's prompt prefix cache, the decoder's first run
+        runs: dict[str, list[dict]] = {m: [] for m in sessions}
+        for _ in range(args.runs):
+            for mode in sessions:
+                runs[mode].append(await reply(mode))
+    finally:
+        for session in sessions.values():
+            await session.aclose()
+    return summarize(runs)
+
+
 FRAMEWORKS: dict[str, Callable[[AsyncTTS, argparse.Namespace], Awaitable[dict[str, Any]]]] = {
     "pipecat": measure_pipecat,
+    "livekit": measure_livekit,
 }
 
 
