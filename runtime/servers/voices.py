@@ -16,6 +16,7 @@ import os
 import re
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,6 +115,8 @@ def _shown(value: object) -> str:
 class VoiceCatalog:
     """Preset speakers of the bundle plus saved voices in ``directory`` (None: presets only)."""
 
+    stray_temp_age_s = 0.0  # see _remove_stray_temporaries
+
     def __init__(self, speakers: list[str], model_type: str, directory: str | Path | None = None,
                  max_voices: int = DEFAULT_MAX_VOICES):
         self.speakers = sorted(speakers)
@@ -157,10 +160,13 @@ class VoiceCatalog:
         return {n: t for n, t in self.aliases.items() if t in self.presets or t in saved}
 
     def _remove_stray_temporaries(self) -> None:
-        """Half-written voices of a server that stopped mid-write (they would fill the disk over months)."""
+        """Half-written voices of a server that stopped mid-write (they would fill the disk over months): those
+        older than ``stray_temp_age_s`` (0 for a folder this server alone writes)."""
+        cutoff = time.time() - self.stray_temp_age_s
         for p in self.directory.iterdir():
-            if _TEMP_RULE.match(p.name) and p.is_file():
-                with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError):
+                if _TEMP_RULE.match(p.name) and p.is_file() and (not self.stray_temp_age_s or
+                                                                 p.stat().st_mtime < cutoff):
                     p.unlink()
                     log.info("removed the unfinished voice file %s", p)
 
