@@ -281,15 +281,16 @@ def test_update_options_applies_to_the_next_reply(engine):
     async def main():
         plugin = livekit_tts.TTS(engine=engine, **OPTS, seed=1)
         before = plugin.stream()  # opened first: keeps the options it started with
-        plugin.update_options(speaker="vivian", seed=5)
+        plugin.update_options(speaker="vivian", seed=5, language="en-US")  # LiveKit's language codes work too
         before.push_text(TEXT)
         before.end_input()
         return await _collect(before), await _collect(plugin.synthesize(TEXT)), plugin.options
 
     first, second, options = asyncio.run(main())
     assert _pcm(first) == _whole(engine, **OPTS, seed=1)
-    assert _pcm(second) == _whole(engine, **dict(OPTS, speaker="vivian"), seed=5)
-    assert options.speaker == "vivian" and options.seed == 5
+    assert _pcm(second) == _whole(engine, **dict(OPTS, speaker="vivian"), seed=5, language="english")
+    assert _pcm(second) != _whole(engine, **dict(OPTS, speaker="vivian"), seed=5)  # the language is in the prompt
+    assert options.speaker == "vivian" and options.seed == 5 and options.language == "english"
 
 
 def test_bad_options_give_clear_errors(engine, tiny_bundle, tmp_path):
@@ -313,7 +314,7 @@ def test_bad_options_give_clear_errors(engine, tiny_bundle, tmp_path):
         plugin = livekit_tts.TTS(engine=engine, speaker="ryan")
         with pytest.raises(TypeError, match=r"\['threads'\] are engine settings"):
             plugin.update_options(threads=2)
-        with pytest.raises(ValueError, match="unsupported language .klingon.; choose one of"):
+        with pytest.raises(ValueError, match="language 'klingon' is not one this bundle speaks; choose one of"):
             plugin.update_options(language="klingon")
         assert plugin.options.speaker == "ryan" and plugin.options.language == "auto"  # unchanged
         with pytest.raises(APIError, match="could not speak") as failed:  # text the tokenizer cannot take
@@ -345,3 +346,20 @@ def test_without_livekit_the_import_names_the_extra():
             "    print(exc)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert "pip install 'qwen3-tts-edge[livekit]'" in out.stdout, out.stderr
+
+
+def test_bench_measures_first_audio_in_both_modes(tiny_bundle, tmp_path):
+    """``bench/agents.py --framework livekit`` end to end on the tiny bundle: both modes through an AgentSession,
+    every reply interrupted and stopped (the speed itself is bench's business, not asserted here)."""
+    import json
+
+    from qwen3_tts_edge.bench.agents import main
+
+    out = tmp_path / "agents.json"
+    assert main(["--framework", "livekit", "-b", str(tiny_bundle), "--runs", "1", "--token-ms", "5",
+                 "--talker-precision", "f32", "--json", str(out), "--markdown", str(tmp_path / "agents.md")]) == 0
+    r = json.loads(out.read_text())["results"]["livekit"]
+    assert len(r["runs"]["token"]) == len(r["runs"]["sentence"]) == 1
+    assert r["interruption"]["stop_reasons"] == ["cancelled"] and r["interruption"]["frames_after_max"] <= 2
+    assert all(run["engine_first_audio_ms"] > 0 for runs in r["runs"].values() for run in runs)
+    assert r["token_over_sentence"] > 0 and "| livekit |" in (tmp_path / "agents.md").read_text()

@@ -28,6 +28,7 @@ from ..aio import AsyncTTS
 from ..audio import to_s16le
 from ..bundle import Bundle
 from ..engine.config import EngineConfig
+from ..languages import model_language
 from ..options import SpeakOptions
 from ..pipeline import TTS as EngineTTS
 from ..voices.voice_file import Voice
@@ -45,9 +46,10 @@ class TTS(tts.TTS):
     With a bundle it loads an engine as ``runtime.TTS`` does (an :class:`EngineConfig` and/or flat engine settings;
     blocking, so do it in the worker's prewarm). ``engine`` takes a loaded ``AsyncTTS`` or ``TTS`` instead, so
     several agents in one process share one engine (``max_batch=N`` batches N replies frame by frame; the others
-    wait their turn). Speak options (``speaker``, ``language``, ``voice``: a ``.voice`` file or a ``.voicepack``,
-    ``voice_scale``, ``instruct``, sampling and limits) are any other keywords, or ``options``; they are checked
-    against the engine at once, and :meth:`update_options` changes them for the streams opened afterwards.
+    wait their turn). Speak options (``speaker``, ``language``: a name or a code such as ``"en"``, ``voice``: a
+    ``.voice`` file or a ``.voicepack``, ``voice_scale``, ``instruct``, sampling and limits) are any other keywords,
+    or ``options``; they are checked against the engine at once, and :meth:`update_options` changes them for the
+    streams opened afterwards.
     """
 
     def __init__(self, bundle: str | Path | Bundle | None = None, config: EngineConfig | None = None, *,
@@ -96,7 +98,14 @@ class TTS(tts.TTS):
         self._opts = self._checked(_with(self._opts, changes))
 
     def _checked(self, o: SpeakOptions) -> SpeakOptions:
-        """``o`` with a voice file loaded once, after planning a request with it (which raises what is wrong)."""
+        """``o`` with a language code as the model's name and a voice file loaded once, after planning a request
+        with it (which raises what is wrong)."""
+        if isinstance(o.language, str) and o.language != "auto":  # LiveKit passes codes: "en", "de-DE"
+            named = model_language(str(o.language), self.engine.tts.languages)
+            if named is None:
+                raise ValueError(f"language {str(o.language)!r} is not one this bundle speaks; choose one of "
+                                 f"{', '.join(self.engine.tts.languages)} (or their codes: en, de, ...)")
+            o = o.replace(language=named)
         if isinstance(o.voice, str | Path) and not is_pack_path(o.voice):
             o = o.replace(voice=Voice.load(o.voice))
         self.engine.tts.plan(_PROBE_TEXT, o).first_prompt.close()
