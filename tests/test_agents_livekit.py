@@ -25,6 +25,7 @@ from livekit.agents.voice import io  # noqa: E402
 from qwen3_tts_edge.runtime.agents import livekit_tts  # noqa: E402
 from qwen3_tts_edge.runtime.aio import AsyncTTS  # noqa: E402
 from qwen3_tts_edge.runtime.audio import to_s16le  # noqa: E402
+from qwen3_tts_edge.runtime.voices.voice_file import Voice  # noqa: E402
 
 pytestmark = needs_export
 TEXT = "Streaming text from a language model, read aloud while it is still being written."
@@ -303,6 +304,10 @@ def test_bad_options_give_clear_errors(engine, tiny_bundle, tmp_path):
             livekit_tts.TTS(engine=engine, speaker="ryan", speed=1.2)
         with pytest.raises(Exception, match="missing.voice does not exist; make one with"):
             livekit_tts.TTS(engine=engine, voice=tmp_path / "missing.voice")
+        hidden = engine.bundle.manifest.model["talker"]["hidden_size"]
+        voice = Voice(x_vector=np.ones(hidden, np.float32)).save(tmp_path / "someone.voice")
+        with pytest.raises(Exception, match="custom_voice bundle; voices are for Base models"):
+            livekit_tts.TTS(engine=engine, voice=str(voice))  # read, then checked as a request would check it
         with pytest.raises(TypeError, match="either engine= .* or a bundle"):
             livekit_tts.TTS(tiny_bundle, engine=engine, speaker="ryan")
         with pytest.raises(TypeError, match="either engine= .* or a bundle.*threads"):
