@@ -90,19 +90,19 @@ class RayCluster:
                 while_waiting()
             time.sleep(0.5)
 
-    def running_replicas(self) -> set[str]:
-        """Ids of the running replicas, as the controller sees them (Ray's own test helpers read the same)."""
-        from ray.serve.context import _get_global_client
-
-        details = ray.get(_get_global_client()._controller.get_serve_instance_details.remote())
-        replicas = details["applications"][APP]["deployments"][ray_app.DEPLOYMENT_NAME]["replicas"]
-        return {r["replica_id"] for r in replicas if r["state"] == "RUNNING"}
+    @staticmethod
+    def replica_actor(replica: str):
+        """The actor of a replica named in an ``X-Replica`` header, or None once it is gone (the actor name is the
+        one Ray's Serve fault-tolerance guide kills replicas by)."""
+        try:
+            return ray.get_actor(f"SERVE_REPLICA::{APP}#{ray_app.DEPLOYMENT_NAME}#{replica}", namespace="serve")
+        except ValueError:
+            return None
 
     def kill(self, replica: str) -> None:
-        from ray.serve._private.common import DeploymentID, ReplicaID
-
-        name = ReplicaID(replica, DeploymentID(name=ray_app.DEPLOYMENT_NAME, app_name=APP)).to_full_id_str()
-        ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+        actor = self.replica_actor(replica)
+        assert actor is not None, f"no running replica {replica}"
+        ray.kill(actor, no_restart=True)
 
     def client(self, timeout: float = 120, **kw) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key="test", max_retries=0, timeout=timeout, **kw)
@@ -129,7 +129,7 @@ def app_gone(cluster):
     serve.delete(APP)
 
 
-def speech(client: openai.OpenAI, frames: int, seed: int, text: str = TEXT, *, fmt: str = "pcm",
+def speech(client: openai.OpenAI, frames: int, seed: int, text: str = TEXT, *, fmt: str = "pcm", voice: str = "vivian",
            on_start=None, on_bytes=None, out: dict | None = None) -> dict:
     """One streamed request: status, replica, the bytes (or the error that cut them short), timings.
     ``on_start`` is called when the headers are in (the request holds an engine place), ``on_bytes`` at the first
@@ -139,7 +139,7 @@ def speech(client: openai.OpenAI, frames: int, seed: int, text: str = TEXT, *, f
     out.update({"status": None, "replica": None, "data": b"", "error": None, "ttfb": None})
     try:
         with client.audio.speech.with_streaming_response.create(
-                model="qwen3-tts", voice="vivian", input=text, response_format=fmt,
+                model="qwen3-tts", voice=voice, input=text, response_format=fmt,
                 extra_body={"min_new_tokens": frames, "max_new_tokens": frames, "seed": seed}) as r:
             out["status"], out["replica"] = r.status_code, r.headers.get(ray_app.REPLICA_HEADER)
             if on_start:
@@ -179,7 +179,7 @@ def plain_serve_audio(bundle: Path, requests: list[tuple[int, int]]) -> list[byt
 
 class FakePool:
     def __init__(self, busy=0, closed=False):
-        self.busy, self._closed = busy, closed
+        self.busy, self.closed = busy, closed
 
 
 def test_health_check_fails_on_a_wedged_engine_or_a_closed_pool():
@@ -237,8 +237,14 @@ def test_the_example_serve_config_is_valid_and_builds(tiny_bundle):
     assert d._deployment_config.autoscaling_config.max_replicas == 4
     options = d.init_args[0]
     assert options.manifest_sha256 == ray_app.manifest_sha256(tiny_bundle)
+    assert options.voice_aliases == {"narrator": "ryan"} and options.default_aliases
     with pytest.raises(ray_app.RayServeError, match="unknown args"):
         ray_app.build({**args, "replica": 2})
+    # An alias that cannot work fails where the config is built, before any replica loads the model.
+    with pytest.raises(ray_app.RayServeError, match="not a voice of this bundle"):
+        ray_app.build({**args, "voice_aliases": {"narrator": "nobody"}})
+    with pytest.raises(ray_app.RayServeError, match="hide the preset"):
+        ray_app.build({**args, "voice_aliases": {"ryan": "vivian"}})
 
 
 # ---- on the two-node cluster ----------------------------------------------------------------------------------------
@@ -248,7 +254,9 @@ def test_two_replicas_on_two_nodes_stream_what_serve_streams(app_gone, tiny_bund
     c = app_gone
     c.deploy(tiny_bundle, replicas=2)
     requests = [(60, 7), (40, 11)]
-    threads = [in_thread(speech, c.client(), frames, seed) for frames, seed in requests]
+    # The second asks for OpenAI's "alloy": the replicas map it to vivian as serve does (default aliases).
+    threads = [in_thread(speech, c.client(), frames, seed, voice=voice)
+               for (frames, seed), voice in zip(requests, ("vivian", "alloy"), strict=True)]
     got = []
     for t, box in threads:
         t.join(120)
@@ -310,10 +318,8 @@ def test_a_killed_replica_fails_its_stream_promptly_and_ray_replaces_it(app_gone
     for seed in (3, 4, 5):  # new requests succeed while Ray replaces the replica
         r = speech(c.client(), 20, seed)
         assert r["status"] == 200 and len(r["data"]) == 20 * FRAME_BYTES, r
-    deadline = time.monotonic() + 120
-    while not (len(c.running_replicas()) == 2 and victim not in c.running_replicas()):
-        assert time.monotonic() < deadline, f"Ray did not replace the killed replica: {c.running_replicas()}"
-        time.sleep(0.5)
+    assert c.replica_actor(victim) is None
+    c.wait_replicas(2, 120)  # Ray started a new replica in its place
     restarted_after = time.monotonic() - killed
     pair = [in_thread(speech, c.client(), 300, s, LONG) for s in (6, 7)]
     for t, _ in pair:

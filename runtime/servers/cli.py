@@ -184,13 +184,19 @@ def _alias(text: str) -> tuple[str, str]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def voice_aliases(args: argparse.Namespace, catalog) -> dict[str, str]:
-    """The alias table of ``serve``: the bundle kind's defaults (unless --no-default-aliases), then --voice-alias."""
+def alias_table(catalog, extra: dict[str, str], defaults: bool = True) -> dict[str, str]:
+    """The alias table of a server (``serve`` and each Ray replica): the bundle kind's defaults (unless
+    ``defaults`` is False), then ``extra`` on top."""
     from .voices import default_aliases
 
-    table = {} if args.no_default_aliases else default_aliases(catalog.model_type, catalog.speakers)
-    table.update(dict(args.voice_alias))
+    table = default_aliases(catalog.model_type, catalog.speakers) if defaults else {}
+    table.update(extra)
     return table
+
+
+def voice_aliases(args: argparse.Namespace, catalog) -> dict[str, str]:
+    """The alias table of ``serve``: the bundle kind's defaults (unless --no-default-aliases), then --voice-alias."""
+    return alias_table(catalog, dict(args.voice_alias), not args.no_default_aliases)
 
 
 def _add_ray_arguments(p: argparse.ArgumentParser) -> None:
@@ -340,9 +346,6 @@ def cmd_serve_ray(args: argparse.Namespace) -> int:
     deleted (its running streams finish first) and this driver disconnects (a local Ray it started stops)."""
     if not args.ray:
         raise ServeError("--replicas and --autoscale set the replicas of a Ray Serve deployment: add --ray")
-    if args.voice_alias or args.no_default_aliases:
-        raise ServeError("--voice-alias and --no-default-aliases are not passed to Ray Serve replicas yet; leave them "
-                         "out with --ray (its replicas answer the bundle's own voice names only)")
     require("fastapi", "uvicorn", "python_multipart")
     from dataclasses import asdict
 
@@ -369,7 +372,9 @@ def cmd_serve_ray(args: argparse.Namespace) -> int:
     options = ReplicaOptions(bundle=str(bundle), manifest_sha256=manifest_sha256(bundle),
                              voices=str(args.voices.resolve()) if args.voices else None, workers=args.workers,
                              max_frames=args.max_frames, max_voices=args.max_voices, model_name=args.model_name,
-                             api_key=key, allowed_hosts=allowed_hosts(args), engine=asdict(config))
+                             api_key=key, allowed_hosts=allowed_hosts(args), engine=asdict(config),
+                             voice_aliases=dict(args.voice_alias), default_aliases=not args.no_default_aliases)
+    ray_app.check_aliases(options)  # a bad alias fails here, before Ray starts anything
     app = deployment(options, replicas=None if autoscale else (args.replicas or 1), autoscale=autoscale,
                      proxy_queue=args.max_queue, log_level=args.log_level)
     ray.init(logging_level=args.log_level.upper(), log_to_driver=args.log_level == "debug")

@@ -119,7 +119,8 @@ class ReplicaOptions:
     export copied to each); ``manifest_sha256`` (None: not checked) is the hash the driver read there.
     ``engine`` holds ``EngineConfig`` fields (threads, max_batch, backend...). ``max_queue`` is the replica's own
     queue (0: requests wait in the proxies, see the module notes). ``api_key`` None reads
-    ``$QWEN3_TTS_EDGE_API_KEY`` on the replica's node.
+    ``$QWEN3_TTS_EDGE_API_KEY`` on the replica's node. ``voice_aliases`` and ``default_aliases`` are ``serve``'s
+    ``--voice-alias`` table and the opposite of ``--no-default-aliases``.
     """
 
     bundle: str
@@ -134,6 +135,8 @@ class ReplicaOptions:
     allowed_hosts: tuple[str, ...] | None = None
     engine: dict[str, Any] = field(default_factory=dict)
     wedged_after_s: float = WEDGED_AFTER_S
+    voice_aliases: dict[str, str] = field(default_factory=dict)
+    default_aliases: bool = True
 
     def __post_init__(self) -> None:
         if not Path(self.bundle).is_absolute():
@@ -195,7 +198,29 @@ def load_replica(options: ReplicaOptions):
     engine = pool.engines[0]
     catalog = SharedVoiceCatalog(engine.speakers, engine.ids.model_type, options.voices,
                                  max_voices=options.max_voices)
+    catalog.set_aliases(replica_aliases(options, catalog))
     return pool, catalog
+
+
+def replica_aliases(options: ReplicaOptions, catalog: VoiceCatalog) -> dict[str, str]:
+    """The OpenAI voice-name table of every replica, as ``serve`` builds it; also run by the driver on the bundle's
+    manifest (``check_aliases``) so a bad alias fails before Ray starts anything."""
+    from .cli import alias_table
+
+    return alias_table(catalog, options.voice_aliases, options.default_aliases)
+
+
+def check_aliases(options: ReplicaOptions) -> None:
+    """Raise ``RayServeError`` if ``options``' aliases do not fit the bundle (a hidden preset, an unknown voice)."""
+    from ..bundle import read_manifest
+    from ..prompt import ModelIds
+
+    ids = ModelIds.from_manifest(read_manifest(Path(options.bundle)))
+    catalog = VoiceCatalog(list(ids.speakers), ids.model_type)
+    try:
+        catalog.set_aliases(replica_aliases(options, catalog))
+    except ValueError as exc:
+        raise RayServeError(str(exc)) from None
 
 
 class ReplyWatch:
@@ -337,7 +362,8 @@ def deployment_failure(app_name: str = APP_NAME) -> str | None:
 
 
 _OPTION_FIELDS = {"bundle", "manifest_sha256", "voices", "workers", "max_queue", "max_frames", "max_voices",
-                  "model_name", "api_key", "allowed_hosts", "engine", "wedged_after_s"}
+                  "model_name", "api_key", "allowed_hosts", "engine", "wedged_after_s", "voice_aliases",
+                  "default_aliases"}
 _DEPLOY_FIELDS = {"replicas", "autoscale", "proxy_queue", "retry_after_s", "graceful_shutdown_s", "autoscaling",
                   "log_level"}
 
@@ -369,6 +395,7 @@ def build(args: dict[str, Any]) -> Any:
         engine["max_batch"] = server_max_batch(bundle, EngineConfig.build(**engine))
     engine.setdefault("threads", 1)
     options = ReplicaOptions(**{k: v for k, v in args.items() if k in _OPTION_FIELDS} | {"engine": engine})
+    check_aliases(options)
     autoscale = args.get("autoscale")
     if isinstance(autoscale, str):
         autoscale = parse_autoscale(autoscale)
