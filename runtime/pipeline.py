@@ -239,7 +239,7 @@ class TTS:
     def _plan_with_pack(self, text: str | Iterable[str], o: SpeakOptions) -> RequestPlan:
         """A request in a voice pack's voice: its speaker rows in this request's tables (and its speaker names
         known), its adapters set when the request gets the engine (``Engines.use_pack``)."""
-        adapters = self.engines.adapters  # refuses where packs cannot run (engine, max_batch)
+        adapters = self.engines.adapters  # refuses where packs cannot run (the engine)
         pack = o.voice if isinstance(o.voice, VoicePack) else adapters.pack(o.voice)
         pack.check_for(self.bundle.manifest)
         scale = pack.scale if o.voice_scale is None else check_scale(o.voice_scale)
@@ -286,7 +286,7 @@ class TTS:
                 plan.first_prompt.close()
                 stats.stop_reason = STOP_CANCELLED
                 return
-            self.engines.use_pack(*(plan.adapter or (None, 0.0)))  # this request's adapters (or none)
+            self.engines.use_pack(*(plan.adapter or (None, 0.0)), lane=lane)  # this request's adapters (or none)
             self.last_stats = stats
             waited = time.perf_counter() - t0
             tables = plan.tables or self.tables

@@ -189,8 +189,9 @@ def test_scale_zero_is_the_base_model_bit_for_bit(tts, packs):
     # and in the engine: the adapter set at scale 0 gives the base logits exactly
     tts.engines.use_pack(None, 0.0)  # the last request left the pack set
     gen = tts.engines.generation
-    pack = tts.engines.adapters.pack(path)
-    adapter = gen.talker.load_adapter(pack.talker_adapter)
+    from qwen3_tts_edge.runtime.voices.voice_pack import VoicePack
+
+    adapter = gen.talker.load_adapter(VoicePack.load(path).talker_adapter)
     x = gen.tables.text_embeds(np.arange(8))
     want = gen.talker.prefill(x).logits
     gen.talker.set_adapters([(adapter, 0.0)])
@@ -268,17 +269,130 @@ def test_requests_with_bad_packs_fail_before_any_audio(tts, packs, tmp_path):
         tts.stream(TEXT, speaker="ryan", voice_scale=0.5)
 
 
-def test_packs_need_the_llama_engine_one_request_at_a_time(tiny_bundle, packs):
+def test_the_onnx_engine_refuses_packs_naming_llama_cpp(tiny_bundle, packs):
     from qwen3_tts_edge.runtime.pipeline import TTS
     from qwen3_tts_edge.runtime.voices.voice_pack import VoicePackError
 
     path = str(packs["talker"][0])
-    onnx = TTS(tiny_bundle, backend="onnxruntime", load=("generation",))
-    with pytest.raises(VoicePackError, match="voice packs run on the llama.cpp engine"):
-        onnx.stream(TEXT, speaker="ryan", voice=path)
-    batched = TTS(tiny_bundle, talker_precision="f32", max_batch=2, load=("generation",))
-    with pytest.raises(VoicePackError, match="max_batch 1"):
-        batched.stream(TEXT, speaker="ryan", voice=path)
+    for max_batch in (1, 2):  # alone and batched: the ONNX graphs have no adapters either way
+        onnx = TTS(tiny_bundle, backend="onnxruntime", max_batch=max_batch, load=("generation",))
+        with pytest.raises(VoicePackError, match=r"the onnxruntime engine cannot apply voice packs .* run on the "
+                                                 r"llama.cpp engine: load a GGUF talker precision"):
+            onnx.stream(TEXT, speaker="ryan", voice=path)
+
+
+def test_the_adapter_cache_keeps_pack_metadata_and_rereads_the_checked_file(tiny_bundle, packs, tmp_path):
+    """Parsed pack files are kept without their adapter bytes; when an adapter must be loaded again the file is
+    read again and its checksum checked (a file changed behind an unchanged size and mtime is refused)."""
+    import os
+    import shutil
+
+    from qwen3_tts_edge.runtime.pipeline import TTS
+    from qwen3_tts_edge.runtime.voices.voice_pack import VoicePackError
+
+    tts = TTS(tiny_bundle, talker_precision="f32", load=("generation",))
+    cache = tts.engines.adapters
+    path = tmp_path / "a.voicepack"
+    shutil.copy(packs["talker+predictor"][0], path)
+    first = cache.pack(path)
+    assert first.has_adapters  # read from the file
+    tts.engines.use_pack(first, 1.0)
+    shell = cache.pack(path)  # its adapters are loaded: metadata only, no file read
+    assert not shell.has_adapters and shell.digest == first.digest and shell.nbytes == first.nbytes > 0
+    assert all(not p.has_adapters for p in cache._files.values())  # no adapter bytes kept twice
+    cache.max_bytes = 0
+    tts.engines.use_pack(None, 0.0)  # the pack leaves the contexts: beyond the budget, its adapters are freed
+    assert cache.packs == 0
+    assert cache.pack(path).has_adapters  # no adapters loaded: the file is read (and checked) again
+    tts.engines.use_pack(shell, 1.0)  # a planned request whose adapters were freed meanwhile: read again
+    assert cache.packs == 1
+    tts.engines.use_pack(None, 0.0)
+    raw = bytearray(path.read_bytes())
+    raw[-10] ^= 0xFF
+    st = path.stat()
+    path.write_bytes(bytes(raw))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size and mtime: the cache cannot tell
+    with pytest.raises(VoicePackError, match="damaged"):
+        cache.pack(path)
+    with pytest.raises(VoicePackError, match="damaged"):
+        tts.engines.use_pack(shell, 1.0)
+    assert cache.packs == 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# packs in continuous batching (grouped steps)
+
+
+@pytest.fixture(scope="module")
+def alone_and_batched(tiny_bundle):
+    """The same f32 engines one request at a time and batching four (the settings test_batching.py compares)."""
+    from qwen3_tts_edge.runtime.pipeline import TTS
+
+    return TTS(tiny_bundle, talker_precision="f32"), TTS(tiny_bundle, talker_precision="f32", max_batch=4)
+
+
+@pytest.mark.parametrize("greedy", [True, False], ids=["greedy", "sampled"])
+def test_streams_with_different_packs_in_one_batch_equal_themselves_alone(alone_and_batched, packs, greedy,
+                                                                          monkeypatch):
+    """Two packs, the same pack twice and no pack in one batch: each stream's codes are its codes alone (up to a
+    numerical near-tie, test_batching.py's rule); the two streams of one pack share decodes."""
+    from test_batching import Decisions, _run_together, assert_same_up_to_a_near_tie
+    from test_batching import _codes as codes_of
+
+    alone, batched = alone_and_batched
+    a, b = str(packs["talker"][0]), str(packs["talker+predictor"][0])
+    requests = [dict(text=TEXT, speaker="ryan", language="english", voice=a, seed=11),
+                dict(text="A second voice speaks beside the first one for a while.", speaker="vivian",
+                     language="english", voice=b, seed=12),
+                dict(text="No pack here, only the base model's preset speaker.", speaker="serena",
+                     language="english", seed=13),
+                dict(text="The first pack again, in another stream.", speaker="aiden", language="english", voice=a,
+                     voice_scale=1.0, seed=14)]
+    decisions = Decisions(monkeypatch)
+    expected = []
+    for r in requests:
+        expected.append(codes_of(alone.stream(**{"max_frames": 32, **r, "greedy": greedy, "chunk_frames": (1,)})))
+    alone_decisions = decisions.take()
+    stats = batched.engines.scheduler.stats
+    rows, decodes, switches = stats.talker_rows, stats.talker_decodes, stats.adapter_switches
+    got = _run_together(batched, requests, greedy, join_after=2)
+    batched_decisions = decisions.take()
+    assert len({e.tobytes() for e in expected}) == len(expected)
+    for i, r in enumerate(requests):
+        assert not isinstance(got[i], Exception), got[i]
+        assert_same_up_to_a_near_tie(alone_decisions[r["seed"]], batched_decisions[r["seed"]], f"request {i}")
+        if all(x[2] == y[2] for x, y in zip(alone_decisions[r["seed"]], batched_decisions[r["seed"]], strict=True)):
+            np.testing.assert_array_equal(codes_of(got[i]), expected[i], err_msg=f"request {i}")
+    assert stats.adapter_switches > switches  # the groups took turns on the contexts
+    assert stats.talker_rows - rows > stats.talker_decodes - decodes  # some decodes held several streams (pack a)
+    assert batched.engines.scheduler.active == 0 and batched.engines.adapters.packs >= 2
+
+
+def test_packs_switching_on_batched_lanes_never_serve_stale_kv(alone_and_batched, packs, monkeypatch):
+    """Requests that alternate packs, scales and the base model over the sequences of a batched engine (each
+    saving its voice prefix in the store all sequences share) each make their own codes: the same as alone and
+    the same every round."""
+    from test_batching import Decisions, assert_same_up_to_a_near_tie
+
+    alone, batched = alone_and_batched
+    a, b = str(packs["talker"][0]), str(packs["talker+predictor"][0])
+    runs = {"a": dict(voice=a), "b": dict(voice=b), "b_half": dict(voice=b, voice_scale=0.25), "base": {}}
+    decisions = Decisions(monkeypatch)
+    want, alone_decisions = {}, {}
+    for name, kw in runs.items():
+        want[name] = _codes(alone, frames=12, seed=1, **kw)
+        alone_decisions[name] = decisions.take()[1]
+    assert len({v.tobytes() for v in want.values()}) == len(want)  # four different voices
+    first = {}
+    for round_ in range(3):
+        for name, kw in runs.items():
+            got = _codes(batched, frames=12, seed=1, **kw)
+            assert_same_up_to_a_near_tie(alone_decisions[name], decisions.take()[1], f"{name}, round {round_}")
+            if round_ == 0:
+                first[name] = got
+            else:
+                assert np.array_equal(got, first[name]), name
+    assert batched.engines.lanes.saved.voices >= len(runs)  # each voice's prefix saved under its own key
 
 
 def test_unmappable_modules_are_refused_with_the_list(official, tiny_bundle, tmp_path):

@@ -29,7 +29,7 @@ from .contract import (
     describe_placements,
     prompt_talker,
 )
-from .lanes import BatchedLanes, LanePool, SingleLane
+from .lanes import BatchedLanes, Lane, LanePool, SingleLane
 from .specs import GENERATION_ENGINES, STAGE_ROLE, preference, spec_for_format, specs_for
 
 GENERATION = "generation"
@@ -93,7 +93,7 @@ class Engines:
         self._lanes: LanePool | None = None
         self._lanes_lock = threading.Lock()
         self.decoder_capabilities: frozenset[str] = frozenset()
-        self._adapters: Any = None  # AdapterCache when the engines take voice packs (ADAPTERS, max_batch 1)
+        self._adapters: Any = None  # AdapterCache when the engines take voice packs (ADAPTERS)
         self._keys_adapters = False
 
     # -- precisions --------------------------------------------------------------------------------------------
@@ -154,8 +154,7 @@ class Engines:
         check_engine("tables", engines.tables)
         self._talker = prompt_talker(engines.talker, prefix_cache=self.config.prefix_cache,
                                      cache_bytes=self.config.voice_cache_bytes)
-        if (self.config.max_batch == 1 and ADAPTERS in capabilities(engines.talker)
-                and ADAPTERS in check_engine("predictor", engines.predictor)):
+        if ADAPTERS in capabilities(engines.talker) and ADAPTERS in check_engine("predictor", engines.predictor):
             from ..prefix_cache import PrefixReusingTalker
             from .adapters import AdapterCache
 
@@ -169,21 +168,22 @@ class Engines:
         from ..voices.voice_pack import VoicePackError
 
         self.generation  # noqa: B018 - loads it
-        if self.config.max_batch > 1:
-            raise VoicePackError(f"voice packs run with max_batch 1 for now (this TTS batches up to "
-                                 f"{self.config.max_batch} streams, and llama.cpp sets adapters per context, not per "
-                                 "stream): use max_batch 1 for voice packs")
         if self._adapters is None:
             raise VoicePackError(f"the {self.name} engine cannot apply voice packs (LoRA adapters); voice packs run on "
                                  "the llama.cpp engine: load a GGUF talker precision (--backend llama.cpp)")
         return self._adapters
 
-    def use_pack(self, pack: Any, scale: float) -> None:
-        """Set a request's voice pack (None: the base model) on the engines before it runs, and key the talker's
-        KV cache on it. Engines without adapters only ever run the base model (packs were refused at planning)."""
+    def use_pack(self, pack: Any, scale: float, lane: Lane | None = None) -> None:
+        """A request's voice pack (None: the base model) for the request about to run on ``lane``: set on the
+        engines (one request at a time) or on the lane's sequence (batched: the scheduler groups streams by
+        set), with the talker's KV cache keyed on it. Engines without adapters only ever run the base model
+        (packs were refused at planning)."""
         if self._adapters is None:
             if pack is not None:
                 self.adapters  # noqa: B018 - raises with why
+            return
+        if lane is not None and lane.seq is not None:
+            self.lanes.use_adapters(lane, self._adapters.acquire(pack, scale))
             return
         key = self._adapters.activate(pack, scale)
         if self._keys_adapters:
@@ -256,7 +256,8 @@ class Engines:
         # While no engine call runs, the cores generation uses are the decoders': as many decode at once as fit.
         cores = cfg.threads or os.cpu_count() or 1
         scheduler = BatchScheduler(gen.talker, gen.predictor, max_batch=cfg.max_batch,
-                                   turns=CoreTurns(decoders=max(1, cores // cfg.decoder_threads)))
+                                   turns=CoreTurns(decoders=max(1, cores // cfg.decoder_threads)),
+                                   adapters=self._adapters)
         return BatchedLanes(scheduler, decoder, prefix_cache=cfg.prefix_cache, cache_bytes=cfg.voice_cache_bytes)
 
     @property

@@ -137,6 +137,13 @@ class BatchedLanes(LanePool):
                     finish=lambda: self.scheduler.set_parked(seq, True), decoding=self.scheduler.turns.decoding,
                     seq=seq)
 
+    def use_adapters(self, lane: Lane, aset: Any) -> None:
+        """The request on ``lane`` runs under the adapter set ``aset`` (a voice pack; released when the lane is
+        given back): its sequence joins that set's group, and its saved voice prefixes are keyed on it."""
+        self.scheduler.use_adapters(lane.seq, aset)
+        if self._reuse:
+            self._talkers[lane.seq].use_adapter_key(aset.key)
+
     def _close(self, lane: Lane) -> None:
         self.scheduler.close_sequence(lane.seq)
         talker = self._talkers[lane.seq]

@@ -15,6 +15,15 @@ whole. A stream that waits for something else (its incremental text, a slow cons
 scheduler waits for those streams' predictor work before running the predictor, so streams that joined out of
 step fall into step within a frame.
 
+Voice packs (LoRA adapters, ``runtime/engine/adapters.py``): llama.cpp sets adapters per context, so streams
+under different adapter sets cannot share a decode. Each sequence runs its request's set, and a frame's work is
+run in **grouped steps**: one talker decode (and one predictor batch) per set among the streams, the context's
+set switched between groups, the group whose set is already on the context first (so a frame of G groups
+switches G - 1 times). Streams with the same pack (or none) batch together as before. The KV of every
+sequence stays valid across switches: each sequence's cells were all computed under its own set (a request
+keeps one set, the prefix cache keys saved KV on it) and attention reads only the sequence's own cells
+(``kv_unified`` off), so a switch changes what the next decode computes, never what is cached.
+
 A sequence is one stream's KV cells in the shared context (its own ``n_ctx``); when the request ends, its cells
 are freed and the sequence goes back to the pool. Voice prefixes saved by one sequence restore into any other
 (``KV_STATE``: the prefix cache works per sequence, with one store shared by all). The engines need the
@@ -35,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from ..sampler import GREEDY, ResidualSampling
+from .adapters import BASE, AdapterSet
 from .contract import KV_STATE, StepOutput
 
 GATHER_S = 0.01  # the longest a batch waits for a busy stream's host work (it takes ~1 ms; see bench/README)
@@ -44,6 +54,7 @@ GATHER_S = 0.01  # the longest a batch waits for a busy stream's host work (it t
 class _Work:
     seq: int
     args: tuple
+    aset: AdapterSet = BASE
     done: threading.Event = field(default_factory=threading.Event)
     result: Any = None
     error: BaseException | None = None
@@ -60,6 +71,7 @@ class SchedulerStats:
     predictor_batches: int = 0
     predictor_s: float = 0.0
     gather_waits_s: float = 0.0
+    adapter_switches: int = 0  # changes of a context's adapter set (voice packs: grouped steps)
     joined: int = 0
     left: int = 0
 
@@ -125,22 +137,27 @@ class CoreTurns:
 
 class BatchScheduler:
     """Up to ``max_batch`` sequences of ``talker`` and ``predictor`` (engines with ``SEQUENCES``), one thread
-    running their decodes. :meth:`open` a sequence per request (None when all are in use), ``close`` it after."""
+    running their decodes. :meth:`open` a sequence per request (None when all are in use), ``close`` it after.
+    ``adapters``: the engines' :class:`~runtime.engine.adapters.AdapterCache` (voice packs; its lock is the
+    engine lock), or None where the engines take none."""
 
     def __init__(self, talker: Any, predictor: Any, *, max_batch: int, gather_s: float = GATHER_S,
-                 turns: CoreTurns | None = None) -> None:
+                 turns: CoreTurns | None = None, adapters: Any = None) -> None:
         if max_batch < 1 or max_batch > min(talker.sequences, predictor.sequences):
             raise ValueError(f"max_batch {max_batch} needs engines made with that many sequences "
                              f"(talker {talker.sequences}, predictor {predictor.sequences})")
         self.talker, self.predictor = talker, predictor
         self.max_batch, self.gather_s = int(max_batch), float(gather_s)
-        self.engine_lock = threading.Lock()  # held around every call into the engines' contexts
+        self.adapters = adapters
+        # held around every call into the engines' contexts (and adapter loads: the same lock as the cache's)
+        self.engine_lock = adapters.lock if adapters is not None else threading.RLock()
         self.turns = turns or CoreTurns(decoders=1)
         self._cv = threading.Condition()
         self._free: deque[int] = deque(range(self.max_batch))
         self._busy: dict[int, bool] = {}  # open sequences -> True while their thread is doing host work
         self._talk: dict[int, _Work] = {}
         self._predict: dict[int, _Work] = {}
+        self._sets: dict[int, AdapterSet] = {}  # open sequences' adapter sets (absent: the base model)
         self._thread: threading.Thread | None = None
         self.stats = SchedulerStats()
 
@@ -165,17 +182,32 @@ class BatchScheduler:
                 self._thread.start()
             return seq
 
+    def use_adapters(self, seq: int, aset: AdapterSet) -> None:
+        """Sequence ``seq`` runs under ``aset`` (acquired from :attr:`adapters`; released when it closes)."""
+        with self._cv:
+            if seq not in self._busy:
+                raise ValueError(f"sequence {seq} is not open")
+            old = self._sets.pop(seq, BASE)
+            self._sets[seq] = aset
+        self._release(old)
+
+    def _release(self, aset: AdapterSet) -> None:
+        if aset is not BASE and self.adapters is not None:
+            self.adapters.release(aset)
+
     def close_sequence(self, seq: int) -> None:
         """Free ``seq``'s cells and give it back (after its request's thread is done with it)."""
         with self.engine_lock:
             self.talker.seq_remove(seq)
         with self._cv:
+            aset = self._sets.pop(seq, BASE)
             self._busy.pop(seq, None)
             self._talk.pop(seq, None)
             self._predict.pop(seq, None)
             self._free.append(seq)
             self.stats.left += 1
             self._cv.notify_all()
+        self._release(aset)
 
     def set_parked(self, seq: int, parked: bool) -> None:
         """A stream waits for something outside the engine (True: do not wait for it) or is back (False)."""
@@ -187,8 +219,8 @@ class BatchScheduler:
     # -- handing in work (request threads) ----------------------------------------------------------------------
 
     def _submit(self, queue: dict[int, _Work], seq: int, *args: Any) -> Any:
-        work = _Work(seq, args)
         with self._cv:
+            work = _Work(seq, args, self._sets.get(seq, BASE))
             queue[seq] = work
             self._busy[seq] = False
             self._cv.notify_all()
@@ -253,16 +285,37 @@ class BatchScheduler:
             if predict:
                 self._run_predictor(predict)
 
+    def _groups(self, work: list[_Work], stage: str) -> list[list[_Work]]:
+        """``work`` split by the adapter set each stream runs on ``stage``'s engine: the set already on its
+        context first, the others in arrival order (one group when no stream runs a pack)."""
+        if self.adapters is None:
+            return [work]
+        ident = (lambda w: w.aset.talker_id) if stage == "talker" else (lambda w: w.aset.predictor_id)
+        groups: dict[Any, list[_Work]] = {}
+        for w in work:
+            groups.setdefault(ident(w), []).append(w)
+        now = self.adapters.on_talker if stage == "talker" else self.adapters.on_predictor
+        return sorted(groups.values(), key=lambda g: ident(g[0]) != now)  # stable: arrival order otherwise
+
     def _run_talker(self, work: list[_Work]) -> None:
-        self._call_engine(work, lambda: self.talker.decode_sequences([(w.seq, *w.args) for w in work]), "talker")
+        for group in self._groups(work, "talker"):
+            self._call_engine(group, lambda g=group: self.talker.decode_sequences([(w.seq, *w.args) for w in g]),
+                              "talker")
 
     def _run_predictor(self, work: list[_Work]) -> None:
-        self._call_engine(work, lambda: self.predictor.predict_many([w.args for w in work]), "predictor")
+        for group in self._groups(work, "predictor"):
+            self._call_engine(group, lambda g=group: self.predictor.predict_many([w.args for w in g]), "predictor")
 
     def _call_engine(self, work: list[_Work], call: Any, stage: str) -> None:
-        """One engine call for ``work`` in the engine's CPU turn; its results (or its failure) to each request."""
+        """One engine call for ``work`` (streams of one adapter set) in the engine's CPU turn, that set on the
+        engine's context first; its results (or its failure) to each request."""
         try:
             with self.turns.engine(), self.engine_lock:
+                if self.adapters is not None:
+                    aset = work[0].aset
+                    switched = (self.adapters.set_talker(aset) if stage == "talker"
+                                else self.adapters.set_predictor(aset))
+                    self.stats.adapter_switches += switched
                 t0 = time.perf_counter()
                 results = call()
         except BaseException as exc:  # an engine failure fails the call's requests, not the scheduler

@@ -87,6 +87,31 @@ class VoicePack:
             raise VoicePackError(f"{len(self.speakers)} speaker rows named but "
                                  f"{None if rows is None else rows.shape} row vectors given")
         object.__setattr__(self, "_digest", _tensors_digest(self._tensors()))
+        object.__setattr__(self, "_nbytes", len(self.talker_adapter) + len(self.predictor_adapter or b""))
+        object.__setattr__(self, "_path", None)
+
+    def shell(self, path: str | Path) -> VoicePack:
+        """This pack without its adapter bytes, read from ``path``: what a cache keeps once the adapters are
+        loaded (metadata, speaker rows, digest, size); :attr:`path` says where to read them again."""
+        if not self.has_adapters:
+            return self
+        shell = object.__new__(VoicePack)
+        for name, value in self.__dict__.items():
+            object.__setattr__(shell, name, value)
+        object.__setattr__(shell, "talker_adapter", b"")
+        object.__setattr__(shell, "predictor_adapter", None)
+        object.__setattr__(shell, "_path", Path(path))
+        return shell
+
+    @property
+    def has_adapters(self) -> bool:
+        """False for a :meth:`shell` (its adapters must be read from :attr:`path`)."""
+        return bool(self.talker_adapter)
+
+    @property
+    def path(self) -> Path | None:
+        """The file a :meth:`shell` came from (None for a full pack)."""
+        return self._path  # type: ignore[attr-defined]
 
     def _tensors(self) -> dict[str, np.ndarray]:
         out = {"talker_adapter": np.frombuffer(self.talker_adapter, dtype=np.uint8)}
@@ -103,8 +128,8 @@ class VoicePack:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of adapter weights (what loading it adds to the engines' memory)."""
-        return len(self.talker_adapter) + len(self.predictor_adapter or b"")
+        """Bytes of adapter weights (what loading it adds to the engines' memory; a shell's too)."""
+        return self._nbytes  # type: ignore[attr-defined]
 
     def rows(self) -> dict[int, np.ndarray]:
         """Codec-embedding row id -> its vector (float32 (H,))."""
@@ -140,6 +165,9 @@ class VoicePack:
 
     def save(self, path: str | Path) -> Path:
         """Write the pack atomically (a failed write leaves any old file as it was)."""
+        if not self.has_adapters:
+            raise VoicePackError("this is a voice pack's metadata without its adapters (a cache's shell); save the "
+                                 f"pack read from {self.path} instead")
         tensors = self._tensors()
         meta = {"format": PACK_FORMAT, "speakers": self.speakers, "scale": self.scale,
                 "languages": list(self.languages), "checkpoint": self.checkpoint, "info": self.info,
