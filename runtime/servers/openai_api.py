@@ -385,7 +385,7 @@ class SpeechApp:
                                    temperature=sampling["temperature"], top_p=sampling["top_p"],
                                    top_k=sampling["top_k"], chunk_frames=SERVER_CHUNK_FRAMES,
                                    speaker=choice.speaker if choice else None,
-                                   voice=choice.voice if choice else None, **limits)
+                                   voice=choice.spoken if choice else None, **limits)
         except (ValueError, TypeError) as exc:
             raise ApiError(400, str(exc), param=param_for(exc)) from None
         return SpeechRequest(text=text, fmt=fmt, sse=stream_format == "sse", choice=choice, options=options,

@@ -1,4 +1,5 @@
-"""The servers' voice catalogue: the bundle's preset speakers plus the voice files saved in ``--voices DIR``.
+"""The servers' voice catalogue: the bundle's preset speakers plus the voice files saved in ``--voices DIR``
+and the LoRA voice packs placed there (``DIR/<name>.voicepack``, listed by file name, read on first use).
 
 A saved voice is ``DIR/<name>.voice`` (the runtime's voice file, made by ``qwen3-tts-edge voice create`` or
 uploaded through ``POST /v1/audio/voices``). The listing is re-read when the folder's mtime changes (not on
@@ -23,6 +24,7 @@ from pathlib import Path
 from ..errors import Qwen3TTSEdgeError
 from ..languages import language_code, model_language
 from ..voices.voice_file import Voice
+from ..voices.voice_pack import PACK_SUFFIX
 
 SUFFIX = ".voice"
 NAME_RULE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -67,11 +69,18 @@ class VoiceExists(VoiceRequestError):
 
 @dataclass(frozen=True)
 class VoiceChoice:
-    """What a voice name means here: a preset speaker, a saved voice, or neither (the bundle's default)."""
+    """What a voice name means here: a preset speaker, a saved voice, a voice pack, or neither (the bundle's
+    default)."""
 
     name: str
     speaker: str | None = None
     voice: Voice | None = None
+    pack: Path | None = None
+
+    @property
+    def spoken(self) -> Voice | str | None:
+        """What the request's ``SpeakOptions.voice`` gets: the saved voice, the pack's path, or None."""
+        return self.voice if self.pack is None else str(self.pack)
 
 
 def language_name(value: str | None, known: list[str]) -> str:
@@ -128,6 +137,7 @@ class VoiceCatalog:
             self._remove_stray_temporaries()
         self._cache: dict[Path, tuple[tuple[int, int], Voice]] = {}
         self._listed: tuple[tuple[int, int], list[str]] | None = None  # (folder mtime_ns, inode), names
+        self._packs_listed: tuple[tuple[int, int], list[str]] | None = None  # the same for voice packs
         self._lock = threading.Lock()
         self.aliases: dict[str, str] = {}  # other names for voices (OpenAI's), see set_aliases
 
@@ -193,18 +203,37 @@ class VoiceCatalog:
         self._listed = (key, names)
         return list(names)
 
+    def packs(self) -> list[str]:
+        """Voice packs in the folder (any bundle kind; a pack made for another base is refused when used)."""
+        if self.directory is None:
+            return []
+        try:
+            st = self.directory.stat()
+        except OSError:
+            return []
+        key = (st.st_mtime_ns, st.st_ino)
+        listed = self._packs_listed
+        if listed is not None and listed[0] == key:
+            return list(listed[1])
+        taken = set(self.presets) | set(self.saved())
+        names = sorted(n for p in self.directory.glob(f"*{PACK_SUFFIX}") if (n := p.name[: -len(PACK_SUFFIX)])
+                       not in taken and NAME_RULE.fullmatch(n) and p.is_file())
+        self._packs_listed = (key, names)
+        return list(names)
+
     def names(self) -> list[str]:
-        return self.presets + self.saved()
+        return self.presets + self.saved() + self.packs()
 
     def default_name(self) -> str | None:
         names = self.names()
         return names[0] if names else None
 
     def listing(self) -> list[dict[str, str]]:
-        """Voices as objects (Open WebUI reads ``id``): presets first, then saved voices, then the aliases that
-        speak (``voice`` names what they speak with)."""
+        """Voices as objects (Open WebUI reads ``id``): presets first, then saved voices, voice packs, then the
+        aliases that speak (``voice`` names what they speak with)."""
         return ([{"id": n, "name": n.replace("_", " ").title() if n in self.speakers else n, "type": "preset"}
                  for n in self.presets] + [{"id": n, "name": n, "type": "saved"} for n in self.saved()]
+                + [{"id": n, "name": n, "type": "pack"} for n in self.packs()]
                 + [{"id": n, "name": n, "type": "alias", "voice": t} for n, t in self.alias_listing().items()])
 
     def _path(self, name: str) -> Path:
@@ -229,6 +258,8 @@ class VoiceCatalog:
             return VoiceChoice(DEFAULT_VOICE)
         if NAME_RULE.fullmatch(name) and name in self.saved():
             return VoiceChoice(name, voice=self.load(name))
+        if NAME_RULE.fullmatch(name) and name in self.packs():
+            return VoiceChoice(name, pack=self.directory / f"{name}{PACK_SUFFIX}")
         target = self.aliases.get(lowered)
         if target is not None:
             try:
@@ -275,6 +306,8 @@ class VoiceCatalog:
         if path.exists():
             raise VoiceExists(f"a voice named {name!r} exists; delete it first (DELETE /v1/audio/voices/{name})",
                               param="name")
+        if path.with_suffix(PACK_SUFFIX).exists():
+            raise VoiceExists(f"{name!r} is a voice pack in the voices folder; choose another name", param="name")
         return path
 
     def check_room(self) -> None:

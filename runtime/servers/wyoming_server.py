@@ -202,10 +202,12 @@ class WyomingService:
     def info(self) -> Info:
         from .. import __version__
 
-        kind = self.catalog.model_type
+        kind, packs = self.catalog.model_type, set(self.catalog.packs())
 
         def label(name: str) -> str:
-            return name.replace("_", " ").title() if name in self.catalog.speakers else f"{name} ({kind} voice)"
+            if name in self.catalog.speakers:
+                return name.replace("_", " ").title()
+            return f"{name} (voice pack)" if name in packs else f"{name} ({kind} voice)"
 
         voices = [TtsVoice(name=name, attribution=ATTRIBUTION, installed=True, version=None, description=label(name),
                            languages=self.language_codes) for name in self.catalog.names()]
@@ -222,7 +224,7 @@ class WyomingService:
         language = language_name(voice.language if voice else None, self.languages)
         if language == "auto" and choice.voice is not None and choice.voice.language:
             language = choice.voice.language
-        return SpeakOptions(language=language, speaker=choice.speaker, voice=choice.voice,
+        return SpeakOptions(language=language, speaker=choice.speaker, voice=choice.spoken,
                             chunk_frames=SERVER_CHUNK_FRAMES, **{"max_frames": self.max_frames, **self.options})
 
     def handler(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> TtsHandler:
