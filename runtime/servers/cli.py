@@ -23,6 +23,7 @@ from ..engine.config import non_negative_int as _non_negative
 from ..engine.config import positive_int as _positive
 from ..errors import Qwen3TTSEdgeError
 from . import require
+from .voices import DEFAULT_MAX_VOICES  # the catalogue's own default (voices.py needs no server extra)
 
 PROG = "qwen3-tts-edge"
 
@@ -42,7 +43,6 @@ class ServeError(Qwen3TTSEdgeError):
 
 
 API_KEY_ENV = "QWEN3_TTS_EDGE_API_KEY"
-DEFAULT_MAX_VOICES = 256
 # HTTP connection limits: connections beyond this many get 503 (on top of the pool's places and queue); a client
 # must send a request's headers within HEADER_TIMEOUT_S of connecting or of its previous reply.
 EXTRA_CONNECTIONS = 32
