@@ -33,6 +33,7 @@ from ..options import SpeakOptions
 from ..pipeline import TTS as EngineTTS
 from ..voices.voice_file import Voice
 from ..voices.voice_pack import is_pack_path
+from .engine import plugin_engine, take_engine_settings
 
 PROVIDER = "qwen3-tts-edge"
 # Options are checked by planning this text with them: the engine's own checks (speaker, language, voice, voice
@@ -55,21 +56,7 @@ class TTS(tts.TTS):
     def __init__(self, bundle: str | Path | Bundle | None = None, config: EngineConfig | None = None, *,
                  engine: AsyncTTS | EngineTTS | None = None, options: SpeakOptions | None = None,
                  **settings: Any) -> None:
-        engine_settings = {k: settings.pop(k) for k in list(settings) if k in EngineConfig.field_names()}
-        if engine is not None:
-            if bundle is not None or config is not None or engine_settings:
-                raise TypeError("give either engine= (a loaded engine to share, with its own settings) or a bundle "
-                                f"with engine settings, not both (got bundle={bundle!r}, config={config!r}, "
-                                f"settings {sorted(engine_settings)})")
-            if isinstance(engine, EngineTTS):
-                engine = AsyncTTS(engine)
-            if not isinstance(engine, AsyncTTS):
-                raise TypeError(f"engine must be a qwen3_tts_edge AsyncTTS or TTS, got {type(engine).__name__}")
-        elif bundle is None:
-            raise TypeError("the LiveKit TTS needs a bundle (TTS('path/to/bundle', threads=4)) or a loaded engine "
-                            "to share (TTS(engine=AsyncTTS(runtime.TTS('path/to/bundle'))))")
-        else:
-            engine = AsyncTTS(EngineTTS(bundle, config, **engine_settings))
+        engine = plugin_engine("TTS", bundle, config, engine, take_engine_settings(settings))
         super().__init__(capabilities=tts.TTSCapabilities(streaming=True), sample_rate=engine.sample_rate,
                          num_channels=1)
         self.engine = engine

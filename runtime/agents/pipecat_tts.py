@@ -42,6 +42,7 @@ from ..options import SpeakOptions
 from ..pipeline import TTS
 from ..text_feed import DEFAULT_TEXT_TIMEOUT_S
 from ..voices.voice_pack import is_pack_path
+from .engine import plugin_engine, take_engine_settings
 
 # pipecat ends an audio context that receives nothing for this long. Ours end explicitly when their request
 # ends; the wait only has to outlast a stall (the first audio of a long prompt on a busy CPU, a slow LLM), or
@@ -126,21 +127,7 @@ class Qwen3TTSService(TTSService):
                  settings: Qwen3TTSSettings | None = None,
                  text_aggregation_mode: TextAggregationMode = TextAggregationMode.TOKEN,
                  stop_frame_timeout_s: float = STOP_FRAME_TIMEOUT_S, **kwargs: Any):
-        engine_settings = {k: kwargs.pop(k) for k in list(kwargs) if k in EngineConfig.field_names()}
-        if engine is not None:
-            if bundle is not None or config is not None or engine_settings:
-                raise TypeError("give either engine= (a loaded engine to share, with its own settings) or a bundle "
-                                f"with engine settings, not both (got bundle={bundle!r}, config={config!r}, "
-                                f"settings {sorted(engine_settings)})")
-            if isinstance(engine, TTS):
-                engine = AsyncTTS(engine)
-            if not isinstance(engine, AsyncTTS):
-                raise TypeError(f"engine must be a qwen3_tts_edge AsyncTTS or TTS, got {type(engine).__name__}")
-        elif bundle is None:
-            raise TypeError("Qwen3TTSService needs a bundle (Qwen3TTSService('path/to/bundle', threads=4)) or a "
-                            "loaded engine to share (Qwen3TTSService(engine=AsyncTTS(TTS('path/to/bundle'))))")
-        else:
-            engine = AsyncTTS(TTS(bundle, config, **engine_settings))
+        engine = plugin_engine("Qwen3TTSService", bundle, config, engine, take_engine_settings(kwargs))
         if options is not None and not isinstance(options, SpeakOptions):
             raise TypeError(f"options must be SpeakOptions, got {type(options).__name__}")
         self.engine = engine
