@@ -91,6 +91,20 @@ def test_openai_lists_packs_and_speaks_them_in_one_batch(tiny_bundle, voices):
             c.audio.speech.create(model="qwen3-tts", voice="whisper", input=TEXT)
 
 
+def test_an_openai_name_can_alias_a_pack(tiny_bundle, voices):
+    with Server(tiny_bundle, workers=1, max_queue=2, voices=voices) as s:
+        s.catalog.set_aliases({"nova": "calm"})
+        c = s.client()
+        listed = c.get("/audio/voices", cast_to=object)["voices"]
+        assert {"id": "nova", "name": "nova", "type": "alias", "voice": "calm"} in listed
+        said = [c.audio.speech.create(model="qwen3-tts", voice=v, input=TEXT, response_format="pcm",
+                                      extra_body={"seed": 3, "greedy": True, **frames(8)}).content
+                for v in ("nova", "calm")]
+        assert said[0] == said[1]
+    with pytest.raises(ValueError, match="not a voice of this bundle; map it to one of .*calm"):
+        VoiceCatalog(["vivian"], "custom_voice", voices).set_aliases({"nova": "missing-pack"})
+
+
 def test_a_damaged_pack_is_refused_with_why(tiny_bundle, voices, tmp_path):
     folder = tmp_path / "v"
     folder.mkdir()

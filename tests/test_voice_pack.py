@@ -19,7 +19,7 @@ from conftest import needs_export
 pytestmark = needs_export
 
 TEXT = "The quick brown fox jumps over the lazy dog, again and again, until the sun goes down."
-FRAMES = 24  # per case in the default run (~25 s each on 2 busy cores); `pytest -m long` checks 200 frames
+FRAMES = 24  # per case in the default run (~25 s each on 2 busy cores); see PARITY_RUNS for the 200-frame runs
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TALKER_ONLY = r"talker\.model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj"
 NEW_ROW = 3000
@@ -168,8 +168,13 @@ def _lockstep(tts, reference, pack, speaker, frames):
 # parity with the merged official model
 
 
-@pytest.mark.parametrize("frames", [FRAMES, pytest.param(200, marks=pytest.mark.long)])
-@pytest.mark.parametrize("case", list(CASES))
+# The 200 frames in the default run for the fullest case (talker + predictor adapters and a speaker row);
+# the other two cases at FRAMES, and at 200 under `pytest -m long`.
+PARITY_RUNS = [("talker", FRAMES), ("talker+predictor", FRAMES), ("speaker_row", 200),
+               *(pytest.param(case, 200, marks=pytest.mark.long) for case in ("talker", "talker+predictor"))]
+
+
+@pytest.mark.parametrize("case,frames", PARITY_RUNS)
 def test_pack_follows_the_merged_official_model_up_to_near_ties(tts, packs, case, frames):
     path, reference, speaker = packs[case]
     flips, ref_codes = _lockstep(tts, reference, path, speaker, frames)

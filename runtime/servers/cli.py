@@ -167,7 +167,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"saved voices kept in --voices DIR before uploads are refused (default {DEFAULT_MAX_VOICES})")
     p.add_argument("--model-name", help="model id listed in /v1/models (default: from the bundle)")
     p.add_argument("--voice-alias", action="append", type=_alias, metavar="NAME=VOICE", default=[],
-                   help="answer the voice NAME (e.g. OpenAI's alloy) with VOICE, a preset or (Base) a saved voice; "
+                   help="answer the voice NAME (e.g. OpenAI's alloy) with VOICE: a preset, a voice pack in --voices "
+                        "DIR or (Base) a saved voice; "
                         "repeatable; on top of the defaults: CustomVoice maps OpenAI's 13 names to its presets, "
                         "VoiceDesign to its one voice, Base maps none")
     p.add_argument("--no-default-aliases", action="store_true",

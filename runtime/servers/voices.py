@@ -136,15 +136,16 @@ class VoiceCatalog:
             self.directory.mkdir(parents=True, exist_ok=True)
             self._remove_stray_temporaries()
         self._cache: dict[Path, tuple[tuple[int, int], Voice]] = {}
-        self._listed: tuple[tuple[int, int], list[str]] | None = None  # (folder mtime_ns, inode), names
-        self._packs_listed: tuple[tuple[int, int], list[str]] | None = None  # the same for voice packs
+        # Per kind of file: (folder mtime_ns, inode), names.
+        self._listed: dict[str, tuple[tuple[int, int], list[str]]] = {}
         self._lock = threading.Lock()
         self.aliases: dict[str, str] = {}  # other names for voices (OpenAI's), see set_aliases
 
     def set_aliases(self, aliases: dict[str, str]) -> None:
         """Answer ``aliases``' names (e.g. OpenAI's ``alloy``) with their voices. A name may not hide a preset; a
-        target is a preset (or ``default``) or, on a Base bundle, a saved voice, which may be uploaded later."""
-        checked = {}
+        target is a preset (or ``default``), a voice pack in the folder, or, on a Base bundle, a saved voice, which
+        may be uploaded later."""
+        checked, packs = {}, set(self.packs())
         for name, target in aliases.items():
             name = name.strip().lower()
             if not NAME_RULE.fullmatch(name):
@@ -154,8 +155,9 @@ class VoiceCatalog:
                 raise ValueError(f"voice alias {name!r} would hide the preset voice of that name; choose another")
             if target.lower() in self.presets:
                 target = target.lower()
-            elif self.model_type != "base" or not NAME_RULE.fullmatch(target):
-                voices = ", ".join(self.presets) + (" or a saved voice's name" if self.model_type == "base" else "")
+            elif target not in packs and (self.model_type != "base" or not NAME_RULE.fullmatch(target)):
+                voices = ", ".join(self.presets + sorted(packs)) + (" or a saved voice's name"
+                                                                     if self.model_type == "base" else "")
                 raise ValueError(f"voice alias {name}={target}: {target!r} is not a voice of this bundle; map it to "
                                  f"one of {voices}")
             checked[name] = target
@@ -165,9 +167,10 @@ class VoiceCatalog:
         self.aliases = checked
 
     def alias_listing(self) -> dict[str, str]:
-        """The aliases whose voice is there now (a saved voice may not have been uploaded yet)."""
-        saved = set(self.saved()) if any(t not in self.presets for t in self.aliases.values()) else set()
-        return {n: t for n, t in self.aliases.items() if t in self.presets or t in saved}
+        """The aliases whose voice is there now (a saved voice may not have been uploaded yet, a pack removed)."""
+        files = (set(self.saved()) | set(self.packs())
+                 if any(t not in self.presets for t in self.aliases.values()) else set())
+        return {n: t for n, t in self.aliases.items() if t in self.presets or t in files}
 
     def _remove_stray_temporaries(self) -> None:
         """Half-written voices of a server that stopped mid-write (they would fill the disk over months): those
@@ -188,23 +191,17 @@ class VoiceCatalog:
 
     def saved(self) -> list[str]:
         # Voice files hold a Base checkpoint's x-vector: only a Base bundle can speak with them.
-        if self.model_type != "base" or self.directory is None:
+        if self.model_type != "base":
             return []
-        try:
-            st = self.directory.stat()
-        except OSError:
-            return []
-        key = (st.st_mtime_ns, st.st_ino)
-        listed = self._listed
-        if listed is not None and listed[0] == key:
-            return list(listed[1])
-        names = sorted(p.name[: -len(SUFFIX)] for p in self.directory.glob(f"*{SUFFIX}")
-                       if NAME_RULE.fullmatch(p.name[: -len(SUFFIX)]) and p.is_file())
-        self._listed = (key, names)
-        return list(names)
+        return self._files("voices", SUFFIX, set())
 
     def packs(self) -> list[str]:
         """Voice packs in the folder (any bundle kind; a pack made for another base is refused when used)."""
+        return self._files("packs", PACK_SUFFIX, set(self.presets) | set(self.saved()))
+
+    def _files(self, kind: str, suffix: str, taken: set[str]) -> list[str]:
+        """Names of the ``*suffix`` files in the folder (not in ``taken``), re-read only when the folder's mtime or
+        inode changed since the last listing of this kind."""
         if self.directory is None:
             return []
         try:
@@ -212,13 +209,12 @@ class VoiceCatalog:
         except OSError:
             return []
         key = (st.st_mtime_ns, st.st_ino)
-        listed = self._packs_listed
+        listed = self._listed.get(kind)
         if listed is not None and listed[0] == key:
             return list(listed[1])
-        taken = set(self.presets) | set(self.saved())
-        names = sorted(n for p in self.directory.glob(f"*{PACK_SUFFIX}") if (n := p.name[: -len(PACK_SUFFIX)])
+        names = sorted(n for p in self.directory.glob(f"*{suffix}") if (n := p.name[: -len(suffix)])
                        not in taken and NAME_RULE.fullmatch(n) and p.is_file())
-        self._packs_listed = (key, names)
+        self._listed[kind] = (key, names)
         return list(names)
 
     def names(self) -> list[str]:
