@@ -129,24 +129,34 @@ def files_for(folder: Path, precision: str) -> tuple[Path, Path, Path]:
 
 
 def run_talker(ref: Reference, talker_path: Path, *, n_threads: int = 2, kv_type: str = "f32",
-               flash_attn: bool | None = False) -> tuple[np.ndarray, np.ndarray]:
-    """Engine logits/hidden at the last prompt position and every frame position: (1 + n_frames, ...)."""
+               flash_attn: bool | None = False, adapter: tuple[bytes, float] | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Engine logits/hidden at the last prompt position and every frame position: (1 + n_frames, ...);
+    ``adapter``: a GGUF LoRA adapter (a voice pack's) and its scale, set for the whole run."""
     from ..runtime.backends.llama_cpp.talker import Talker
 
     with Talker(talker_path, n_ctx=ref.embeds.shape[0] + 8, n_threads=n_threads, kv_type=kv_type,
                 flash_attn=flash_attn) as t:
+        lora = None if adapter is None else t.load_adapter(adapter[0])  # referenced until the talker closes
+        if lora is not None:
+            t.set_adapters([(lora, adapter[1])])
         outs = [t.prefill(ref.embeds[: ref.n_prompt])]
         outs += [t.step(e) for e in ref.embeds[ref.n_prompt:]]
     return np.stack([o.logits for o in outs]), np.stack([o.hidden for o in outs])
 
 
 def run_predictor(ref: Reference, model_path: Path, tables_path: Path, *, n_threads: int = 2,
-                  kv_type: str = "f32", flash_attn: bool | None = False) -> np.ndarray:
-    """Engine logits (n_pred_frames, 15, codebook) with the reference's forced codes."""
+                  kv_type: str = "f32", flash_attn: bool | None = False,
+                  adapter: tuple[bytes, float] | None = None) -> np.ndarray:
+    """Engine logits (n_pred_frames, 15, codebook) with the reference's forced codes (``adapter``: as
+    ``run_talker``)."""
     from ..runtime.backends.llama_cpp.predictor import CodePredictor
 
     out = []
     with CodePredictor(model_path, tables_path, n_threads=n_threads, kv_type=kv_type, flash_attn=flash_attn) as p:
+        lora = None if adapter is None else p.load_adapter(adapter[0])  # referenced until the predictor closes
+        if lora is not None:
+            p.set_adapters([(lora, adapter[1])])
         for k in range(ref.pred_logits.shape[0]):
             forced = ref.frames[k]
             got: list[np.ndarray] = []
