@@ -18,7 +18,7 @@ def test_voice_pack_bench_on_the_tiny_bundle(tiny_bundle, tmp_path):
 
     work = tmp_path / "work"
     argv = ["-b", str(tiny_bundle), "--ranks", "4,8", "--voices", "2", "--frames", "3", "--voice-frames", "2",
-            "--repeats", "1", "--threads", "1", "--fidelity", "f32,f16", "--work", str(work),
+            "--repeats", "1", "--threads", "1", "--fidelity", "f32,f16,q8_0", "--work", str(work),
             "--json", str(tmp_path / "r.json"), "--markdown", str(tmp_path / "r.md")]
     assert main(argv) == 0
     r = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))
@@ -37,6 +37,8 @@ def test_voice_pack_bench_on_the_tiny_bundle(tiny_bundle, tmp_path):
                         for k in (", no pack", " + f32 adapter", " + f16 adapter"))
     assert f32["talker"]["kl"] < absent["talker"]["kl"] / 10  # the metric sees the adapter
     assert f16["talker"]["kl"] < 2 * f32["talker"]["kl"] + 1e-6 and f16["adapter_bytes"] < f32["adapter_bytes"]
+    q8 = rows[f"{precision} + q8_0 adapter, vs the merged model"]  # llama.cpp takes q8_0 adapter tensors
+    assert q8["talker"]["kl"] < absent["talker"]["kl"] / 10 and q8["adapter_bytes"] < f16["adapter_bytes"]
     md = (tmp_path / "r.md").read_text(encoding="utf-8")
     assert "| switch: the set call |" in md and "merged bundles" in md and f"| {precision} + f16 adapter" in md
     # a second run reuses the packs in --work (same settings) instead of making them again
