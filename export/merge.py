@@ -23,7 +23,7 @@ import numpy as np
 
 from ..runtime.bundle import sha256_file
 from ..runtime.voices.voice_pack import check_scale
-from .torch_reference import _checkpoint_files
+from .torch_reference import checkpoint_files
 from .voice_pack import (
     CODEC_EMBEDDING,
     VoicePackExportError,
@@ -108,7 +108,7 @@ def merged_checkpoint(folder: Path, peft_dir: Path, work: Path, *, scale: float,
     drop = "speaker_encoder." if cfg["tts_model_type"] == "custom_voice" else None  # a Base turned CustomVoice
     out = work / "checkpoint"  # a plain identifier: transformers derives module names from the folder
     out.mkdir(parents=True)
-    weight_files = _checkpoint_files(folder)
+    weight_files = checkpoint_files(folder)
     for path in weight_files:
         tensors = load_file(str(path))
         dropped = [k for k in tensors if drop and k.startswith(drop)]

@@ -31,7 +31,7 @@ def load_official(path, dtype: str = "float32"):
     return wrapper.model.eval()
 
 
-def _checkpoint_files(folder: Path) -> list[Path]:
+def checkpoint_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     return (sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
             if index.is_file() else [folder / "model.safetensors"])
@@ -47,7 +47,7 @@ def _load_part(module: Any, folder: Path, prefix: str) -> Any:
     own = dict(module.named_parameters())
     own.update(module.named_buffers())
     seen = set()
-    for path in _checkpoint_files(folder):
+    for path in checkpoint_files(folder):
         with safe_open(str(path), framework="pt") as f:
             for k in f.keys():  # noqa: SIM118 - safe_open is not a dict
                 if not k.startswith(prefix):
