@@ -98,3 +98,18 @@ def spoken_clip(path: Path, text: str, *, voice: str = "en", speed: int = 160, r
         y = np.stack([y * (1 - 0.1 * c) for c in range(channels)], axis=1)
     sf.write(path, y, rate)
     return path
+
+
+async def llm_reply(text: str, seed: int, max_delay_s: float = 0.02):
+    """An LLM's reply: a few characters at a time, with random pauses between them (seeded)."""
+    import asyncio
+    import random
+
+    rng = random.Random(seed)
+    i = 0
+    while i < len(text):
+        n = rng.randint(1, 4)
+        yield text[i:i + n]
+        i += n
+        if rng.random() < 0.6:
+            await asyncio.sleep(rng.uniform(0.0, max_delay_s))

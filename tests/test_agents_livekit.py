@@ -8,7 +8,6 @@ test runs a real ``AgentSession`` whose only stand-in is the audio sink a room w
 from __future__ import annotations
 
 import asyncio
-import random
 import subprocess
 import sys
 import threading
@@ -16,7 +15,7 @@ import threading
 import numpy as np
 import pytest
 
-from conftest import needs_export
+from conftest import llm_reply, needs_export
 
 pytest.importorskip("livekit.agents", reason="needs the [livekit] extra")
 from livekit.agents import APIError, tts  # noqa: E402
@@ -64,18 +63,6 @@ async def _left_after(before: set[threading.Thread], timeout: float = 2.0) -> se
     return {t.name for t in left}
 
 
-async def _tokens(text: str, seed: int, max_delay_s: float = 0.02):
-    """An LLM's reply: a few characters at a time, with random pauses between them."""
-    rng = random.Random(seed)
-    i = 0
-    while i < len(text):
-        n = rng.randint(1, 4)
-        yield text[i:i + n]
-        i += n
-        if rng.random() < 0.6:
-            await asyncio.sleep(rng.uniform(0.0, max_delay_s))
-
-
 def test_synthesize_gives_what_tts_stream_gives(engine):
     opts = dict(OPTS, seed=3)
     want = _whole(engine, **opts)
@@ -103,7 +90,7 @@ def test_stream_fed_token_by_token_is_one_utterance_of_the_whole_text(engine, mo
         stream = plugin.stream()
 
         async def feed():
-            async for token in _tokens(TEXT, seed=5):
+            async for token in llm_reply(TEXT, seed=5):
                 stream.push_text(token)
             stream.end_input()
 

@@ -6,14 +6,13 @@ Runs the tiny bundle's llama.cpp f32 engines; coroutines run under ``asyncio.run
 from __future__ import annotations
 
 import asyncio
-import random
 import threading
 import time
 
 import numpy as np
 import pytest
 
-from conftest import needs_export
+from conftest import llm_reply, needs_export
 from qwen3_tts_edge.runtime.aio import BUFFER_CHUNKS, AsyncTTS
 
 pytestmark = needs_export
@@ -68,25 +67,13 @@ def test_a_string_gives_what_tts_stream_gives(tts):
     assert rate == 24000 and np.array_equal(pcm, _pcm(want))
 
 
-async def _typed(text: str, seed: int, max_delay_s: float = 0.02):
-    """An LLM's reply: a few characters at a time, with random pauses between them."""
-    rng = random.Random(seed)
-    i = 0
-    while i < len(text):
-        n = rng.randint(1, 4)
-        yield text[i:i + n]
-        i += n
-        if rng.random() < 0.6:
-            await asyncio.sleep(rng.uniform(0.0, max_delay_s))
-
-
 @pytest.mark.parametrize("mode", [{"greedy": True}, {"seed": 7}], ids=["greedy", "sampled"])
 def test_async_pieces_give_the_whole_text_codes(tts, mode):
     opts = dict(speaker="ryan", max_frames=90, chunk_frames=(4,), **mode)
     whole = list(tts.stream(TEXT, **opts))
 
     async def main():
-        stream = AsyncTTS(tts).astream(_typed(TEXT, seed=5), **opts)
+        stream = AsyncTTS(tts).astream(llm_reply(TEXT, seed=5), **opts)
         return [chunk async for chunk in stream], stream.stats
 
     chunks, stats = asyncio.run(main())
