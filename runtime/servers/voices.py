@@ -18,6 +18,7 @@ import re
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -193,15 +194,15 @@ class VoiceCatalog:
         # Voice files hold a Base checkpoint's x-vector: only a Base bundle can speak with them.
         if self.model_type != "base":
             return []
-        return self._files("voices", SUFFIX, set())
+        return self._files("voices", SUFFIX)
 
     def packs(self) -> list[str]:
         """Voice packs in the folder (any bundle kind; a pack made for another base is refused when used)."""
-        return self._files("packs", PACK_SUFFIX, set(self.presets) | set(self.saved()))
+        return self._files("packs", PACK_SUFFIX, lambda: set(self.presets) | set(self.saved()))
 
-    def _files(self, kind: str, suffix: str, taken: set[str]) -> list[str]:
-        """Names of the ``*suffix`` files in the folder (not in ``taken``), re-read only when the folder's mtime or
-        inode changed since the last listing of this kind."""
+    def _files(self, kind: str, suffix: str, taken: Callable[[], set[str]] = set) -> list[str]:
+        """Names of the ``*suffix`` files in the folder (not among the names ``taken()`` gives when the folder is
+        re-read), re-read only when the folder's mtime or inode changed since the last listing of this kind."""
         if self.directory is None:
             return []
         try:
@@ -212,8 +213,9 @@ class VoiceCatalog:
         listed = self._listed.get(kind)
         if listed is not None and listed[0] == key:
             return list(listed[1])
+        exclude = taken()
         names = sorted(n for p in self.directory.glob(f"*{suffix}") if (n := p.name[: -len(suffix)])
-                       not in taken and NAME_RULE.fullmatch(n) and p.is_file())
+                       not in exclude and NAME_RULE.fullmatch(n) and p.is_file())
         self._listed[kind] = (key, names)
         return list(names)
 
