@@ -9,10 +9,12 @@ so ``voice create`` runs the two voice encoders without loading the generation e
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from importlib import import_module
 from typing import Any
 
@@ -20,6 +22,7 @@ from ..bundle import Bundle, BundleError
 from .config import EngineConfig
 from .contract import (
     ADAPTERS,
+    CORE_SHARE,
     DECODER_PRIMED_CACHE,
     SEQUENCES,
     GenerationEngines,
@@ -240,13 +243,31 @@ class Engines:
             if self._lanes is None:
                 cfg = self.config
                 if cfg.max_batch == 1:
-                    self._lanes = SingleLane(self.talker, self.predictor, self.decoder)
+                    self._lanes = SingleLane(self.talker, self.predictor, self.decoder,
+                                             decoding=self._core_share(cfg))
                 else:
                     self._lanes = self._batched_lanes(cfg)
             return self._lanes
 
+    def _core_share(self, cfg: EngineConfig) -> Callable[[], AbstractContextManager]:
+        """One stream: when generation's and the decoder's threads outnumber the cores, generation's engines
+        narrow while the decoder decodes (``runtime/engine/cores.py``); the decoder calls go through the share."""
+        from .cores import CoreShare, usable_cores
+
+        gen = self.generation
+        engines = (gen.talker, gen.predictor)
+        if not cfg.share_cores or not all(CORE_SHARE in capabilities(e) for e in engines):
+            return contextlib.nullcontext
+        share = CoreShare.for_threads(cfg.threads or usable_cores(), cfg.decoder_threads)
+        if share is None:
+            return contextlib.nullcontext
+        for engine in engines:
+            engine.share_cores(share)
+        return share.decoding
+
     def _batched_lanes(self, cfg: EngineConfig) -> LanePool:
-        from .scheduler import BatchScheduler, CoreTurns
+        from .cores import CoreTurns
+        from .scheduler import BatchScheduler
 
         gen, decoder = self.generation, self.decoder
         for role, engine in (("talker", gen.talker), ("predictor", gen.predictor), ("decoder", decoder)):

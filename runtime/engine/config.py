@@ -71,6 +71,10 @@ class EngineConfig:
     decoder_threads: int = field(default=DEFAULT_DECODER_THREADS, metadata=_flag(
         "--decoder-threads", f"CPU threads for the ONNX decoder (default: {DEFAULT_DECODER_THREADS})",
         type=positive_int))
+    share_cores: bool = field(default=True, metadata=_flag(
+        "--no-share-cores", "one stream: keep llama.cpp on all its threads while the decoder decodes (by default "
+        "it narrows to the cores the decoder leaves when both together outnumber the cores)",
+        action="store_false", dest="share_cores"))
     providers: tuple[str, ...] | None = field(default=None, metadata=_flag(
         "--provider", "onnxruntime execution provider, best first (repeatable; default: the best available)",
         action="append", dest="providers", metavar="EP"))

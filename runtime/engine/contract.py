@@ -48,7 +48,8 @@ KV_STATE = "kv_state"
 DECODER_PRIMED_CACHE = "primed_cache"
 SEQUENCES = "sequences"
 ADAPTERS = "adapters"
-CAPABILITIES = frozenset({KV_STATE, DECODER_PRIMED_CACHE, SEQUENCES, ADAPTERS})
+CORE_SHARE = "core_share"  # share_cores(CoreShare): the thread count is chosen per decode call
+CAPABILITIES = frozenset({KV_STATE, DECODER_PRIMED_CACHE, SEQUENCES, ADAPTERS, CORE_SHARE})
 
 
 class EngineContractError(Qwen3TTSEdgeError, TypeError):
@@ -199,6 +200,7 @@ CAPABILITY_METHODS: dict[str, tuple[str, ...]] = {
     KV_STATE: ("rewind", "save_state", "load_state"),
     DECODER_PRIMED_CACHE: ("forget_primed", "primed_state", "keep_primed"),
     ADAPTERS: ("load_adapter", "set_adapters"),
+    CORE_SHARE: ("share_cores",),
 }
 # SEQUENCES asks for different methods in each role.
 ROLE_CAPABILITY_METHODS: dict[tuple[str, str], tuple[str, ...]] = {

@@ -102,9 +102,10 @@ class LanePool:
 class SingleLane(LanePool):
     """One lane, the engines themselves: requests run one at a time."""
 
-    def __init__(self, talker: PromptTalker, predictor: PredictorEngine, decoder: DecoderEngine) -> None:
+    def __init__(self, talker: PromptTalker, predictor: PredictorEngine, decoder: DecoderEngine,
+                 decoding: Callable[[], AbstractContextManager] = contextlib.nullcontext) -> None:
         super().__init__()
-        self.lane = Lane(talker, predictor, decoder)
+        self.lane = Lane(talker, predictor, decoder, decoding=decoding)
 
     def _open(self) -> Lane:
         return self.lane

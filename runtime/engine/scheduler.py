@@ -46,6 +46,7 @@ import numpy as np
 from ..sampler import GREEDY, ResidualSampling
 from .adapters import BASE, AdapterSet
 from .contract import KV_STATE, StepOutput
+from .cores import CoreTurns
 
 GATHER_S = 0.01  # the longest a batch waits for a busy stream's host work (it takes ~1 ms; see bench/README)
 
@@ -90,49 +91,6 @@ class SchedulerStats:
         return {**self.__dict__,
                 "mean_talker_batch": round(self.talker_rows / max(self.talker_decodes, 1), 2),
                 "mean_predictor_batch": round(self.predictor_frames / max(self.predictor_batches, 1), 2)}
-
-
-class CoreTurns:
-    """Generation and the streams' decoders take turns on the CPU instead of running over each other.
-
-    llama.cpp runs a decode on all its threads, which meet at a barrier after every operation; a decoder thread
-    that takes a core from one of them stalls the whole decode until the scheduler gives the core back (on 2
-    cores with four streams decoding, a four-row talker decode took 183 ms instead of 31). So a decoder waits
-    while an engine call runs, and an engine call waits for the decodes already waiting (decoders first: they
-    only have work once frames exist, so generation is never starved). At most ``decoders`` decode at once.
-    """
-
-    def __init__(self, decoders: int) -> None:
-        self.decoders = max(1, int(decoders))
-        self._cv = threading.Condition()
-        self._engine = False
-        self._decoding = self._waiting = 0
-
-    @contextlib.contextmanager
-    def engine(self) -> Iterator[None]:
-        with self._cv:
-            self._cv.wait_for(lambda: not self._decoding and not self._waiting)
-            self._engine = True
-        try:
-            yield
-        finally:
-            with self._cv:
-                self._engine = False
-                self._cv.notify_all()
-
-    @contextlib.contextmanager
-    def decoding(self) -> Iterator[None]:
-        with self._cv:
-            self._waiting += 1
-            self._cv.wait_for(lambda: not self._engine and self._decoding < self.decoders)
-            self._waiting -= 1
-            self._decoding += 1
-        try:
-            yield
-        finally:
-            with self._cv:
-                self._decoding -= 1
-                self._cv.notify_all()
 
 
 class BatchScheduler:

@@ -293,6 +293,8 @@ class LlamaContext:
         self._get_logits = lc.llama_get_logits_ith
         self._get_embd = lc.llama_get_embeddings_ith
         self._views: dict[tuple[str, int], np.ndarray] = {}
+        self.share: Any = None  # a runtime.engine.cores.CoreShare: picks the thread count per call
+        self._threads_now = threads
 
         # The batch and every buffer it points to are owned by this object (never llama_batch_free'd).
         cap = self.n_batch
@@ -369,7 +371,7 @@ class LlamaContext:
             pos[self.npos - 1:self.npos] = 0
         self._out[0] = 1
         self._batch.n_tokens = 1
-        rc = self._decode(self._ptr, self._batch)
+        rc = self._call()
         if rc != 0:
             raise LlamaError(f"llama_decode failed ({rc}) at position {p}:\n{recent_log()}")
         self.n_past = p + 1
@@ -392,7 +394,7 @@ class LlamaContext:
         self._seq_id_vals[:n] = seqs
         self._out[:n] = 1 if outputs else 0
         self._batch.n_tokens = n
-        rc = self._decode(self._ptr, self._batch)
+        rc = self._call()
         self._seq_id_vals[:n] = 0  # the single-sequence calls use sequence 0
         if rc != 0:
             raise LlamaError(f"llama_decode failed ({rc}) for {n} rows of sequences {sorted(set(seqs))}:\n"
@@ -426,6 +428,16 @@ class LlamaContext:
         if read == 0 and data.size:
             raise LlamaError(f"llama.cpp could not restore a state into sequence {seq}:\n{recent_log()}")
 
+    def _call(self) -> int:
+        """``llama_decode`` of the prepared batch, on the thread count the core share gives (if any)."""
+        if self.share is None:
+            return self._decode(self._ptr, self._batch)
+        with self.share.engine_call() as n:
+            if n != self._threads_now:
+                api().llama_set_n_threads(self._ptr, n, n)
+                self._threads_now = n
+            return self._decode(self._ptr, self._batch)
+
     def _set_positions(self, p: np.ndarray) -> None:
         """The batch's positions for rows at ``p``: section-major ``[p..., p..., p..., 0...]`` for M-RoPE/IMROPE
         (text-like positions), plain ``p`` for RoPE."""
@@ -445,7 +457,7 @@ class LlamaContext:
         self._set_positions(np.arange(self.n_past, self.n_past + n, dtype=np.int32))
         self._out[:n] = 1 if outputs else 0
         self._batch.n_tokens = n
-        rc = self._decode(self._ptr, self._batch)
+        rc = self._call()
         if rc != 0:
             raise LlamaError(f"llama_decode failed ({rc}) for {n} positions at {self.n_past}:\n{recent_log()}")
         self.n_past += n
@@ -514,6 +526,7 @@ class LlamaContext:
 
     def set_threads(self, n_threads: int, n_threads_batch: int | None = None) -> None:
         api().llama_set_n_threads(self._ptr, int(n_threads), int(n_threads_batch or n_threads))
+        self._threads_now = int(n_threads)
 
     @property
     def threads(self) -> tuple[int, int]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ...bundle import PREDICTOR_TABLES_ARCH
-from ...engine.contract import ADAPTERS, SEQUENCES
+from ...engine.contract import ADAPTERS, CORE_SHARE, SEQUENCES
 from ...sampler import GREEDY, ResidualSampling
 from .adapters import AdapterHost, LoraAdapter
 from .bindings import LlamaContext, LlamaError, LlamaModel, blas_single_thread
@@ -38,7 +38,7 @@ class CodePredictor:
     a batched stream then equals the request alone up to numerical near-ties (tests/test_batching.py).
     """
 
-    capabilities: frozenset[str] = frozenset({SEQUENCES, ADAPTERS})
+    capabilities: frozenset[str] = frozenset({SEQUENCES, ADAPTERS, CORE_SHARE})
 
     def __init__(self, model_path: Path | str, tables_path: Path | str, *, n_threads: int | None = None,
                  n_gpu_layers: int = 0, kv_type: str = "f16", flash_attn: bool | None = None,
@@ -84,6 +84,10 @@ class CodePredictor:
         self.reset_counters()
 
     # -- LoRA adapters (ADAPTERS) ---------------------------------------------------------------------------------
+
+    def share_cores(self, share: object) -> None:
+        """Decode on the thread count ``share`` (a :class:`~runtime.engine.cores.CoreShare`) gives per call."""
+        self.ctx.share = share
 
     def load_adapter(self, data: bytes) -> LoraAdapter:
         """Load a ``qwen3`` GGUF LoRA adapter (bytes, our predictor tensor names) into this predictor's model."""

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ...engine.config import TALKER_CONTEXT
-from ...engine.contract import ADAPTERS, KV_STATE, SEQUENCES, StepOutput, checked_ids
+from ...engine.contract import ADAPTERS, CORE_SHARE, KV_STATE, SEQUENCES, StepOutput, checked_ids
 from .adapters import AdapterHost, LoraAdapter
 from .bindings import LlamaContext, LlamaError, LlamaModel, blas_single_thread
 from .gguf_tables import GGUFTables
@@ -35,7 +35,7 @@ class Talker:
     """
 
     # rewind, save_state, load_state (llama.cpp sequence state); several sequences decoded together; LoRA adapters
-    capabilities = frozenset({KV_STATE, SEQUENCES, ADAPTERS})
+    capabilities = frozenset({KV_STATE, SEQUENCES, ADAPTERS, CORE_SHARE})
 
     def __init__(self, path: Path | str, *, n_ctx: int = TALKER_CONTEXT, n_threads: int | None = None,
                  n_batch: int = 512, n_gpu_layers: int = 0, kv_type: str = "f16",
@@ -64,6 +64,10 @@ class Talker:
         self.decode_s = 0.0
 
     # -- LoRA adapters (ADAPTERS) ---------------------------------------------------------------------------------
+
+    def share_cores(self, share: object) -> None:
+        """Decode on the thread count ``share`` (a :class:`~runtime.engine.cores.CoreShare`) gives per call."""
+        self.ctx.share = share
 
     def load_adapter(self, data: bytes) -> LoraAdapter:
         """Load a ``qwen3tts`` GGUF LoRA adapter (bytes) into this talker's model, once (see ``set_adapters``)."""

@@ -1,0 +1,113 @@
+"""Generation and the decoder sharing the cores: the policies alone, and a stream on real engines."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from qwen3_tts_edge.runtime.engine.cores import CoreShare, CoreTurns, usable_cores
+
+
+def test_share_is_only_made_when_the_threads_outnumber_the_cores():
+    assert CoreShare.for_threads(2, 1, cores=4) is None  # both fit at once
+    assert CoreShare.for_threads(1, 1, cores=1) is None  # one llama.cpp thread cannot narrow
+    share = CoreShare.for_threads(2, 1, cores=2)
+    assert (share.wide, share.narrow) == (2, 1)
+    share = CoreShare.for_threads(8, 2, cores=8)
+    assert (share.wide, share.narrow) == (8, 6)
+    assert CoreShare.for_threads(4, 4, cores=4).narrow == 1  # never zero threads
+    with pytest.raises(ValueError, match="narrow"):
+        CoreShare(wide=1, narrow=2)
+
+
+def test_engine_calls_narrow_while_the_decoder_decodes():
+    share = CoreShare(wide=2, narrow=1)
+    with share.engine_call() as n:
+        assert n == 2
+    with share.decoding(), share.engine_call() as n:
+        assert n == 1
+    with share.engine_call() as n:
+        assert n == 2
+    assert share.calls == {"wide": 2, "narrow": 1}
+
+
+def test_the_decoder_waits_for_a_wide_call_in_flight_and_later_calls_narrow():
+    share = CoreShare(wide=2, narrow=1)
+    events: list[str] = []
+    in_call, release = threading.Event(), threading.Event()
+
+    def engine() -> None:
+        with share.engine_call() as n:
+            events.append(f"engine {n} start")
+            in_call.set()
+            release.wait(5)
+            events.append("engine end")
+
+    def decoder() -> None:
+        with share.decoding():
+            events.append("decode start")
+            with share.engine_call() as n:  # generation goes on beside the decoder, on the cores it leaves
+                events.append(f"engine {n} beside the decoder")
+
+    t1 = threading.Thread(target=engine)
+    t1.start()
+    assert in_call.wait(5)
+    t2 = threading.Thread(target=decoder)
+    t2.start()
+    time.sleep(0.1)
+    assert events == ["engine 2 start"]  # the decoder has not started over the wide call
+    release.set()
+    t1.join(5)
+    t2.join(5)
+    assert events == ["engine 2 start", "engine end", "decode start", "engine 1 beside the decoder"]
+
+
+def test_turns_let_decoders_go_first_and_never_beside_an_engine_call():
+    turns = CoreTurns(decoders=2)
+    events: list[str] = []
+    with turns.decoding():
+        started = threading.Event()
+
+        def engine() -> None:
+            started.set()
+            with turns.engine():
+                events.append("engine")
+
+        t = threading.Thread(target=engine)
+        t.start()
+        started.wait(5)
+        time.sleep(0.05)
+        events.append("decode done")
+    t.join(5)
+    assert events == ["decode done", "engine"]
+
+
+@pytest.fixture(scope="module")
+def engines_pair(tiny_bundle):
+    from qwen3_tts_edge.runtime import TTS
+
+    threads = max(2, usable_cores())  # llama.cpp on every core: with the decoder's thread they outnumber them
+    shared = TTS(tiny_bundle, threads=threads, decoder_threads=1)
+    plain = TTS(tiny_bundle, threads=threads, decoder_threads=1, share_cores=False)
+    return shared, plain
+
+
+def test_a_shared_stream_gives_the_codes_and_audio_of_an_unshared_one(engines_pair):
+    shared, plain = engines_pair
+    text = "Sharing two cores must not change a single code."
+    opts = dict(language="english", max_frames=40, min_frames=40, seed=3)
+    a = [c for c in shared.stream(text, **opts)]
+    b = [c for c in plain.stream(text, **opts)]
+    codes_a = np.concatenate([c.codes for c in a])
+    codes_b = np.concatenate([c.codes for c in b])
+    assert codes_a.shape == (40, 16)
+    np.testing.assert_array_equal(codes_a, codes_b)
+    np.testing.assert_allclose(np.concatenate([c.pcm for c in a]), np.concatenate([c.pcm for c in b]), atol=1e-6)
+
+    share = shared.engines.generation.talker.ctx.share
+    assert share is shared.engines.generation.predictor.ctx.share
+    assert share.calls["wide"] > 0 and share.calls["narrow"] > 0  # it narrowed while decoding, widened after
+    assert plain.engines.generation.talker.ctx.share is None
