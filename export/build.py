@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..runtime.backends.onnxruntime.heads import HEADS_PRECISIONS
 from ..runtime.bundle import (
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -55,6 +56,8 @@ STAGES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "talker": ("qwen3_tts_edge.export.llama_gguf", "export_llama", _PRECISIONS["talker"]),
     # The ONNX Runtime engine's talker + fused predictor graphs + tables (ONNX precision names in --talker).
     "talker_onnx": ("qwen3_tts_edge.export.generation_onnx", "export_onnx_generation", _PRECISIONS["talker_onnx"]),
+    # The llama.cpp predictor's heads as int8 ONNX graphs (one file for every GGUF precision); asked for only.
+    "predictor_heads": ("qwen3_tts_edge.export.predictor_heads", "export_predictor_heads", HEADS_PRECISIONS),
     "decoder": ("qwen3_tts_edge.export.decoder_onnx", "export_decoder", _PRECISIONS["decoder"]),
     # Base models only (the other checkpoints have no speaker encoder).
     "speaker_encoder": ("qwen3_tts_edge.export.speaker_encoder_onnx", "export_speaker_encoder",
@@ -254,13 +257,14 @@ def _planned_steps(requested: dict[str, tuple[str, ...]]) -> int:
     """Progress steps: the checkpoint, then per stage its shared work and one step per precision."""
     talker, decoder = requested["talker"], requested["decoder"]
     return (1 + (2 + len(talker) if talker else 0) + (1 + len([p for p in decoder if p != "fp32"]) if decoder else 0)
-            + len(requested.get("talker_onnx") or ())
+            + len(requested.get("talker_onnx") or ()) + len(requested.get("predictor_heads") or ())
             + sum(len(requested.get(stage) or ()) for stage in VOICE_STAGES))
 
 
 def export_bundle(model: str, out: Path, *, talker: Sequence[str] | None = None,
                   decoder: Sequence[str] | None = None, speaker_encoder: Sequence[str] | None = None,
-                  codec_encoder: Sequence[str] | None = None, force: bool = False,
+                  codec_encoder: Sequence[str] | None = None, predictor_heads: Sequence[str] | None = None,
+                  force: bool = False,
                   backends: Sequence[str] | None = None, progress: Progress | None = None,
                   adapter: str | Path | None = None, merge: bool = False, adapter_scale: float | None = None,
                   speaker_rows: dict[str, int] | None = None) -> Manifest:
@@ -268,9 +272,11 @@ def export_bundle(model: str, out: Path, *, talker: Sequence[str] | None = None,
 
     ``talker`` / ``decoder`` / ``speaker_encoder`` / ``codec_encoder`` name the precisions to write; None
     means the defaults (``DEFAULT_EXPORT``: talker q8_0, decoder fp32, and for Base models both voice encoders
-    in fp32), so a plain export can speak. Talker precisions name their engine (GGUF ``q8_0`` for llama.cpp,
-    ONNX ``fp32`` for ONNX Runtime); ``backends`` (``GENERATION_ENGINES`` names) replaces the default talker
-    precisions with each engine's default when ``talker`` is None. ``progress`` receives messages; without
+    in fp32), so a plain export can speak. ``predictor_heads`` (``int8``) adds the llama.cpp predictor's heads
+    as weight-only int8 graphs (``export/predictor_heads.py``; the runtime then uses them by default). Talker
+    precisions name their engine (GGUF ``q8_0`` for llama.cpp, ONNX ``fp32`` for ONNX Runtime); ``backends``
+    (``GENERATION_ENGINES`` names) replaces the default talker precisions with each engine's default when
+    ``talker`` is None. ``progress`` receives messages; without
     one, a progress bar (plain lines off a terminal) goes to stderr. ``adapter`` (a PEFT folder) with ``merge``
     exports MODEL with that LoRA merged at ``adapter_scale`` and ``speaker_rows`` registered (``export/merge.py``).
     """
@@ -287,6 +293,12 @@ def export_bundle(model: str, out: Path, *, talker: Sequence[str] | None = None,
                  "decoder": DEFAULT_DECODER if decoder is None else tuple(decoder)}
     exporters = {stage: _stage_exporter(stage, precs) for stage, precs in requested.items() if precs}
     _speakable(requested)
+    if predictor_heads:
+        if not requested["talker"]:
+            raise ExportError("--predictor-heads is for the llama.cpp code predictor: export a GGUF talker precision "
+                              "too (e.g. --talker q4_k_m)")
+        requested["predictor_heads"] = tuple(predictor_heads)
+        exporters["predictor_heads"] = _stage_exporter("predictor_heads", requested["predictor_heads"])
     for stage, precs in (("speaker_encoder", speaker_encoder), ("codec_encoder", codec_encoder)):
         if precs is not None:
             requested[stage] = tuple(precs)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..runtime.backends.onnxruntime.heads import HEADS_PRECISIONS
 from ..runtime.cli import csv_list
 from ..runtime.engine.specs import DEFAULT_EXPORT, GENERATION_ENGINES, precisions
 from ..runtime.errors import Qwen3TTSEdgeError
@@ -34,6 +35,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument(f"--{stage.replace('_', '-')}", type=csv_list, default=None, metavar="PRECISIONS",
                        help=f"{stage.replace('_', ' ')} {fmt} precisions, comma-separated ({','.join(choices)}; "
                             f"default {default})")
+    p.add_argument("--predictor-heads", type=csv_list, default=None, metavar="PRECISIONS",
+                   help=f"also write the llama.cpp code predictor's 15 output heads as weight-only "
+                        f"{','.join(HEADS_PRECISIONS)} graphs (a quarter of the float32 heads' bytes per frame; the "
+                        "runtime then uses them unless --predictor-heads f32)")
     p.add_argument("--backend", type=csv_list, default=None, metavar="ENGINES",
                    help=f"generation engine(s) to export for, comma-separated ({', '.join(GENERATION_ENGINES)}; "
                         f"default llama.cpp): sets the default --talker precisions (llama.cpp q8_0, onnxruntime fp32)")
@@ -64,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
 
     rows = dict(parse_speaker_row(r) for r in args.speaker_row or ())
     export_bundle(args.model, args.output, talker=args.talker, decoder=args.decoder,
-                  speaker_encoder=args.speaker_encoder, codec_encoder=args.codec_encoder, force=args.force,
-                  backends=args.backend, adapter=args.adapter, merge=args.merge, adapter_scale=args.scale,
-                  speaker_rows=rows or None)
+                  speaker_encoder=args.speaker_encoder, codec_encoder=args.codec_encoder,
+                  predictor_heads=args.predictor_heads, force=args.force, backends=args.backend,
+                  adapter=args.adapter, merge=args.merge, adapter_scale=args.scale, speaker_rows=rows or None)
     return 0

@@ -121,6 +121,14 @@ GATES: dict[tuple[str, str], Gate] = {
         why="int4 (v_proj / down_proj at int8) should be on par with llama.cpp's q4_k_m (random 0.6B "
             "CustomVoice, issue #14: 0.945, q4_k_m 0.948); the gate allows ~1.5x that error (1 - cosine)",
     ),
+    # --- the llama.cpp predictor's output heads (export/predictor_heads.py) -----------------------------------
+    ("predictor_heads", "int8"): Gate(
+        "predictor_heads", "int8", reference="the float32 heads on predictor-shaped hidden states",
+        min_logit_cos=0.9995,
+        why="blockwise int8 (32) of a plain GEMV should cost rounding-level error only (random 0.6B CustomVoice: "
+            "cosine 0.99997 per logit vector); the gate allows ~15x that error (1 - cosine), far under what "
+            "q8_0 costs the predictor's layers (0.9994)",
+    ),
     # --- voice encoders -------------------------------------------------------------------------------------
     ("speaker_encoder", "fp32"): Gate(
         "speaker_encoder", "fp32", reference="official speaker encoder (torch fp32) on the same log-mel input",

@@ -26,7 +26,7 @@ MANIFEST_NAME = "manifest.json"
 # stage that loads them, so a bundle exported with a subset of stages is still valid.
 REQUIRED_ROLES = frozenset({"text_tokenizer"})
 KNOWN_ROLES = frozenset(
-    {"text_tokenizer", "talker", "predictor", "predictor_tables", "decoder", "decoder_state",
+    {"text_tokenizer", "talker", "predictor", "predictor_tables", "predictor_heads", "decoder", "decoder_state",
      "speaker_encoder", "speaker_mel", "codec_encoder", "calibration", "onnx_data"}
 )
 _HASH_CHUNK = 1 << 22

@@ -64,6 +64,9 @@ class EngineConfig:
     predictor_precision: str | None = field(default=None, metadata=_flag(
         "--predictor-precision", "code-predictor precision if other than the talker's (e.g. q8_0 beside a q4_k_m "
         "talker; same engine)"))
+    predictor_heads: str | None = field(default=None, metadata=_flag(
+        "--predictor-heads", "the llama.cpp code predictor's output heads: int8 (a bundle exported with "
+        "--predictor-heads int8; its default then) or f32 (the tables' own)", choices=("f32", "int8")))
     decoder_precision: str | None = field(default=None, metadata=_flag(
         "--decoder-precision", "decoder ONNX precision in the bundle"))
     threads: int | None = field(default=None, metadata=_flag(
@@ -141,6 +144,7 @@ class EngineConfig:
     def loader_settings(self) -> dict[str, Any]:
         """Keyword settings for the generation loaders (runtime/engine/specs.py ``loader``)."""
         settings = {"n_ctx": self.n_ctx, "threads": self.threads, "n_gpu_layers": self.n_gpu_layers,
+                    "predictor_heads": self.predictor_heads,
                     "providers": list(self.providers) if self.providers else None}
         if self.max_batch > 1:
             settings["sequences"] = self.max_batch

@@ -39,12 +39,14 @@ class EngineTables:
 
 def load_generation(bundle: Bundle, precision: str, *, n_ctx: int = TALKER_CONTEXT, threads: int | None = None,
                     n_gpu_layers: int = 0, predictor_precision: str | None = None, providers: Any = None,
-                    sequences: int = 1, **engine: Any) -> GenerationEngines:
+                    sequences: int = 1, predictor_heads: str | None = None, **engine: Any) -> GenerationEngines:
     """The talker of ``bundle`` at ``precision`` and its code predictor at ``predictor_precision`` (default: the
     same; a bundle exported with several talker precisions holds a predictor for each, so they can be mixed,
     e.g. a q4_k_m talker with the q8_0 predictor). ``engine``: e.g. kv_type, flash_attn. ``providers`` (ONNX
     Runtime's execution providers) do not apply: llama.cpp's device is its build and ``n_gpu_layers``.
-    ``sequences``: streams the engines hold for continuous batching (``n_ctx`` positions each)."""
+    ``sequences``: streams the engines hold for continuous batching (``n_ctx`` positions each).
+    ``predictor_heads``: ``int8`` (the bundle's quantised heads; the default when the export was asked for them)
+    or ``f32`` (the tables' own)."""
     from .predictor import CodePredictor
     from .talker import Talker
 
@@ -52,6 +54,37 @@ def load_generation(bundle: Bundle, precision: str, *, n_ctx: int = TALKER_CONTE
     pp = predictor_precision or precision
     talker = Talker(path(m.component("talker", precision)), n_ctx=n_ctx, n_threads=threads,
                     n_gpu_layers=n_gpu_layers, sequences=sequences, **engine)
+    heads = load_heads(bundle, predictor_heads, path(m.component("predictor_tables", pp)))
     predictor = CodePredictor(path(m.component("predictor", pp)), path(m.component("predictor_tables", pp)),
-                              n_threads=threads, n_gpu_layers=n_gpu_layers, sequences=sequences, **engine)
+                              n_threads=threads, n_gpu_layers=n_gpu_layers, sequences=sequences, heads=heads,
+                              **engine)
     return GenerationEngines(talker, predictor, EngineTables(talker, predictor))
+
+
+def load_heads(bundle: Bundle, wanted: str | None, tables_path: Any) -> Any:
+    """The bundle's quantised predictor heads (``wanted`` None: those the export was asked for, if any), or None
+    for the float32 heads in the predictor tables (``wanted`` "f32")."""
+    from ...bundle import BundleError
+
+    if wanted == "f32":
+        return None
+    found = [c for c in bundle.manifest.find("predictor_heads", wanted)
+             if wanted is not None or (c.meta or {}).get("requested", True)]
+    if not found:
+        if wanted is None:
+            return None
+        have = sorted(c.precision for c in bundle.manifest.find("predictor_heads")) or ["none"]
+        raise BundleError(f"this bundle has no {wanted} predictor heads (it has: {', '.join(have)}); re-export it with "
+                          f"`qwen3-tts-edge export MODEL -o BUNDLE --predictor-heads {wanted}` or use f32")
+    from ..onnxruntime.heads import QuantizedHeads
+    from .gguf_tables import GGUFTables
+
+    tables = GGUFTables(tables_path)
+    try:
+        arch = tables.field("general.architecture")
+        steps = int(tables.field(f"{arch}.num_steps"))
+        hidden = int(tables.field(f"{arch}.predictor_hidden_size"))
+        codebook = int(tables.field(f"{arch}.codebook_size"))
+    finally:
+        tables.close()
+    return QuantizedHeads(bundle.path(found[0]), steps=steps, hidden_size=hidden, codebook_size=codebook)

@@ -4,14 +4,16 @@ Per frame (as the official code predictor does): prefill 2 positions [past_hidde
 ``small_to_mtp_projection`` when the predictor is narrower than the talker), read the final-normed hidden
 state, apply head 0 on the host, let ``choose`` pick c1; then 14 single-position calls fed with
 ``table[j-1](c_j)`` (projection folded into the tables where present) and head j. The KV cache is cleared
-every frame. Heads are float32 in RAM (numpy GEMV, BLAS pinned to one thread while predicting); input tables
-stay memory-mapped and only the rows in use are read.
+every frame. Heads are float32 from the tables file (numpy GEMV, BLAS pinned to one thread while predicting),
+or weight-only int8 ONNX graphs when the bundle has them (``heads=``, ``runtime/backends/onnxruntime/heads.py``:
+a quarter of the bytes); input tables stay memory-mapped and only the rows in use are read.
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -42,7 +44,7 @@ class CodePredictor:
 
     def __init__(self, model_path: Path | str, tables_path: Path | str, *, n_threads: int | None = None,
                  n_gpu_layers: int = 0, kv_type: str = "f16", flash_attn: bool | None = None,
-                 sequences: int = 1) -> None:
+                 sequences: int = 1, heads: Any = None) -> None:
         self.model = LlamaModel(model_path, n_gpu_layers=n_gpu_layers)
         if self.model.arch != "qwen3":
             raise LlamaError(f"{Path(model_path).name} is a {self.model.arch!r} GGUF; the predictor needs qwen3")
@@ -69,7 +71,12 @@ class CodePredictor:
         self.placement = self.model.placement
         self.adapters = AdapterHost(self.model, self.ctx, "predictor")
 
-        self.heads = np.stack([self.tables.array(f"lm_head.{j}.weight") for j in range(self.num_steps)])
+        # ``heads(j, hidden)`` -> logits: the bundle's quantised heads, else the tables' float32 ones (read into
+        # memory only then: 126 MB at 0.6B).
+        self.heads_precision = getattr(heads, "precision", "f32") if heads is not None else "f32"
+        self._quant_heads = heads
+        self.heads = (None if heads is not None else
+                      np.stack([self.tables.array(f"lm_head.{j}.weight") for j in range(self.num_steps)]))
         self.has_projection = bool(self.tables.field(f"{a}.has_projection"))
         if self.has_projection:
             self.proj_w = self.tables.array("proj.weight")  # (width, H)
@@ -140,7 +147,7 @@ class CodePredictor:
         choose = sampling.choose
         t_start = time.perf_counter()
         codes = np.zeros(self.num_steps, dtype=np.int64)
-        ctx, heads, logits = self.ctx, self.heads, self._logits
+        ctx, heads, logits, qheads = self.ctx, self.heads, self._logits, self._quant_heads
         dec = head = cho = 0.0
         with blas_single_thread():
             x = self._prefill
@@ -159,9 +166,9 @@ class CodePredictor:
                 else:
                     ctx.decode_one(self.tables.rows(self._in_names[j - 1], codes[j - 1:j])[0])
                 t1 = time.perf_counter()
-                np.matmul(heads[j], ctx.hidden(), out=logits)
+                lg = np.matmul(heads[j], ctx.hidden(), out=logits) if qheads is None else qheads(j, ctx.hidden())
                 t2 = time.perf_counter()
-                c = int(choose(j, logits))
+                c = int(choose(j, lg))
                 if not 0 <= c < self.codebook_size:
                     raise ValueError(f"choose returned code {c} outside [0, {self.codebook_size})")
                 codes[j] = c
@@ -212,7 +219,8 @@ class CodePredictor:
                     out_rows = list(range(len(rows)))
                 h = np.stack([ctx.hidden(r) for r in out_rows])
                 t1 = time.perf_counter()
-                logits = h @ heads[j].T  # (streams, codebook): one matrix product for every stream
+                # (streams, codebook): one matrix product for every stream
+                logits = h @ heads[j].T if self._quant_heads is None else self._quant_heads(j, h)
                 t2 = time.perf_counter()
                 still = []
                 for k, i in enumerate(live):
