@@ -375,6 +375,12 @@ def format_summary(report: dict[str, Any]) -> str:
              f"{s['threads']} thread(s), seed {s['seed']}; warm-up excluded ({s['warmup']})",
              f"llama.cpp: {report.get('machine', {}).get('llama_cpp_system_info', 'n/a')}", "",
              markdown_table(report), "", TABLE_NOTE, "", floor_table(report)]
+    if report.get("long_form"):
+        from .long_form import markdown_table as long_table
+        from .long_form import note, windows_table
+
+        lf = report["long_form"]
+        lines += ["", long_table(lf), "", note(lf), "", windows_table(lf)]
     for item in report.get("refused", []):
         lines.append(f"refused at export: {item['role']} {item['precision']}: {item['reason']}")
     for item in report.get("skipped", []):

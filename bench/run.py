@@ -6,8 +6,9 @@ Every configuration (talker precision x decoder precision x execution provider) 
 every configuration, then round 2, ...), so slow drifts of the machine's background load hit all of them alike;
 figures are medians over rounds x texts with their spread. ``--frames N`` forces exactly N frames per request
 (equal work whatever the sampler does); ``--vs-reference MODEL`` adds the official PyTorch fp32 model through the
-same loop as the baseline of every ratio and the fidelity section against it. See bench/README.md for the JSON
-schema.
+same loop as the baseline of every ratio and the fidelity section against it; ``--long-form SECONDS`` adds one
+multi-minute request per configuration, timed window by window (``bench/long_form.py``). See bench/README.md for
+the JSON schema.
 
 Torch-free unless ``--vs-reference`` is given; matplotlib only with ``--plot``.
 """
@@ -34,7 +35,9 @@ from ..runtime.engine.config import DEFAULT_DECODER_THREADS, EngineConfig, add_e
 from ..runtime.engine.specs import precisions
 from ..runtime.errors import Qwen3TTSEdgeError
 from ..runtime.prompt import ModelIds
-from . import machine
+from ..runtime.segments import split_sentences
+from ..runtime.text import TextTokenizer
+from . import long_form, machine
 from . import report as rep
 from .requests import representative_request
 
@@ -92,6 +95,11 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chunk-frames", type=csv_list, default=["1", "2", "4", "8"], metavar="SCHEDULE",
                    help="decode schedule: frames per chunk, last repeats (default 1,2,4,8)")
+    p.add_argument("--long-form", type=float, metavar="SECONDS",
+                   help="also time one long request of SECONDS of audio per configuration (e.g. 180: several "
+                        "segments), in a process of its own: RTF, stage ms per frame and RSS per window of the audio")
+    p.add_argument("--long-form-window", type=float, default=long_form.DEFAULT_WINDOW_S, metavar="SECONDS",
+                   help=f"audio window of the --long-form figures (default {long_form.DEFAULT_WINDOW_S:g})")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -166,6 +174,10 @@ def _checked_settings(args: argparse.Namespace) -> tuple[list[int], list[BenchTe
         raise BenchError("--frames must be at least 1")
     if args.repeats < 1:
         raise BenchError("--repeats must be at least 1")
+    if args.long_form is not None and not args.long_form > 0:
+        raise BenchError("--long-form must be a positive number of seconds")
+    if not args.long_form_window > 0:
+        raise BenchError("--long-form-window must be a positive number of seconds")
     try:
         schedule = [int(v) for v in args.chunk_frames]
     except ValueError as exc:
@@ -217,6 +229,37 @@ def _run_rounds(args: argparse.Namespace, base: dict[str, Any], configs: list[tu
                 results[(t, d, p)].append(res)
                 _say(progress, f"round {r + 1}/{args.repeats} talker {t} x decoder {d} ({p})", res)
     return results, ref_results
+
+
+def _long_form_section(args: argparse.Namespace, bundle: Bundle, base: dict[str, Any],
+                       configs: list[tuple[str, str, str]], progress) -> dict[str, Any] | None:
+    """``--long-form``: one long request per configuration, each in a fresh worker (``bench/long_form.py``)."""
+    if args.long_form is None:
+        return None
+    source = next(t for t in TEXTS if t.id == long_form.SOURCE_TEXT)
+    tokenizer = TextTokenizer.from_folder(bundle.root / "tokenizer")
+    audio = bundle.manifest.audio
+    frame_s = int(audio["samples_per_frame"]) / int(audio["sample_rate"])
+    needed = long_form.text_tokens_needed(args.long_form, frame_s)
+    text = long_form.long_text(split_sentences(source.text), lambda s: len(tokenizer.encode(s)), needed)
+    request = {"seconds": args.long_form, "window_s": args.long_form_window, "text": text,
+               "language": source.language}
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="qwen3-tts-edge-bench-long-") as tmp:
+        for i, (t, d, p) in enumerate(configs):
+            res = _spawn({**base, "talker": t, "decoder": d, "provider": p, "long_form": request}, Path(tmp),
+                         f"long.{t}.{d}.{i}")
+            runs.append({"talker": t, "predictor": t, "decoder": d, "provider": p, **res})
+            progress(f"long form talker {t} x decoder {d} ({p}): {res['audio_s']:.0f} s of audio in "
+                     f"{res['wall_s']:.0f} s, RTF {rep._f(res['rtf'], '.2f')} (first window "
+                     f"{rep._f(res['rtf_first_window'], '.2f')}, last {rep._f(res['rtf_last_window'], '.2f')}), "
+                     f"{res['segments']} segments, RSS {rep._f(res['rss_mb']['start'], '.0f')} -> "
+                     f"{rep._f(res['rss_mb']['end'], '.0f')} MB")
+    return {"seconds": args.long_form, "window_s": args.long_form_window,
+            "frames_per_text_token": long_form.FRAMES_PER_TEXT_TOKEN,
+            "text": {"from": source.id, "language": source.language, "tokens": len(tokenizer.encode(text)),
+                     "chars": len(text), "text": text},
+            "how": long_form.HOW.format(source=source.id, rate=long_form.FRAMES_PER_TEXT_TOKEN), "runs": runs}
 
 
 def _reference_section(ref_results: list[dict[str, Any]], model: str) -> dict[str, Any] | None:
@@ -274,6 +317,7 @@ def run_bench(args: argparse.Namespace, progress=lambda msg: None) -> dict[str, 
             "warmup_frames": warm, **request}
     configs = [(t, d, p) for p in providers for t in talkers for d in decoders]
     results, ref_results = _run_rounds(args, base, configs, checkpoint, progress)
+    long = _long_form_section(args, bundle, base, configs, progress)
     bw.append(machine.memory_bandwidth_gbs())
     end_load = os.getloadavg()
 
@@ -316,6 +360,7 @@ def run_bench(args: argparse.Namespace, progress=lambda msg: None) -> dict[str, 
         "refused": refused,
         "skipped": skipped,
         "fidelity": fid,
+        "long_form": long,
     }
 
 
@@ -337,7 +382,11 @@ def write_outputs(report: dict[str, Any], args: argparse.Namespace) -> None:
                                    encoding="utf-8")
     if args.markdown:
         Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-        text = "\n\n".join([rep.markdown_table(report), rep.TABLE_NOTE, rep.floor_table(report)])
+        parts = [rep.markdown_table(report), rep.TABLE_NOTE, rep.floor_table(report)]
+        if report.get("long_form"):
+            lf = report["long_form"]
+            parts += [long_form.markdown_table(lf), long_form.note(lf), long_form.windows_table(lf)]
+        text = "\n\n".join(parts)
         Path(args.markdown).write_text(text + "\n", encoding="utf-8")
     if args.plot:
         from .plots import plot_report

@@ -3,11 +3,12 @@
 Peak RSS is a process-wide high-water mark, so ``bench`` starts a fresh interpreter per configuration and
 round: this module loads the bundle exactly as ``speak`` does (``TTS``), runs one warm-up request (excluded),
 then times ``TTS.stream`` on every bench text with a fixed seed and reports ``StreamStats`` per request plus the
-process's peak RSS. With ``reference`` set it runs the official PyTorch modules instead (fp32, the same
-checkpoint) through the same ``TTS.stream`` loop: talker, code predictor and embedding tables are the
-``export/torch_reference.py`` engines behind ``TTS.from_engines``; the decoder stage is the official codec decoder in
-torch fp32 with its streaming state threaded by ``export/decoder_stateful.StatefulDecoder`` (the module the ONNX graph
-is exported from), so every stage of the baseline is PyTorch and it streams on the same chunk schedule.
+process's peak RSS (with ``long_form`` in the spec: the one long request of ``bench/long_form.py`` instead).
+With ``reference`` set it runs the official PyTorch modules instead (fp32, the same checkpoint) through the
+same ``TTS.stream`` loop: talker, code predictor and embedding tables are the ``export/torch_reference.py``
+engines behind ``TTS.from_engines``; the decoder stage is the official codec decoder in torch fp32 with its
+streaming state threaded by ``export/decoder_stateful.StatefulDecoder`` (the module the ONNX graph is exported
+from), so every stage of the baseline is PyTorch and it streams on the same chunk schedule.
 
 The spec and the result are JSON files (paths on the command line), so the parent never imports what the
 worker loads. Torch is imported only in reference workers.
@@ -154,6 +155,13 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     texts, frames = spec["texts"], spec.get("frames")
     warm = int(spec["warmup_frames"])
     _one(tts, texts[0], _options(spec, texts[0], warm))  # warm-up: pages weights in, plans the decoder; excluded
+    if spec.get("long_form"):  # bench --long-form: this process speaks the one long request instead of the texts
+        from .long_form import run as run_long
+
+        return {"load_s": load_s, "rss_after_load_mb": rss_loaded.get("rss"), "devices": tts.devices(),
+                "talker_precision": tts.talker_precision, "decoder_precision": tts.decoder_precision,
+                "warmup": {"text": texts[0]["id"], "frames": warm}, **run_long(tts, spec, _rss_mb),
+                "warnings": caught, "peak_rss_mb": _rss_mb()["peak"]}
     samples, first_codes = [], None
     for text in texts:
         sample, codes = _one(tts, text, _options(spec, text, frames))

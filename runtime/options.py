@@ -165,6 +165,7 @@ class StreamStats:
     stop_reason: str | None = None
     segments: int = 0
     segment_stops: list[str] = field(default_factory=list)
+    segment_frames: list[int] = field(default_factory=list)  # frames each finished segment made
     prompt_positions_reused: int = 0  # prompt KV positions known before (previous request or a saved voice)
     prompt_positions_prefilled: int = 0  # prompt positions computed for this request
     devices: dict[str, str] = field(default_factory=dict)
@@ -180,6 +181,7 @@ class StreamStats:
         """Count one finished segment (a ``frame_loop.SegmentEnd``, queued behind its last frame)."""
         self.segments = end.segment + 1
         self.segment_stops.append(end.stop_reason)
+        self.segment_frames.append(end.frames)
         self.prefill_ms += end.prefill_ms
         self.text_wait_ms += end.text_wait_ms
         self.prompt_positions_reused += end.reused_positions

@@ -6,6 +6,7 @@ Speed is never asserted here (shared CI machines); only that every figure exists
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -134,6 +135,79 @@ def test_without_reference_uses_manifest_fidelity(tiny_bundle, tmp_path, capsys)
     assert "q8_0" in capsys.readouterr().out
 
 
+@needs_export
+def test_long_form(tiny_bundle, tmp_path, capsys):
+    """`--long-form`: one long request of several segments, its windows adding up to the whole stream."""
+    from qwen3_tts_edge.bench import long_form
+    from qwen3_tts_edge.runtime.frame_loop import STOP_TEXT_CEILING
+    from qwen3_tts_edge.runtime.options import SpeakOptions
+    from qwen3_tts_edge.runtime.plan import segment_budget
+
+    seconds, window = 6.0, 2.0
+    # n_ctx 256: the runtime's default segment budget is then 19 text tokens, so 6 s of audio span several segments
+    rc = main(["-b", str(tiny_bundle), "--frames", "4", "--repeats", "1", "--threads", "1", "--talker", "q8_0",
+               "--texts", "en-short", "--n-ctx", "256", "--long-form", str(seconds), "--long-form-window",
+               str(window), "--json", str(tmp_path / "r.json"), "--markdown", str(tmp_path / "r.md")])
+    assert rc == 0
+    r = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))
+    assert len(r["runs"]) == 1 and len(r["runs"][0]["samples"]) == 1  # the timed rounds are as before
+    lf = r["long_form"]
+    assert lf["seconds"] == seconds and lf["window_s"] == window
+    assert lf["frames_per_text_token"] == long_form.FRAMES_PER_TEXT_TOKEN
+    audio = load_bundle(Path(tiny_bundle), verify=False).manifest.audio
+    frame_s = audio["samples_per_frame"] / audio["sample_rate"]
+    assert lf["text"]["language"] == "german"
+    assert lf["text"]["tokens"] >= seconds / frame_s / lf["frames_per_text_token"]  # enough text for the audio
+    (run,) = lf["runs"]
+    assert (run["talker"], run["decoder"]) == ("q8_0", "fp32")
+    # the request: exactly `seconds` of audio, over several segments that each ended at their text's frames
+    assert run["frames"] == round(seconds / frame_s) and run["stop_reason"] == "max_frames"
+    assert run["audio_s"] == pytest.approx(run["frames"] * frame_s)
+    assert run["rtf"] == pytest.approx(run["wall_s"] / run["audio_s"])
+    assert 0 < run["ttfa_ms"] < run["wall_s"] * 1e3
+    assert run["n_ctx"] == 256 and run["segment_tokens"] == segment_budget(SpeakOptions(), 256) == 19
+    assert run["segments"] >= 3
+    assert len(run["segment_frames"]) == len(run["segment_stops"]) == run["segments"]
+    assert sum(run["segment_frames"]) == run["frames"]
+    assert run["segment_stops"][:-1] == [STOP_TEXT_CEILING] * (run["segments"] - 1)  # each at its text's frames
+    assert all(0 < f <= 3 * run["segment_tokens"] for f in run["segment_frames"])
+    # the windows: contiguous along the audio, adding up to the stream
+    wins = run["windows"]
+    assert [w["index"] for w in wins] == list(range(len(wins))) and len(wins) == math.ceil(seconds / window)
+    assert [w["start_s"] for w in wins] == [i * window for i in range(len(wins))]
+    assert sum(w["audio_s"] for w in wins) == pytest.approx(run["audio_s"])
+    assert sum(w["wall_s"] for w in wins) == pytest.approx(run["wall_s"])
+    assert sum(w["frames"] for w in wins) == run["frames"]
+    assert [w["first_frame"] for w in wins] == [sum(x["frames"] for x in wins[:i]) for i in range(len(wins))]
+    for w in wins:
+        assert w["wall_s"] > 0 and w["rtf"] == pytest.approx(w["wall_s"] / w["audio_s"])
+        assert w["audio_s"] <= window + 8 * frame_s + 1e-6  # a chunk (at most 8 frames) may cross the boundary
+        assert w["segments"][0] <= w["segments"][1] < run["segments"]
+    assert wins[0]["segments"][0] == 0 and wins[-1]["segments"][1] == run["segments"] - 1
+    for k in STAGES:  # per-window stage costs are the stream's, split by frames
+        total = sum(w["ms_per_frame"][k] * w["frames"] for w in wins)
+        assert total == pytest.approx(run["ms_per_frame"][k] * run["frames"], rel=1e-6, abs=1e-6)
+    assert run["rtf_first_window"] == wins[0]["rtf"] and run["rtf_last_window"] == wins[-1]["rtf"]
+    rss = run["rss_mb"]
+    assert 0 < rss["start"] <= rss["peak"] <= rss["process_peak"] and rss["end"] <= rss["peak"]
+    assert all(0 < w["rss_mb"] <= rss["peak"] for w in wins)
+    md = (tmp_path / "r.md").read_text(encoding="utf-8")
+    assert "| q8_0 + fp32 (CPU) |" in md and f"RTF first {window:g} s" in md
+    row = next(line for line in md.splitlines() if line.startswith("| q8_0 + fp32 (CPU) | 6.0 |"))
+    assert f"| {run['rtf']:.2f} |" in row
+    assert "RTF last window" in capsys.readouterr().out
+
+
+def test_long_text():
+    from qwen3_tts_edge.bench.long_form import long_text
+
+    text = long_text(["One.", "Two!", "Three?"], lambda s: len(s.split()), 7)
+    assert text == "One. Two! Three? Two! Three? One. Three? One. Two!"  # each pass starts one sentence later
+    assert long_text(["A b."], lambda s: len(s.split()), 5) == "A b. A b. A b."
+    with pytest.raises(ValueError):
+        long_text([" "], len, 3)
+
+
 def test_missing_bundle(tmp_path, capsys):
     assert main(["-b", str(tmp_path / "nope"), "--frames", "8"]) == 1
     err = capsys.readouterr().err
@@ -149,6 +223,10 @@ def test_bad_frames(tmp_path, capsys, frames):
 def test_bad_repeats_and_texts(tmp_path, capsys):
     assert main(["-b", str(tmp_path), "--repeats", "0"]) == 1
     assert "--repeats" in capsys.readouterr().err
+    assert main(["-b", str(tmp_path), "--long-form", "0"]) == 1
+    assert "--long-form must be a positive" in capsys.readouterr().err
+    assert main(["-b", str(tmp_path), "--long-form", "60", "--long-form-window", "-1"]) == 1
+    assert "--long-form-window must be a positive" in capsys.readouterr().err
     assert main(["-b", str(tmp_path), "--texts", "xx-none"]) == 1
     assert "unknown bench texts" in capsys.readouterr().err
 
