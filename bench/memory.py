@@ -1,6 +1,7 @@
 """Where a loaded engine's memory goes: resident memory per component, file-backed vs anonymous.
 
-    python -m qwen3_tts_edge.bench.memory -b BUNDLE [--talker q8_0] [--decoder fp32] [--n-ctx 2048] [--json F]
+    python -m qwen3_tts_edge.bench.memory -b BUNDLE [--talker q8_0] [--decoder fp32] [--predictor-heads int8]
+        [--n-ctx 2048] [--json F]
 
 The engine is built piece by piece in this process (talker, code predictor, predictor tables, decoder) and
 the resident set is read from ``/proc/self/smaps`` after each piece and after two short requests, split into
@@ -49,7 +50,8 @@ def peak_mb() -> float:
     return 0.0
 
 
-def measure(bundle_dir: Path, talker: str | None, decoder: str | None, n_ctx: int, threads: int) -> dict[str, Any]:
+def measure(bundle_dir: Path, talker: str | None, decoder: str | None, n_ctx: int, threads: int,
+            predictor_heads: str | None = None) -> dict[str, Any]:
     from ..runtime.bundle import load_bundle
     from ..runtime.engine.assemble import DECODER, GENERATION, assemble
     from ..runtime.engine.config import EngineConfig
@@ -58,10 +60,13 @@ def measure(bundle_dir: Path, talker: str | None, decoder: str | None, n_ctx: in
     steps: list[tuple[str, dict[str, float]]] = [("python + runtime imports", resident())]
     bundle = load_bundle(bundle_dir, verify=False)
     config = EngineConfig(talker_precision=talker, decoder_precision=decoder, n_ctx=n_ctx, threads=threads,
-                          decoder_threads=threads, verify=False)
+                          decoder_threads=threads, predictor_heads=predictor_heads, verify=False)
     engines = assemble(bundle, config, load=())
     engines.load(GENERATION)
-    steps.append((f"talker {engines.talker_precision} + predictor + tables (n_ctx {n_ctx})", resident()))
+    heads = engines.generation.predictor.heads_precision if hasattr(engines.generation.predictor, "heads_precision") \
+        else None
+    steps.append((f"talker {engines.talker_precision} + predictor + tables{f' + {heads} heads' if heads else ''} "
+                  f"(n_ctx {n_ctx})", resident()))
     engines.load(DECODER)
     steps.append((f"decoder {engines.decoder_precision}", resident()))
     tts = TTS.from_engines(engines)
@@ -84,12 +89,14 @@ def measure(bundle_dir: Path, talker: str | None, decoder: str | None, n_ctx: in
         rows.append({"step": label, "resident_mb": round(now["total"]), "added_mb": delta})
         before = now
     return {"bundle": str(bundle_dir), "talker": engines.talker_precision, "decoder": engines.decoder_precision,
+            "predictor_heads": heads,
             "n_ctx": n_ctx, "threads": threads, "steps": rows, "final": {k: round(v) for k, v in steps[-1][1].items()},
             "peak_mb": round(peak_mb())}
 
 
 def format_markdown(r: dict[str, Any]) -> str:
-    lines = [f"Memory of `{r['bundle']}`: talker {r['talker']}, decoder {r['decoder']}, n_ctx {r['n_ctx']} "
+    lines = [f"Memory of `{r['bundle']}`: talker {r['talker']}, decoder {r['decoder']}, predictor heads "
+             f"{r.get('predictor_heads')}, n_ctx {r['n_ctx']} "
              f"(peak {r['peak_mb']} MB)", "", "| step | resident MB | added (MB) |", "|---|---|---|"]
     for s in r["steps"]:
         added = ", ".join(f"{k} {v:+d}" for k, v in s["added_mb"].items() if k != "total")
@@ -102,11 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-b", "--bundle", required=True, type=Path)
     p.add_argument("--talker")
     p.add_argument("--decoder")
+    p.add_argument("--predictor-heads", choices=("f32", "int8"), help="default: the bundle's")
     p.add_argument("--n-ctx", type=int, default=TALKER_CONTEXT)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
-    report = measure(args.bundle, args.talker, args.decoder, args.n_ctx, args.threads)
+    report = measure(args.bundle, args.talker, args.decoder, args.n_ctx, args.threads, args.predictor_heads)
     print(format_markdown(report))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

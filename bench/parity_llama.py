@@ -147,13 +147,14 @@ def run_talker(ref: Reference, talker_path: Path, *, n_threads: int = 2, kv_type
 
 def run_predictor(ref: Reference, model_path: Path, tables_path: Path, *, n_threads: int = 2,
                   kv_type: str = "f32", flash_attn: bool | None = False,
-                  adapter: tuple[bytes, float] | None = None) -> np.ndarray:
+                  adapter: tuple[bytes, float] | None = None, heads: Any = None) -> np.ndarray:
     """Engine logits (n_pred_frames, 15, codebook) with the reference's forced codes (``adapter``: as
-    ``run_talker``)."""
+    ``run_talker``; ``heads``: quantised heads, ``runtime/backends/onnxruntime/heads.py``, else the float32 ones)."""
     from ..runtime.backends.llama_cpp.predictor import CodePredictor
 
     out = []
-    with CodePredictor(model_path, tables_path, n_threads=n_threads, kv_type=kv_type, flash_attn=flash_attn) as p:
+    with CodePredictor(model_path, tables_path, n_threads=n_threads, kv_type=kv_type, flash_attn=flash_attn,
+                       heads=heads) as p:
         lora = None if adapter is None else p.load_adapter(adapter[0])  # referenced until the predictor closes
         if lora is not None:
             p.set_adapters([(lora, adapter[1])])
@@ -171,9 +172,11 @@ def run_predictor(ref: Reference, model_path: Path, tables_path: Path, *, n_thre
 
 
 def parity(checkpoint_dir: Path, folder: Path, precisions: Sequence[str], *, n_frames: int = 24,
-           n_pred_frames: int = 6, seed: int = 0, n_threads: int = 2, ref: Reference | None = None
-           ) -> dict[str, dict[str, dict[str, float]]]:
-    """Per precision: ``{"talker": {logit_cos, kl, top1, ...}, "predictor": {...}}`` against the official model.
+           n_pred_frames: int = 6, seed: int = 0, n_threads: int = 2, ref: Reference | None = None,
+           heads: Any = None) -> dict[str, dict[str, dict[str, float]]]:
+    """Per precision: ``{"talker": {logit_cos, kl, top1, ...}, "predictor": {...}}`` against the official model
+    (``heads``: the predictor's quantised heads, ``run_predictor``: each precision P also gets a row ``P+int8``
+    whose predictor figures are measured with them).
 
     Engines run with an F32 KV cache and flash attention off for f32 (strict parity); quantized precisions use
     the runtime defaults (F16 KV), i.e. what a user gets.
@@ -192,6 +195,10 @@ def parity(checkpoint_dir: Path, folder: Path, precisions: Sequence[str], *, n_f
         pl = run_predictor(ref, pred_path, tab_path, **kw)
         pr = logit_metrics(ref.pred_logits.reshape(-1, ref.pred_logits.shape[-1]), pl.reshape(-1, pl.shape[-1]))
         report[p] = {"talker": t, "predictor": pr}
+        if heads is not None:
+            pl = run_predictor(ref, pred_path, tab_path, **kw, heads=heads)
+            ph = logit_metrics(ref.pred_logits.reshape(-1, ref.pred_logits.shape[-1]), pl.reshape(-1, pl.shape[-1]))
+            report[f"{p}+{heads.precision}"] = {"talker": t, "predictor": ph}
     return report
 
 

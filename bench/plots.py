@@ -33,7 +33,9 @@ def require_matplotlib() -> None:
 
 
 def _label(r: dict[str, Any]) -> str:
-    return f"{r['talker']}/{r['decoder']}" + ("" if r.get("provider", "CPUExecutionProvider") in (
+    heads = r.get("predictor_heads")
+    talker = r["talker"] + (f"+h{heads}" if heads and heads != "f32" else "")
+    return f"{talker}/{r['decoder']}" + ("" if r.get("provider", "CPUExecutionProvider") in (
         "CPUExecutionProvider", "torch") else f" {r['provider'].replace('ExecutionProvider', '')}")
 
 
@@ -104,8 +106,8 @@ def plot_report(report: dict[str, Any], path: Path) -> Path:
         bottom = [x + v for x, v in zip(bottom, vals, strict=True)]
     floors = report.get("floor_ms_per_frame", {})
     for i, r in enumerate(rows):
-        if r is not ref and floors.get(r["talker"]) is not None:
-            c.plot([i - 0.4, i + 0.4], [floors[r["talker"]]] * 2, color="black", linewidth=2,
+        if r is not ref and floors.get(r.get("variant", r["talker"])) is not None:
+            c.plot([i - 0.4, i + 0.4], [floors[r.get("variant", r["talker"])]] * 2, color="black", linewidth=2,
                    label="talker+predictor bandwidth floor" if i == (1 if ref else 0) else None)
     frame_ms = 1000.0 / 12.5
     c.axhline(frame_ms, color="red", linestyle=":", linewidth=1, label=f"real time ({frame_ms:.0f} ms per frame)")

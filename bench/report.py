@@ -35,8 +35,21 @@ def _tensor_bytes(tables: Any, name: str, as_f32: bool = False) -> int:
     return n // block * size
 
 
+def split_variant(variant: str) -> tuple[str, str | None]:
+    """A generation variant ``P`` or ``P+H`` (talker precision P with the predictor's quantised heads H, e.g.
+    ``q4_k_m+int8``) -> (P, H or None: the float32 heads)."""
+    base, _, heads = variant.partition("+")
+    return base, heads or None
+
+
+def heads_component(bundle: Bundle, heads: str | None) -> Any:
+    """The bundle's quantised predictor heads ``heads`` (None: none, the float32 heads in the tables)."""
+    return None if heads is None else bundle.manifest.component("predictor_heads", heads)
+
+
 def weight_bytes_per_frame(bundle: Bundle, precision: str) -> dict[str, int]:
-    """Weight bytes one frame streams from memory with talker precision ``precision``.
+    """Weight bytes one frame streams from memory with talker precision ``precision`` (a variant: ``P+int8``
+    counts the int8 heads file instead of the float32 heads).
 
     talker: every tensor of the talker GGUF except ``token_embd`` (host-side row lookups only); predictor: its
     GGUF read once per llama call, 15 calls per frame (the 2-position prefill is one call); heads: the 15
@@ -46,6 +59,7 @@ def weight_bytes_per_frame(bundle: Bundle, precision: str) -> dict[str, int]:
     from ..runtime.backends.llama_cpp.gguf_tables import GGUFTables
 
     m = bundle.manifest
+    precision, heads = split_variant(precision)
     out: dict[str, int] = {}
     with_tables = [("talker", "talker"), ("predictor", "predictor"), ("heads", "predictor_tables")]
     for key, role in with_tables:
@@ -58,8 +72,10 @@ def weight_bytes_per_frame(bundle: Bundle, precision: str) -> dict[str, int]:
                 out["predictor_per_call"] = sum(_tensor_bytes(t, n) for n in t.names if not n.startswith("token_embd."))
                 out[key] = steps * out["predictor_per_call"]
             else:
-                heads = [n for n in t.names if n.startswith("lm_head.") or n == "proj.weight"]
-                out[key] = sum(_tensor_bytes(t, n, as_f32=True) for n in heads)
+                names = [n for n in t.names if (n.startswith("lm_head.") and heads is None) or n == "proj.weight"]
+                out[key] = sum(_tensor_bytes(t, n, as_f32=True) for n in names)
+                if heads is not None:
+                    out[key] += heads_component(bundle, heads).size
         finally:
             t.close()
     out["total"] = out["talker"] + out["predictor"] + out["heads"]
@@ -81,7 +97,7 @@ def floor_section(bundle: Bundle, talkers: Iterable[str], decoders: Iterable[str
     bw = bandwidth_gbs * 1e9
     talker = {}
     for p in talkers:
-        if bundle.manifest.component("talker", p).format != "gguf":
+        if bundle.manifest.component("talker", split_variant(p)[0]).format != "gguf":
             # ONNX generation graphs hold the 15 steps' heads and tables beside the shared layers; without
             # splitting the initialisers per step there is no honest per-frame byte count, so no floor.
             talker[p] = {"floor_ms_per_frame": None, "note": "not computed for ONNX generation graphs"}
@@ -171,10 +187,13 @@ def bundle_bytes(bundle: Bundle, talker: str | None, decoder: str) -> int:
     """
     m = bundle.manifest
     roles = {"text_tokenizer": None, "decoder_state": None, "decoder": decoder}
+    extra = 0
     if talker is not None:
+        talker, heads = split_variant(talker)
+        extra = heads_component(bundle, heads).size if heads else 0
         tables = talker if m.find("predictor_tables", talker) else "fp32"  # ONNX graphs share the fp32 tables
         roles.update(talker=talker, predictor=talker, predictor_tables=tables, onnx_data=talker)
-    total = 0
+    total = extra
     for c in m.components:
         if c.role in roles and (roles[c.role] is None or c.precision == roles[c.role]):
             total += c.size
@@ -197,6 +216,7 @@ def refused(bundle: Bundle) -> list[dict[str, str]]:
 def manifest_fidelity(bundle: Bundle, talker: str, decoder: str) -> dict[str, Any]:
     """Fidelity recorded at export time (talker vs the bundle's F32 GGUF, decoder vs its fp32 / the offline decode)."""
     m = bundle.manifest
+    talker, heads = split_variant(talker)
     t = next(iter(m.find("talker", talker)), None)
     d = next(iter(m.find("decoder", decoder)), None)
     tf = (t.meta.get("fidelity") if t else None) or {}
@@ -208,6 +228,8 @@ def manifest_fidelity(bundle: Bundle, talker: str, decoder: str) -> dict[str, An
         out["talker"] = {k[len("talker_"):]: v for k, v in tf.items() if k.startswith("talker_")}
         out["predictor"] = {k[len("predictor_"):]: v for k, v in tf.items() if k.startswith("predictor_")}
         out["talker"]["vs"] = out["predictor"]["vs"] = tf.get("vs")
+    if heads:
+        out["predictor_heads"] = heads_component(bundle, heads).meta.get("fidelity")
     if df:
         out["decoder"] = {k: df.get(k) for k in ("snr_db", "logmel_dist", "cosine", "reference") if k in df}
     return out
@@ -242,13 +264,21 @@ def fidelity_section(checkpoint: Path, bundle: Bundle, talkers: Sequence[str], d
     from .parity_llama import parity as llama_parity
 
     out: dict[str, Any] = {"talker": {}, "predictor": {}, "decoder": {}, "e2e": {}}
-    gguf = [p for p in talkers if bundle.manifest.component("talker", p).format == "gguf"]
+    bases = list(dict.fromkeys(split_variant(v)[0] for v in talkers))
+    gguf = [p for p in bases if bundle.manifest.component("talker", p).format == "gguf"]
     if gguf:
         progress(f"fidelity: talker / code predictor logits under teacher forcing ({', '.join(gguf)})")
-        llama = llama_parity(checkpoint, bundle.root, gguf, n_threads=threads, seed=seed)
-        for p in gguf:
+        heads = sorted({h for v in talkers if (h := split_variant(v)[1])})
+        quant_heads = None
+        if heads:  # one quantised heads precision exists (int8); its rows are P+int8
+            from ..runtime.backends.llama_cpp import load_heads
+
+            quant_heads = load_heads(bundle, heads[0], bundle.path(bundle.manifest.component("predictor_tables",
+                                                                                              gguf[0])))
+        llama = llama_parity(checkpoint, bundle.root, gguf, n_threads=threads, seed=seed, heads=quant_heads)
+        for p in llama:
             out["talker"][p], out["predictor"][p] = llama[p]["talker"], llama[p]["predictor"]
-    for p in talkers:
+    for p in bases:
         if p not in gguf:
             out["talker"][p], out["predictor"][p] = onnx_generation_fidelity(bundle, p)
     if decoders:
@@ -333,7 +363,7 @@ def markdown_table(report: dict[str, Any]) -> str:
         fid = r.get("fidelity") or {}
         stages = " | ".join(f"{_f(ms[k], '.1f')}{_x(vms.get(k))}" for k in STAGES)
         lines.append(
-            f"| {r['talker']} | {r['decoder']} | {r['provider']} | {_f(r['ttfa_ms'], '.0f')}{_x(vs.get('ttfa'))} "
+            f"| {talker_label(r)} | {r['decoder']} | {r['provider']} | {_f(r['ttfa_ms'], '.0f')}{_x(vs.get('ttfa'))} "
             f"| {_f(r['rtf'], '.2f')}{_x(vs.get('rtf'))} | {stages} | {_f(r.get('cpu_ms_per_frame'), '.0f')} "
             f"| {_f(r['peak_rss_mb'], '.0f')}"
             f"{_x(vs.get('peak_rss'))} | {_f(r.get('bundle_mb'), '.0f')} "
@@ -343,6 +373,12 @@ def markdown_table(report: dict[str, Any]) -> str:
             f"| {'' if is_ref else _sci(fid.get('e2e', {}).get('logmel_dist'))} "
             f"| {'' if is_ref else _f(r.get('floor_ratio'), '.2f')} |")
     return "\n".join(lines)
+
+
+def talker_label(run: dict[str, Any]) -> str:
+    """``q4_k_m``, or ``q4_k_m + int8 heads`` for a run with the predictor's quantised heads."""
+    heads = run.get("predictor_heads")
+    return run["talker"] + (f" + {heads} heads" if heads and heads != "f32" else "")
 
 
 def floor_table(report: dict[str, Any]) -> str:

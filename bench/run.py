@@ -45,7 +45,7 @@ PROG = "qwen3-tts-edge bench"
 TALKER_ORDER = precisions("generation")
 DECODER_ORDER = precisions("decoder")
 # Engine settings the bench sweeps with its own flags (--talker, --decoder lists) instead of taking one value.
-BENCH_SWEPT = ("backend", "talker_precision", "decoder_precision")
+BENCH_SWEPT = ("backend", "talker_precision", "decoder_precision", "predictor_heads")
 CPU = "CPUExecutionProvider"
 WARMUP_FRAMES = 16  # enough for every chunk size of the default schedule (1+2+4+8) and to page the weights in
 
@@ -85,6 +85,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="rounds; each configuration runs once per round in a fresh process (default 3)")
     p.add_argument("--talker", type=csv_list, metavar="PRECISIONS", help="talker precisions to run (default: all)")
     p.add_argument("--decoder", type=csv_list, metavar="PRECISIONS", help="decoder precisions to run (default: all)")
+    p.add_argument("--predictor-heads", type=csv_list, metavar="PRECISIONS",
+                   help="the llama.cpp predictor's heads to run with each GGUF talker: f32 and/or the bundle's "
+                        "quantised ones (int8); a row each (default: the runtime's choice for the bundle)")
     # The engine flags of speak/serve (EngineConfig); --talker/--decoder above sweep precisions instead, each
     # --provider is a configuration of its own, and the thread counts are pinned so runs compare.
     engine = p.add_argument_group(f"engine (as for speak; --provider: one run each, default {CPU})")
@@ -211,6 +214,33 @@ def _providers(wanted: Sequence[str] | None, skipped: list[str]) -> list[str]:
     return providers
 
 
+def _spec(base: dict[str, Any], variant: str, decoder: str, provider: str) -> dict[str, Any]:
+    """A worker's spec for one configuration: the variant's talker precision and predictor heads."""
+    talker, heads = rep.split_variant(variant)
+    return {**base, "talker": talker, "decoder": decoder, "provider": provider,
+            "engine": {**base["engine"], "predictor_heads": heads or "f32"}}
+
+
+def _heads_variants(bundle: Bundle, talkers: list[str], wanted: list[str] | None) -> list[str]:
+    """Talker precisions as variants: GGUF ones once per predictor-heads precision asked for (``P``: float32
+    heads, ``P+int8``: the quantised ones); default: what the runtime would load."""
+    have = sorted({c.precision for c in bundle.manifest.find("predictor_heads")})
+    asked = sorted({c.precision for c in bundle.manifest.find("predictor_heads")
+                    if (c.meta or {}).get("requested", True)})
+    heads = wanted or (asked[:1] or ["f32"])
+    bad = [h for h in heads if h != "f32" and h not in have]
+    if bad:
+        raise BenchError(f"this bundle has no {', '.join(bad)} predictor heads (it has: {', '.join(['f32'] + have)}); "
+                         "export them with `qwen3-tts-edge export MODEL -o BUNDLE --predictor-heads int8`")
+    out = []
+    for t in talkers:
+        if bundle.manifest.component("talker", t).format != "gguf":
+            out.append(t)
+            continue
+        out += [t if h == "f32" else f"{t}+{h}" for h in heads]
+    return out
+
+
 def _run_rounds(args: argparse.Namespace, base: dict[str, Any], configs: list[tuple[str, str, str]],
                 checkpoint: Path | None, progress) -> tuple[dict[tuple[str, str, str], list[dict[str, Any]]],
                                                            list[dict[str, Any]]]:
@@ -225,7 +255,7 @@ def _run_rounds(args: argparse.Namespace, base: dict[str, Any], configs: list[tu
                 ref_results.append(_spawn(spec, work, f"ref{r}"))
                 _say(progress, f"round {r + 1}/{args.repeats} reference torch-fp32", ref_results[-1])
             for t, d, p in configs:
-                res = _spawn({**base, "talker": t, "decoder": d, "provider": p}, work, f"{t}.{d}.{len(results)}.{r}")
+                res = _spawn(_spec(base, t, d, p), work, f"{t}.{d}.{len(results)}.{r}")
                 results[(t, d, p)].append(res)
                 _say(progress, f"round {r + 1}/{args.repeats} talker {t} x decoder {d} ({p})", res)
     return results, ref_results
@@ -247,9 +277,8 @@ def _long_form_section(args: argparse.Namespace, bundle: Bundle, base: dict[str,
     runs = []
     with tempfile.TemporaryDirectory(prefix="qwen3-tts-edge-bench-long-") as tmp:
         for i, (t, d, p) in enumerate(configs):
-            res = _spawn({**base, "talker": t, "decoder": d, "provider": p, "long_form": request}, Path(tmp),
-                         f"long.{t}.{d}.{i}")
-            runs.append({"talker": t, "predictor": t, "decoder": d, "provider": p, **res})
+            res = _spawn({**_spec(base, t, d, p), "long_form": request}, Path(tmp), f"long.{t}.{d}.{i}")
+            runs.append({**_run_names(t), "decoder": d, "provider": p, **res})
             progress(f"long form talker {t} x decoder {d} ({p}): {res['audio_s']:.0f} s of audio in "
                      f"{res['wall_s']:.0f} s, RTF {rep._f(res['rtf'], '.2f')} (first window "
                      f"{rep._f(res['rtf_first_window'], '.2f')}, last {rep._f(res['rtf_last_window'], '.2f')}), "
@@ -272,13 +301,20 @@ def _reference_section(ref_results: list[dict[str, Any]], model: str) -> dict[st
             **rep.aggregate(ref_results), "bundle_mb": None}
 
 
+def _run_names(variant: str) -> dict[str, str]:
+    """A run's talker, predictor and predictor-heads precisions, and its variant (the key of the per-variant
+    sections: floor, fidelity, measured ms)."""
+    talker, heads = rep.split_variant(variant)
+    return {"talker": talker, "predictor": talker, "predictor_heads": heads or "f32", "variant": variant}
+
+
 def _runs(bundle: Bundle, aggs: dict[tuple[str, str, str], dict[str, Any]], floor: dict[str, Any],
           reference: dict[str, Any] | None, fid: dict[str, Any] | None) -> list[dict[str, Any]]:
     """One row per configuration: its aggregate, bundle size, bandwidth-floor ratio, ratios and fidelity."""
     runs = []
     for (t, d, p), agg in aggs.items():
         fl = floor["talker"][t]["floor_ms_per_frame"]
-        runs.append({"talker": t, "predictor": t, "decoder": d, "provider": p, **agg,
+        runs.append({**_run_names(t), "decoder": d, "provider": p, **agg,
                      "bundle_mb": rep.bundle_bytes(bundle, t, d) / 1e6,
                      "floor_ms_per_frame": fl, "floor_ratio": _tp(agg) / fl if fl else None,
                      "vs_reference": rep.vs_reference(agg, reference) if reference else None,
@@ -315,6 +351,7 @@ def run_bench(args: argparse.Namespace, progress=lambda msg: None) -> dict[str, 
             "n_gpu_layers": args.n_gpu_layers, "engine": engine,
             "frames": frames, "texts": [asdict(t) for t in texts], "seed": args.seed, "chunk_frames": schedule,
             "warmup_frames": warm, **request}
+    talkers = _heads_variants(bundle, talkers, args.predictor_heads)
     configs = [(t, d, p) for p in providers for t in talkers for d in decoders]
     results, ref_results = _run_rounds(args, base, configs, checkpoint, progress)
     long = _long_form_section(args, bundle, base, configs, progress)
@@ -352,7 +389,7 @@ def run_bench(args: argparse.Namespace, progress=lambda msg: None) -> dict[str, 
         "reference": reference,
         "floor_ms_per_frame": {t: f["floor_ms_per_frame"] for t, f in floor["talker"].items()},
         "floor": floor,
-        "measured_talker_predictor_ms": {t: float(np.median([_tp(r) for r in runs if r["talker"] == t]))
+        "measured_talker_predictor_ms": {t: float(np.median([_tp(r) for r in runs if r["variant"] == t]))
                                          for t in talkers},
         "measured_decoder_ms": {d: float(np.median([r["ms_per_frame"]["decoder"] for r in runs if r["decoder"] == d]))
                                 for d in decoders},

@@ -297,4 +297,4 @@ def test_memory_breakdown(tiny_bundle, tmp_path, capsys):
     assert [s["step"].split()[0] for s in r["steps"]] == ["python", "talker", "decoder", "after"]
     totals = [s["resident_mb"] for s in r["steps"]]
     assert totals[1] > totals[0] and r["peak_mb"] >= max(totals) - 1
-    assert "| talker q8_0 + predictor + tables (n_ctx 2048) |" in capsys.readouterr().out
+    assert "| talker q8_0 + predictor + tables + f32 heads (n_ctx 2048) |" in capsys.readouterr().out

@@ -136,3 +136,26 @@ def test_a_heads_file_of_another_kind_is_refused_with_a_fix(heads_bundle, tmp_pa
     with pytest.raises(BundleError, match="not a predictor-heads file"):
         TTS(bundle).engines.generation  # noqa: B018
     json.loads((bundle / "manifest.json").read_text())  # the bundle itself is left as it was
+
+
+def test_the_bench_runs_a_row_per_heads_precision(heads_bundle):
+    from qwen3_tts_edge.bench import run as bench
+
+    p = __import__("argparse").ArgumentParser()
+    bench.add_bench_arguments(p)
+    args = p.parse_args(["-b", str(heads_bundle), "--frames", "4", "--repeats", "1", "--texts", "en-short",
+                         "--threads", "1", "--predictor-heads", "f32,int8"])
+    r = bench.run_bench(args)
+    runs = {x["variant"]: x for x in r["runs"]}
+    assert set(runs) == {"q8_0", "q8_0+int8"}
+    assert (runs["q8_0"]["predictor_heads"], runs["q8_0+int8"]["predictor_heads"]) == ("f32", "int8")
+    heads = read_manifest(heads_bundle).component("predictor_heads", "int8")
+    f32, int8 = r["floor"]["talker"]["q8_0"], r["floor"]["talker"]["q8_0+int8"]
+    assert heads.size <= int8["heads_bytes"] < f32["heads_bytes"] / 3  # the int8 file (+ the input projection)
+    assert int8["talker_bytes"] == f32["talker_bytes"] and int8["predictor_bytes"] == f32["predictor_bytes"]
+    assert runs["q8_0+int8"]["bundle_mb"] == pytest.approx(runs["q8_0"]["bundle_mb"] + heads.size / 1e6)
+    assert runs["q8_0+int8"]["fidelity"]["predictor_heads"] == heads.meta["fidelity"]
+
+    args.predictor_heads = ["int4"]
+    with pytest.raises(bench.BenchError, match="no int4 predictor heads"):
+        bench.run_bench(args)
