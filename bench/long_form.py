@@ -168,9 +168,9 @@ def _f(v: float | None, fmt: str) -> str:
 
 
 def _config(run: dict[str, Any]) -> str:
-    heads = run.get("predictor_heads")
-    talker = run["talker"] + (f" + {heads} heads" if heads and heads != "f32" else "")
-    return f"{talker} + {run['decoder']} ({run['provider'].removesuffix('ExecutionProvider')})"
+    from .report import talker_label
+
+    return f"{talker_label(run)} + {run['decoder']} ({run['provider'].removesuffix('ExecutionProvider')})"
 
 
 def _segments(run: dict[str, Any]) -> str:

@@ -201,11 +201,13 @@ def _format_stats(stats, tts) -> str:
     rtf = f"{stats.rtf:.3f}" if stats.rtf is not None else "n/a"
     stages = ", ".join(f"{k} {v:.1f}" for k, v in per.items())
     devices = ", ".join(f"{k}={v}" for k, v in stats.devices.items())
+    heads = getattr(tts.engines.generation.predictor, "heads_precision", None)  # the llama.cpp predictor's heads
     return (f"time to first audio {ttfa}; real-time factor {rtf}; {stats.frames} frames = {stats.audio_s:.2f} s "
             f"of audio in {stats.total_s:.2f} s (stop: {stats.stop_reason}); prefill {stats.prefill_ms:.0f} ms "
             f"({stats.prompt_positions_prefilled} positions, {stats.prompt_positions_reused} reused); "
             f"ms/frame: {stages}; precisions: talker {tts.talker_precision} ({tts.backend}), predictor "
-            f"{tts.predictor_precision}, decoder {tts.decoder_precision}; devices: {devices}")
+            f"{tts.predictor_precision}{f' ({heads} heads)' if heads else ''}, decoder {tts.decoder_precision}; "
+            f"devices: {devices}")
 
 
 def _cmd_speak(args: argparse.Namespace) -> int:

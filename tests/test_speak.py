@@ -41,7 +41,7 @@ def test_speak_to_file_with_stats(tiny_bundle, tmp_path):
     assert res.stdout == b""
     err = res.stderr.decode()
     assert "time to first audio" in err and "real-time factor" in err and "ms/frame" in err and "devices" in err
-    assert "precisions: talker q8_0 (llama.cpp), predictor q8_0, decoder fp32;" in err
+    assert "precisions: talker q8_0 (llama.cpp), predictor q8_0 (f32 heads), decoder fp32;" in err
     pcm, sr = sf.read(out)
     assert sr == 24000 and len(pcm) == 12 * 1920
     assert [p.name for p in tmp_path.iterdir()] == ["hello.wav"]  # no temp file left
@@ -52,7 +52,7 @@ def test_predictor_precision_pairs_with_another_talker(tiny_bundle, tmp_path):
     out = tmp_path / "mixed.wav"
     res = _speak(tiny_bundle, "Hello there.", "-o", str(out), "--stats", "--predictor-precision", "f32", *BASE)
     assert res.returncode == 0, res.stderr
-    assert "precisions: talker q8_0 (llama.cpp), predictor f32, decoder fp32;" in res.stderr.decode()
+    assert "precisions: talker q8_0 (llama.cpp), predictor f32 (f32 heads), decoder fp32;" in res.stderr.decode()
     assert out.stat().st_size > 12 * 1920 * 2
 
 

@@ -86,13 +86,12 @@ class CoreShare:
 
 
 class CoreTurns:
-    """Generation and the streams' decoders take turns on the CPU instead of running over each other.
+    """A batch's generation and its streams' decoders take turns on the CPU (module doc: why; on 2 cores with
+    four streams decoding, a four-row talker decode took 183 ms beside them instead of 31).
 
-    llama.cpp runs a decode on all its threads, which meet at a barrier after every operation; a decoder thread
-    that takes a core from one of them stalls the whole decode until the scheduler gives the core back (on 2
-    cores with four streams decoding, a four-row talker decode took 183 ms instead of 31). So a decoder waits
-    while an engine call runs, and an engine call waits for the decodes already waiting (decoders first: they
-    only have work once frames exist, so generation is never starved). At most ``decoders`` decode at once.
+    A decoder waits while an engine call runs, and an engine call waits for the decodes already waiting
+    (decoders first: they only have work once frames exist, so generation is never starved). At most
+    ``decoders`` decode at once.
     """
 
     def __init__(self, decoders: int) -> None:
