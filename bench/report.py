@@ -273,8 +273,7 @@ def fidelity_section(checkpoint: Path, bundle: Bundle, talkers: Sequence[str], d
         if heads:  # one quantised heads precision exists (int8); its rows are P+int8
             from ..runtime.backends.llama_cpp import load_heads
 
-            quant_heads = load_heads(bundle, heads[0], bundle.path(bundle.manifest.component("predictor_tables",
-                                                                                              gguf[0])))
+            quant_heads = load_heads(bundle, heads[0])
         llama = llama_parity(checkpoint, bundle.root, gguf, n_threads=threads, seed=seed, heads=quant_heads)
         for p in llama:
             out["talker"][p], out["predictor"][p] = llama[p]["talker"], llama[p]["predictor"]

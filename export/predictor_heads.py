@@ -120,8 +120,7 @@ def export_predictor_heads(checkpoint_dir: Path, out_dir: Path, precisions: Sequ
         # Written into the export's partial bundle folder, which is moved into place only when complete.
         save_file(blobs, str(Path(out_dir) / file), metadata={"format": HEADS_FORMAT, "precision": p, "steps": str(n),
                                                               "block_size": str(BLOCK_SIZE), "bits": "8"})
-        heads = QuantizedHeads(Path(out_dir) / file, steps=n, hidden_size=weights[0].shape[1],
-                               codebook_size=weights[0].shape[0])
+        heads = QuantizedHeads(Path(out_dir) / file)
         fidelity = measure(heads, weights, norm)
         g = gate("predictor_heads", p)
         failures = g.failures(fidelity, speed=False)

@@ -159,3 +159,17 @@ def test_the_bench_runs_a_row_per_heads_precision(heads_bundle):
     args.predictor_heads = ["int4"]
     with pytest.raises(bench.BenchError, match="no int4 predictor heads"):
         bench.run_bench(args)
+
+
+def test_heads_of_another_shape_are_refused_by_the_predictor(heads_bundle):
+    from types import SimpleNamespace
+
+    from qwen3_tts_edge.runtime.backends.llama_cpp.bindings import LlamaError
+    from qwen3_tts_edge.runtime.backends.llama_cpp.predictor import CodePredictor
+
+    m = read_manifest(heads_bundle)
+    pred, tables = (heads_bundle / m.component(role, "q8_0").file for role in ("predictor", "predictor_tables"))
+    ok = _engines(heads_bundle)._quant_heads
+    wrong = SimpleNamespace(steps=ok.steps, hidden_size=ok.hidden_size + 1, codebook_size=ok.codebook_size)
+    with pytest.raises(LlamaError, match="mismatched files, re-export"):
+        CodePredictor(pred, tables, heads=wrong)

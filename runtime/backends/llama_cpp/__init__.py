@@ -54,16 +54,16 @@ def load_generation(bundle: Bundle, precision: str, *, n_ctx: int = TALKER_CONTE
     pp = predictor_precision or precision
     talker = Talker(path(m.component("talker", precision)), n_ctx=n_ctx, n_threads=threads,
                     n_gpu_layers=n_gpu_layers, sequences=sequences, **engine)
-    heads = load_heads(bundle, predictor_heads, path(m.component("predictor_tables", pp)))
+    heads = load_heads(bundle, predictor_heads)
     predictor = CodePredictor(path(m.component("predictor", pp)), path(m.component("predictor_tables", pp)),
                               n_threads=threads, n_gpu_layers=n_gpu_layers, sequences=sequences, heads=heads,
                               **engine)
     return GenerationEngines(talker, predictor, EngineTables(talker, predictor))
 
 
-def load_heads(bundle: Bundle, wanted: str | None, tables_path: Any) -> Any:
+def load_heads(bundle: Bundle, wanted: str | None) -> Any:
     """The bundle's quantised predictor heads (``wanted`` None: those the export was asked for, if any), or None
-    for the float32 heads in the predictor tables (``wanted`` "f32")."""
+    for the float32 heads in the predictor tables (``wanted`` "f32"); the predictor checks their shapes."""
     from ...bundle import BundleError
 
     if wanted == "f32":
@@ -77,14 +77,5 @@ def load_heads(bundle: Bundle, wanted: str | None, tables_path: Any) -> Any:
         raise BundleError(f"this bundle has no {wanted} predictor heads (it has: {', '.join(have)}); re-export it with "
                           f"`qwen3-tts-edge export MODEL -o BUNDLE --predictor-heads {wanted}` or use f32")
     from ..onnxruntime.heads import QuantizedHeads
-    from .gguf_tables import GGUFTables
 
-    tables = GGUFTables(tables_path)
-    try:
-        arch = tables.field("general.architecture")
-        steps = int(tables.field(f"{arch}.num_steps"))
-        hidden = int(tables.field(f"{arch}.predictor_hidden_size"))
-        codebook = int(tables.field(f"{arch}.codebook_size"))
-    finally:
-        tables.close()
-    return QuantizedHeads(bundle.path(found[0]), steps=steps, hidden_size=hidden, codebook_size=codebook)
+    return QuantizedHeads(bundle.path(found[0]))

@@ -73,7 +73,13 @@ class CodePredictor:
 
         # ``heads(j, hidden)`` -> logits: the bundle's quantised heads, else the tables' float32 ones (read into
         # memory only then: 126 MB at 0.6B).
-        self.heads_precision = getattr(heads, "precision", "f32") if heads is not None else "f32"
+        if heads is not None:
+            want = (self.num_steps, self.width, self.codebook_size)
+            got = (heads.steps, heads.hidden_size, heads.codebook_size)
+            if got != want:
+                raise LlamaError(f"the predictor heads map {got[0]} steps of {got[1]} -> {got[2]}; this predictor "
+                                 f"needs {want[0]} steps of {want[1]} -> {want[2]}: mismatched files, re-export")
+        self.heads_precision = getattr(heads, "precision", "f32")
         self._quant_heads = heads
         self.heads = (None if heads is not None else
                       np.stack([self.tables.array(f"lm_head.{j}.weight") for j in range(self.num_steps)]))

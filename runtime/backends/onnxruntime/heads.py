@@ -30,10 +30,11 @@ def step_key(j: int) -> str:
 class QuantizedHeads:
     """``heads(j, hidden)``: codebook j's logits for hidden states (H,) or (n, H), as float32 (V,) or (n, V).
 
-    Each session runs on the calling thread (one intra-op thread): the predictor calls it between llama.cpp
-    decodes, when llama.cpp's threads wait."""
+    ``steps``, ``hidden_size`` and ``codebook_size`` are read from the file (its metadata and graphs); the
+    predictor that uses them checks them against its own. Each session runs on the calling thread (one intra-op
+    thread): the predictor calls it between llama.cpp decodes, when llama.cpp's threads wait."""
 
-    def __init__(self, path: Path | str, *, steps: int, hidden_size: int, codebook_size: int) -> None:
+    def __init__(self, path: Path | str) -> None:
         import onnxruntime as ort
         from safetensors import safe_open
 
@@ -42,27 +43,30 @@ class QuantizedHeads:
         path = Path(path)
         with safe_open(str(path), framework="numpy") as f:
             meta = f.metadata() or {}
-            if meta.get("format") != HEADS_FORMAT:
+            if meta.get("format") != HEADS_FORMAT or not str(meta.get("steps", "")).isdigit():
                 raise BundleError(f"{path.name} is not a predictor-heads file (format {meta.get('format')!r}); "
                                   "re-export the bundle")
-            keys = [step_key(j) for j in range(steps)]
+            self.steps = int(meta["steps"])
+            keys = [step_key(j) for j in range(self.steps)]
             have = set(f.keys())
             missing = [k for k in keys if k not in have]
             if missing:
-                raise BundleError(f"{path.name} lacks the graphs {missing} for a {steps}-step predictor; re-export")
+                raise BundleError(f"{path.name} lacks the graphs {missing} of its {self.steps} steps; re-export")
             blobs = [f.get_tensor(k).tobytes() for k in keys]
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = 1
         opts.inter_op_num_threads = 1
         self.precision = meta.get("precision", "int8")
         self.sessions = [ort.InferenceSession(b, opts, providers=["CPUExecutionProvider"]) for b in blobs]
+        (inp,), (out,) = self.sessions[0].get_inputs(), self.sessions[0].get_outputs()
+        self.hidden_size, self.codebook_size = inp.shape[-1], out.shape[-1]
         for j, s in enumerate(self.sessions):
             (inp,), (out,) = s.get_inputs(), s.get_outputs()
-            if (inp.name, out.name, inp.shape[-1], out.shape[-1]) != (INPUT, OUTPUT, hidden_size, codebook_size):
+            if (inp.name, out.name, inp.shape[-1], out.shape[-1]) != (INPUT, OUTPUT, self.hidden_size,
+                                                                       self.codebook_size):
                 raise BundleError(f"{path.name}: step {j}'s graph maps {inp.name}{inp.shape} to {out.name}"
-                                  f"{out.shape}; this predictor needs {INPUT}[n, {hidden_size}] -> "
-                                  f"{OUTPUT}[n, {codebook_size}]")
-        self.nbytes = path.stat().st_size
+                                  f"{out.shape}; every step must map {INPUT}[n, {self.hidden_size}] -> "
+                                  f"{OUTPUT}[n, {self.codebook_size}]")
         self._outs = [OUTPUT]
 
     def __call__(self, j: int, hidden: np.ndarray) -> np.ndarray:
