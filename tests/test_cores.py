@@ -111,3 +111,56 @@ def test_a_shared_stream_gives_the_codes_and_audio_of_an_unshared_one(engines_pa
     assert share is shared.engines.generation.predictor.ctx.share
     assert share.calls["wide"] > 0 and share.calls["narrow"] > 0  # it narrowed while decoding, widened after
     assert plain.engines.generation.talker.ctx.share is None
+
+
+def test_turns_give_way_to_the_share_while_one_stream_is_open():
+    share = CoreShare(wide=2, narrow=1)
+    open_streams = [1]
+    turns = CoreTurns(decoders=1, share=share, streams=lambda: open_streams[0])
+    # one stream: no turn, the decoder registers with the share, and generation goes on beside it, narrowed
+    with turns.decoding(), turns.engine(), share.engine_call() as n:
+        assert n == 1
+    assert turns.solo_calls == 1
+
+    open_streams[0] = 2  # a second stream: turns again, and the engine waits for the decoder
+    events: list[str] = []
+    with turns.decoding():
+        with share.engine_call() as n:
+            assert n == 1  # a solo-mode engine call beside a turns-mode decoder is narrowed too
+        started = threading.Event()
+
+        def engine() -> None:
+            started.set()
+            with turns.engine(), share.engine_call() as m:
+                events.append(f"engine {m}")
+
+        t = threading.Thread(target=engine)
+        t.start()
+        started.wait(5)
+        time.sleep(0.05)
+        events.append("decode done")
+    t.join(5)
+    assert events == ["decode done", "engine 2"]  # after the decoder, on all the cores
+    assert turns.solo_calls == 1
+    with pytest.raises(ValueError, match="together"):
+        CoreTurns(decoders=1, share=share)
+
+
+def test_a_lone_stream_of_a_batched_engine_shares_the_cores_and_keeps_its_codes(tiny_bundle, engines_pair):
+    from qwen3_tts_edge.runtime import TTS
+
+    _, plain = engines_pair
+    threads = max(2, usable_cores())
+    batched = TTS(tiny_bundle, threads=threads, decoder_threads=1, max_batch=2)
+    text = "A lone request on a server batches with nobody."
+    opts = dict(language="english", max_frames=30, min_frames=30, seed=5)
+    a = list(batched.stream(text, **opts))
+    b = list(plain.stream(text, **opts))
+    np.testing.assert_array_equal(np.concatenate([c.codes for c in a]), np.concatenate([c.codes for c in b]))
+    np.testing.assert_allclose(np.concatenate([c.pcm for c in a]), np.concatenate([c.pcm for c in b]), atol=1e-6)
+
+    turns = batched.engines.scheduler.turns
+    share = turns.share
+    assert share is batched.engines.generation.talker.ctx.share
+    assert turns.solo_calls > 0  # its engine calls took no turn
+    assert share.calls["narrow"] > 0  # and narrowed while its decoder decoded

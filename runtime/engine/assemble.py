@@ -13,8 +13,7 @@ import contextlib
 import os
 import threading
 import warnings
-from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager
+from collections.abc import Iterable
 from importlib import import_module
 from typing import Any
 
@@ -242,28 +241,29 @@ class Engines:
         with self._lanes_lock:
             if self._lanes is None:
                 cfg = self.config
-                if cfg.max_batch == 1:
-                    self._lanes = SingleLane(self.talker, self.predictor, self.decoder,
-                                             decoding=self._core_share(cfg))
-                else:
-                    self._lanes = self._batched_lanes(cfg)
+                self._lanes = self._single_lane(cfg) if cfg.max_batch == 1 else self._batched_lanes(cfg)
             return self._lanes
 
-    def _core_share(self, cfg: EngineConfig) -> Callable[[], AbstractContextManager]:
-        """One stream: when generation's and the decoder's threads outnumber the cores, generation's engines
-        narrow while the decoder decodes (``runtime/engine/cores.py``); the decoder calls go through the share."""
+    def _core_share(self, cfg: EngineConfig) -> Any:
+        """A :class:`~runtime.engine.cores.CoreShare` set on generation's engines when their and the decoder's
+        threads outnumber the cores (``runtime/engine/cores.py``: why), or None: sharing is off, an engine
+        cannot narrow per call, or everything fits at once."""
         from .cores import CoreShare, usable_cores
 
         gen = self.generation
         engines = (gen.talker, gen.predictor)
         if not cfg.share_cores or not all(CORE_SHARE in capabilities(e) for e in engines):
-            return contextlib.nullcontext
+            return None
         share = CoreShare.for_threads(cfg.threads or usable_cores(), cfg.decoder_threads)
-        if share is None:
-            return contextlib.nullcontext
-        for engine in engines:
-            engine.share_cores(share)
-        return share.decoding
+        if share is not None:
+            for engine in engines:
+                engine.share_cores(share)
+        return share
+
+    def _single_lane(self, cfg: EngineConfig) -> LanePool:
+        share = self._core_share(cfg)
+        return SingleLane(self.talker, self.predictor, self.decoder,
+                          decoding=share.decoding if share is not None else contextlib.nullcontext)
 
     def _batched_lanes(self, cfg: EngineConfig) -> LanePool:
         from .cores import CoreTurns
@@ -275,9 +275,12 @@ class Engines:
                 raise BundleError(f"max_batch {cfg.max_batch}: the {role} engine ({type(engine).__name__}) cannot "
                                   "hold several streams (no SEQUENCES capability); use max_batch 1")
         # While no engine call runs, the cores generation uses are the decoders': as many decode at once as fit.
+        # A lone stream shares the cores instead of taking turns (the same share a single lane uses).
         cores = cfg.threads or os.cpu_count() or 1
-        scheduler = BatchScheduler(gen.talker, gen.predictor, max_batch=cfg.max_batch,
-                                   turns=CoreTurns(decoders=max(1, cores // cfg.decoder_threads)),
+        share = self._core_share(cfg)
+        turns = CoreTurns(decoders=max(1, cores // cfg.decoder_threads), share=share,
+                          streams=(lambda: scheduler.active) if share is not None else None)
+        scheduler = BatchScheduler(gen.talker, gen.predictor, max_batch=cfg.max_batch, turns=turns,
                                    adapters=self._adapters)
         return BatchedLanes(scheduler, decoder, prefix_cache=cfg.prefix_cache, cache_bytes=cfg.voice_cache_bytes)
 

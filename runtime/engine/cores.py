@@ -8,7 +8,8 @@ the other llama.cpp threads spin at the barrier. Two policies avoid that:
   the cores the decoder leaves free, and on all of them otherwise. A decode call already running on all
   cores is waited for (one predictor step, a few ms; at most one talker step) before the decoder starts.
 - :class:`CoreTurns` (a batch of streams): generation and the streams' decoders take turns; several decoders
-  keep every core busy while generation waits.
+  keep every core busy while generation waits. While a batched engine runs one stream only (a server's lone
+  request), the turns give way to a :class:`CoreShare`: turns would leave one core idle for every decode.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 
 def usable_cores() -> int:
@@ -92,16 +93,34 @@ class CoreTurns:
     A decoder waits while an engine call runs, and an engine call waits for the decodes already waiting
     (decoders first: they only have work once frames exist, so generation is never starved). At most
     ``decoders`` decode at once.
+
+    With a ``share`` (the engines' :class:`CoreShare`) and ``streams`` (how many streams are open now): while
+    at most one is open, an engine call takes no turn and the decoder goes through the share, so generation
+    goes on, narrowed, beside the decoder as it does for a single-lane engine. Every decoder call registers with
+    the share, so an engine call that starts beside a decoder of the other mode is narrowed too.
     """
 
-    def __init__(self, decoders: int) -> None:
+    def __init__(self, decoders: int, share: CoreShare | None = None,
+                 streams: Callable[[], int] | None = None) -> None:
+        if (share is None) != (streams is None):
+            raise ValueError("CoreTurns takes a share and a streams count together")
         self.decoders = max(1, int(decoders))
+        self.share, self._streams = share, streams
         self._cv = threading.Condition()
         self._engine = False
         self._decoding = self._waiting = 0
+        self.solo_calls = 0  # engine calls made without a turn (one stream open; read by tests and the bench)
+
+    def _solo(self) -> bool:
+        return self._streams is not None and self._streams() <= 1
 
     @contextlib.contextmanager
     def engine(self) -> Iterator[None]:
+        if self._solo():
+            with self._cv:
+                self.solo_calls += 1
+            yield  # the engine's own share picks its thread count per llama.cpp call
+            return
         with self._cv:
             self._cv.wait_for(lambda: not self._decoding and not self._waiting)
             self._engine = True
@@ -114,15 +133,20 @@ class CoreTurns:
 
     @contextlib.contextmanager
     def decoding(self) -> Iterator[None]:
+        shared = self.share.decoding() if self.share is not None else contextlib.nullcontext()
+        if self._solo():
+            with shared:
+                yield
+            return
         with self._cv:
             self._waiting += 1
             self._cv.wait_for(lambda: not self._engine and self._decoding < self.decoders)
             self._waiting -= 1
             self._decoding += 1
         try:
-            yield
+            with shared:
+                yield
         finally:
             with self._cv:
                 self._decoding -= 1
                 self._cv.notify_all()
-
