@@ -293,7 +293,7 @@ class TTS:
             yield from run_stream(plan.loops(lane.talker, lane.predictor, tables, idle=lane.idle), lane.decoder,
                                   plan.schedule, plan.ref_codes, prompt_s + waited, stats, self.sample_rate,
                                   self.max_queued_frames, stop, idle=lane.idle, finish=lane.finish,
-                                  decoding=lane.decoding)
+                                  decoding=lane.decoding, announcing=lane.announcing)
 
     def synthesize(self, text: str | Iterable[str], options: SpeakOptions | None = None,
                    **overrides) -> tuple[np.ndarray, int]:

@@ -20,7 +20,7 @@ from .engine.contract import DecoderEngine
 from .frame_loop import STOP_CANCELLED, Frame, FrameLoop, SegmentEnd
 from .options import AudioChunk, StreamStats
 
-__all__ = ["STOP_CANCELLED", "AudioStream", "produce_frames", "run_stream"]
+__all__ = ["STOP_CANCELLED", "AudioStream", "ChunkAnnouncer", "produce_frames", "run_stream"]
 _END = object()
 _CANCELLED = object()
 _POLL_S = 0.05  # how often a consumer waiting for frames looks whether the stream was cancelled
@@ -64,13 +64,15 @@ class AudioStream:
 
 def produce_frames(loops: Iterator[FrameLoop], frames: queue.Queue, stop: threading.Event,
                    idle: Callable[[], AbstractContextManager] = contextlib.nullcontext,
-                   finish: Callable[[], None] | None = None) -> None:
+                   finish: Callable[[], None] | None = None,
+                   handing_over: Callable[[], None] | None = None) -> None:
     """Worker: run the segments' frame loops into ``frames`` until done, failed or ``stop`` is set.
 
     Each loop's frames are followed by its :class:`SegmentEnd`; the worker writes no stats (only the consumer
     does), so what a chunk reports is what was decoded, however far ahead generation runs. ``idle`` wraps a
     wait for a full queue (a slow consumer), ``finish`` is called when generation is over (a batched engine
-    then stops waiting for this stream).
+    then stops waiting for this stream), ``handing_over`` before each frame goes into the queue (between
+    engine calls: see :class:`ChunkAnnouncer`).
     """
 
     def put(item: object) -> bool:
@@ -97,6 +99,8 @@ def produce_frames(loops: Iterator[FrameLoop], frames: queue.Queue, stop: thread
                 gen = iter(loop)
                 try:
                     for frame in gen:
+                        if handing_over is not None:
+                            handing_over()
                         if not put(frame):
                             return None
                 finally:
@@ -116,20 +120,60 @@ def produce_frames(loops: Iterator[FrameLoop], frames: queue.Queue, stop: thread
         put(last)
 
 
+class ChunkAnnouncer:
+    """Tells the core share (``runtime/engine/cores.CoreShare``) from the producer's thread that the frame it
+    hands over next completes a chunk, while the consumer waits for it: the consumer decodes that chunk at once,
+    so the producer's next engine call should already leave the decoder its core. Frames are counted on the same
+    schedule the consumer flushes on; a consumer busy elsewhere (a slow client) is not announced, since
+    generation would then narrow for a decode that has not begun."""
+
+    def __init__(self, schedule: Sequence[int], announce: Callable[[], None]) -> None:
+        self.schedule, self.announce = tuple(schedule), announce
+        self.consumer_waiting = threading.Event()
+        self._frames = self._chunk = 0
+        self._end = self.schedule[0]
+
+    def __call__(self) -> None:
+        self._frames += 1
+        if self._frames < self._end:
+            return
+        self._chunk += 1
+        self._end += self.schedule[min(self._chunk, len(self.schedule) - 1)]
+        if self.consumer_waiting.is_set():
+            self.announce()
+
+
 def run_stream(loops: Iterator[FrameLoop], decoder: DecoderEngine, schedule: Sequence[int],
                ref_codes: np.ndarray | None, prompt_s: float, stats: StreamStats, sample_rate: int,
                max_queued_frames: int, stop: threading.Event | None = None,
                idle: Callable[[], AbstractContextManager] = contextlib.nullcontext,
                finish: Callable[[], None] | None = None,
-               decoding: Callable[[], AbstractContextManager] = contextlib.nullcontext) -> Iterator[AudioChunk]:
+               decoding: Callable[[], AbstractContextManager] = contextlib.nullcontext,
+               announcing: Callable[[], AbstractContextManager] | None = None) -> Iterator[AudioChunk]:
     """Generation on a worker thread, decoding on the consumer's thread, a bounded queue between them.
 
     Runs lazily: the decoder state belongs to this stream from its first chunk on. Timings count from the
     start of iteration plus the (eager) prompt building, so requests created early don't inflate them. A
     slow consumer blocks the generator once ``max_queued_frames`` wait; closing the iterator, or setting ``stop``
     from another thread, stops it. ``idle`` and ``finish``: see :func:`produce_frames`; ``decoding`` wraps each
-    decoder call (a batched engine's turn on the CPU).
+    decoder call (a batched engine's turn on the CPU); ``announcing`` (a core share's) wraps the stream and
+    yields what a :class:`ChunkAnnouncer` calls.
     """
+    with (announcing or _no_announcing)() as announce:
+        yield from _run_stream(loops, decoder, schedule, ref_codes, prompt_s, stats, sample_rate, max_queued_frames,
+                               stop, idle, finish, decoding, announce)
+
+
+@contextlib.contextmanager
+def _no_announcing() -> Iterator[None]:
+    yield None
+
+
+def _run_stream(loops: Iterator[FrameLoop], decoder: DecoderEngine, schedule: Sequence[int],
+                ref_codes: np.ndarray | None, prompt_s: float, stats: StreamStats, sample_rate: int,
+                max_queued_frames: int, stop: threading.Event | None, idle: Callable[[], AbstractContextManager],
+                finish: Callable[[], None] | None, decoding: Callable[[], AbstractContextManager],
+                announce: Callable[[], None] | None) -> Iterator[AudioChunk]:
     t0 = time.perf_counter() - prompt_s
     if ref_codes is not None:
         with decoding():
@@ -138,7 +182,8 @@ def run_stream(loops: Iterator[FrameLoop], decoder: DecoderEngine, schedule: Seq
         decoder.reset()
     frames: queue.Queue = queue.Queue(maxsize=max_queued_frames)
     stop = stop or threading.Event()
-    worker = threading.Thread(target=produce_frames, args=(loops, frames, stop, idle, finish),
+    announcer = ChunkAnnouncer(schedule, announce) if announce is not None else None
+    worker = threading.Thread(target=produce_frames, args=(loops, frames, stop, idle, finish, announcer),
                               name="qwen3-tts-edge-frames", daemon=True)
     worker.start()
     pending: list[Frame] = []
@@ -172,12 +217,22 @@ def run_stream(loops: Iterator[FrameLoop], decoder: DecoderEngine, schedule: Seq
 
     def next_item() -> object:
         """The next frame, or _CANCELLED as soon as the stream is cancelled (frames still queued are dropped)."""
-        while not stop.is_set():
-            try:
-                return frames.get(timeout=_POLL_S)
-            except queue.Empty:
-                continue
-        return _CANCELLED
+        try:
+            return frames.get_nowait()
+        except queue.Empty:
+            pass
+        if announcer is not None:
+            announcer.consumer_waiting.set()
+        try:
+            while not stop.is_set():
+                try:
+                    return frames.get(timeout=_POLL_S)
+                except queue.Empty:
+                    continue
+            return _CANCELLED
+        finally:
+            if announcer is not None:
+                announcer.consumer_waiting.clear()
 
     try:
         while (item := next_item()) is not _END:

@@ -164,3 +164,47 @@ def test_a_lone_stream_of_a_batched_engine_shares_the_cores_and_keeps_its_codes(
     assert share is batched.engines.generation.talker.ctx.share
     assert turns.solo_calls > 0  # its engine calls took no turn
     assert share.calls["narrow"] > 0  # and narrowed while its decoder decoded
+
+
+def test_an_announced_decode_narrows_the_next_engine_call_and_starts_without_waiting():
+    share = CoreShare(wide=2, narrow=1)
+    with share.announcing() as announce:
+        announce()  # the producer hands over a chunk's last frame
+        with share.engine_call() as n:  # its next engine call, before the consumer has begun to decode
+            assert n == 1
+        with share.decoding():
+            pass
+        with share.engine_call() as n:  # decoded: wide again
+            assert n == 2
+        announce()  # announced, then the stream stops before the consumer decodes
+    with share.engine_call() as n:
+        assert n == 2  # the leftover announcement was dropped with the stream
+    assert share.decoder_calls == {"announced": 1, "waited": 0, "all": 1}
+
+
+def test_the_announcer_counts_frames_on_the_consumers_schedule_and_only_while_it_waits():
+    from qwen3_tts_edge.runtime.streaming import ChunkAnnouncer
+
+    announced: list[int] = []
+    frame = [0]
+    announcer = ChunkAnnouncer((1, 2, 4), lambda: announced.append(frame[0]))
+    announcer.consumer_waiting.set()
+    for frame[0] in range(1, 16):  # chunks end after frames 1, 3, 7, 11, 15
+        if frame[0] == 11:
+            announcer.consumer_waiting.clear()  # a consumer busy elsewhere is not announced
+        announcer()
+        announcer.consumer_waiting.set()
+    assert announced == [1, 3, 7, 15]
+
+
+def test_a_single_lane_stream_announces_its_chunks(engines_pair):
+    shared, _ = engines_pair
+    share = shared.engines.generation.talker.ctx.share
+    before = dict(share.decoder_calls)
+    chunks = list(shared.stream("Announce every chunk.", language="english", max_frames=15, min_frames=15, seed=2))
+    assert [c.n_frames for c in chunks] == [1, 2, 4, 8, 0]
+    calls = {k: share.decoder_calls[k] - before[k] for k in before}
+    assert calls["all"] == 4
+    # the consumer waits for every chunk here (nothing slows it), so each one but the last flush is announced
+    assert calls["announced"] >= 1
+    assert share._expected == 0 and share._decoding == 0

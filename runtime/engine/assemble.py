@@ -9,7 +9,6 @@ so ``voice create`` runs the two voice encoders without loading the generation e
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 import warnings
@@ -262,8 +261,10 @@ class Engines:
 
     def _single_lane(self, cfg: EngineConfig) -> LanePool:
         share = self._core_share(cfg)
-        return SingleLane(self.talker, self.predictor, self.decoder,
-                          decoding=share.decoding if share is not None else contextlib.nullcontext)
+        if share is None:
+            return SingleLane(self.talker, self.predictor, self.decoder)
+        return SingleLane(self.talker, self.predictor, self.decoder, decoding=share.decoding,
+                          announcing=share.announcing)
 
     def _batched_lanes(self, cfg: EngineConfig) -> LanePool:
         from .cores import CoreTurns

@@ -75,8 +75,9 @@ class EngineConfig:
         "--decoder-threads", f"CPU threads for the ONNX decoder (default: {DEFAULT_DECODER_THREADS})",
         type=positive_int))
     share_cores: bool = field(default=True, metadata=_flag(
-        "--no-share-cores", "one stream: keep llama.cpp on all its threads while the decoder decodes (by default "
-        "it narrows to the cores the decoder leaves when both together outnumber the cores)",
+        "--no-share-cores", "one stream (also a batching server's lone request): keep llama.cpp on all its threads "
+        "while the decoder decodes (by default it narrows to the cores the decoder leaves when both together "
+        "outnumber the cores)",
         action="store_false", dest="share_cores"))
     providers: tuple[str, ...] | None = field(default=None, metadata=_flag(
         "--provider", "onnxruntime execution provider, best first (repeatable; default: the best available)",

@@ -6,7 +6,9 @@ the other llama.cpp threads spin at the barrier. Two policies avoid that:
 
 - :class:`CoreShare` (one stream): generation never stops; while the decoder decodes, llama.cpp decodes on
   the cores the decoder leaves free, and on all of them otherwise. A decode call already running on all
-  cores is waited for (one predictor step, a few ms; at most one talker step) before the decoder starts.
+  cores is waited for (one predictor step, a few ms; at most one talker step) before the decoder starts;
+  the frame producer announces the frame that completes a chunk, so the call after it already runs narrow and
+  the decoder starts at once (the first chunk's wait was up to a talker step, ~20-30 ms of first audio).
 - :class:`CoreTurns` (a batch of streams): generation and the streams' decoders take turns; several decoders
   keep every core busy while generation waits. While a batched engine runs one stream only (a server's lone
   request), the turns give way to a :class:`CoreShare`: turns would leave one core idle for every decode.
@@ -43,8 +45,11 @@ class CoreShare:
         self.wide, self.narrow = int(wide), int(narrow)
         self._cv = threading.Condition()
         self._decoding = 0
+        self._expected = 0  # decoder calls announced by the frame producer, not yet begun
         self._wide_calls = 0
         self.calls = {"wide": 0, "narrow": 0}  # engine calls by thread count (read by tests and the bench)
+        # decoder calls: announced by the producer, or waiting for a wide call in flight
+        self.decoder_calls = {"announced": 0, "waited": 0, "all": 0}
 
     @classmethod
     def for_threads(cls, threads: int, decoder_threads: int, cores: int | None = None) -> CoreShare | None:
@@ -74,11 +79,37 @@ class CoreShare:
                         self._cv.notify_all()
 
     @contextlib.contextmanager
+    def announcing(self) -> Iterator[Callable[[], None]]:
+        """Around one stream: yields ``announce``, which the frame producer calls (between its engine calls)
+        when the frame it hands over completes a chunk the consumer decodes at once; engine calls from then on
+        run narrow, and that decoder call need not wait. Announcements left over when the stream ends (it was
+        stopped before decoding them) are dropped."""
+        try:
+            yield self._announce
+        finally:
+            with self._cv:
+                self._decoding -= self._expected
+                self._expected = 0
+                self._cv.notify_all()
+
+    def _announce(self) -> None:
+        with self._cv:
+            self._expected += 1
+            self._decoding += 1
+
+    @contextlib.contextmanager
     def decoding(self) -> Iterator[None]:
         """Around one decoder call: the next engine calls narrow at once, a wide call in flight is waited for."""
         with self._cv:
-            self._decoding += 1
-            self._cv.wait_for(lambda: not self._wide_calls)
+            self.decoder_calls["all"] += 1
+            if self._expected:  # announced: already counted, and no wide call has started since
+                self._expected -= 1
+                self.decoder_calls["announced"] += 1
+            else:
+                self._decoding += 1
+            if self._wide_calls:
+                self.decoder_calls["waited"] += 1
+                self._cv.wait_for(lambda: not self._wide_calls)
         try:
             yield
         finally:

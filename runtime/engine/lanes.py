@@ -35,6 +35,8 @@ class Lane:
     idle: Callable[[], AbstractContextManager] = contextlib.nullcontext
     finish: Callable[[], None] = field(default=lambda: None)
     decoding: Callable[[], AbstractContextManager] = contextlib.nullcontext  # around each decoder call
+    # around a stream: yields the callable the frame producer announces a chunk's last frame with (CoreShare)
+    announcing: Callable[[], AbstractContextManager] | None = None
     seq: int | None = None
 
 
@@ -103,9 +105,10 @@ class SingleLane(LanePool):
     """One lane, the engines themselves: requests run one at a time."""
 
     def __init__(self, talker: PromptTalker, predictor: PredictorEngine, decoder: DecoderEngine,
-                 decoding: Callable[[], AbstractContextManager] = contextlib.nullcontext) -> None:
+                 decoding: Callable[[], AbstractContextManager] = contextlib.nullcontext,
+                 announcing: Callable[[], AbstractContextManager] | None = None) -> None:
         super().__init__()
-        self.lane = Lane(talker, predictor, decoder, decoding=decoding)
+        self.lane = Lane(talker, predictor, decoder, decoding=decoding, announcing=announcing)
 
     def _open(self) -> Lane:
         return self.lane
