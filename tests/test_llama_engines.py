@@ -7,6 +7,7 @@ but finite cosines. Each GGUF is exported once per session.
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +88,42 @@ def test_exported_ggufs_load_in_llama_cpp(llama_export):
             assert m.placement.device == "cpu"
         with LlamaModel(out / f"predictor.{p}.gguf") as m:
             assert (m.arch, m.n_embd, m.n_layer, m.pos_per_token) == ("qwen3", 32, 2, 1)
+
+
+def _mapped_resident_kb(path) -> int:
+    """Resident kB of this process's mappings of ``path`` (/proc/self/smaps)."""
+    target, total, inside = str(path.resolve()), 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()
+        if head and "-" in head[0] and len(head) >= 5:  # a mapping's header line
+            inside = len(head) == 6 and head[5] == target
+        elif inside and line.startswith("Rss:"):
+            total += int(head[1])
+    return total
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="page release reads /proc and calls madvise (Linux)")
+def test_a_mapped_talker_releases_its_pages_and_decodes_the_same(llama_export):
+    from qwen3_tts_edge.runtime.backends.llama_cpp.bindings import LlamaContext, LlamaModel
+
+    out, _ = llama_export
+    path = out / "talker.q8_0.gguf"
+    x = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)
+    hidden = {}
+    for load in ("memory", "mapped"):
+        with LlamaModel(path, load=load) as m:
+            assert m.load == load
+            if load == "mapped":
+                # llama.cpp keeps only the span of its tensors mapped (the header is unmapped after loading)
+                assert 0 < m.released_bytes <= path.stat().st_size
+                assert _mapped_resident_kb(path) == 0  # nothing of it is resident before a decode
+            ctx = LlamaContext(m, n_ctx=32, n_batch=8, n_threads=1)
+            ctx.decode(x)
+            hidden[load] = ctx.hidden().copy()
+            ctx.close()
+    np.testing.assert_array_equal(hidden["mapped"], hidden["memory"])  # pages read again from the file
+    with pytest.raises(ValueError, match="load must be"):
+        LlamaModel(path, load="mmap")
 
 
 def test_codec_eos_is_checked_and_repaired(llama_export, tiny_checkpoint, tmp_path):

@@ -173,26 +173,63 @@ def _blas_controllers() -> list[Any]:
 # models and contexts
 
 
+_MADV_DONTNEED = 4  # Linux <sys/mman.h>
+
+
+def release_mapped_pages(path: Path | str) -> int:
+    """Drop this process's resident pages of every mapping of the file ``path`` (Linux); the bytes released.
+
+    The data stays in the file (and the kernel's page cache): a page read again later is simply mapped in again.
+    What was only read once (weights llama.cpp copied into its repacked layout) or never read (rows of a table
+    nobody looks up) stops counting against the process. 0 where ``/proc/self/maps`` or ``madvise`` is missing.
+    """
+    target = str(Path(path).resolve())
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        madvise = libc.madvise
+        maps = Path("/proc/self/maps").read_text().splitlines()
+    except (OSError, AttributeError):
+        return 0
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    released = 0
+    for line in maps:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] == target:
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            if madvise(start, end - start, _MADV_DONTNEED) == 0:
+                released += end - start
+    return released
+
+
 class LlamaModel:
     """A GGUF model loaded by llama.cpp.
 
-    Read into memory rather than mmapped by default: on CPUs llama.cpp repacks k-quant weights (q4_k_m...) into
-    its GEMM kernels' interleaved layout, and with mmap the original pages stay resident beside the repacked copy
-    (same speed; bench/README, "Where the memory goes", has what that costs).
+    ``load="memory"`` (the default) reads the file into memory: on CPUs llama.cpp repacks k-quant weights
+    (q4_k_m...) into its GEMM kernels' interleaved layout, and with a plain mmap the original pages stay resident
+    beside the repacked copy. ``load="mapped"`` maps the file and then releases the mapping's pages
+    (:func:`release_mapped_pages`): only what llama.cpp reads from the file after loading (the tensors it does not
+    repack) comes back, and a tensor it never reads costs nothing, such as the talker's ``token_embd`` (169 MB at
+    q4_k_m, 317 MB at q8_0), which the host looks up itself (bench/README, "Where the memory goes"). Linux only;
+    elsewhere ``mapped`` loads into memory.
     """
 
-    def __init__(self, path: Path | str, *, n_gpu_layers: int = 0, use_mmap: bool = False) -> None:
+    def __init__(self, path: Path | str, *, n_gpu_layers: int = 0, load: str = "memory") -> None:
         lc = api()
         self.path = Path(path)
         if not self.path.is_file():
             raise LlamaError(f"model file {self.path} does not exist")
+        if load not in ("memory", "mapped"):
+            raise ValueError(f"load must be 'memory' or 'mapped', got {load!r}")
+        mapped = load == "mapped" and sys.platform.startswith("linux")
         params = lc.llama_model_default_params()
         params.n_gpu_layers = int(n_gpu_layers)
-        if not use_mmap:
+        if not mapped:
             params.load_mode = lc.LLAMA_LOAD_MODE_NONE
         self._ptr = lc.llama_model_load_from_file(str(self.path).encode(), params)
         if not self._ptr:
             raise LlamaError(f"llama.cpp could not load {self.path}:\n{recent_log()}")
+        self.load = "mapped" if mapped else "memory"
+        self.released_bytes = release_mapped_pages(self.path) if mapped else 0
         self.n_embd = int(lc.llama_model_n_embd(self._ptr))
         self.n_layer = int(lc.llama_model_n_layer(self._ptr))
         self.n_vocab = int(lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(self._ptr)))

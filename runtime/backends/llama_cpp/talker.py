@@ -41,7 +41,8 @@ class Talker:
                  n_batch: int = 512, n_gpu_layers: int = 0, kv_type: str = "f16",
                  flash_attn: bool | None = False, sequences: int = 1) -> None:
         self.path = Path(path)
-        self.model = LlamaModel(self.path, n_gpu_layers=n_gpu_layers)
+        # mapped: llama.cpp never reads token_embd (the host looks its rows up through self.tables)
+        self.model = LlamaModel(self.path, n_gpu_layers=n_gpu_layers, load="mapped")
         if self.model.arch != "qwen3tts":
             raise LlamaError(f"{self.path.name} is a {self.model.arch!r} GGUF; the talker needs a qwen3tts GGUF")
         self.ctx = LlamaContext(self.model, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads, kv_type=kv_type,
