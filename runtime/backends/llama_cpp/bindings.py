@@ -32,9 +32,11 @@ from gguf import GGMLQuantizationType, LlamaFileType
 
 from ...engine.contract import Placement
 from ...errors import Qwen3TTSEdgeError
+from .pages import KVPages, release_mapped_pages
 
 # ggml tensor types and llama file types by our lower-case names, from gguf-py's enums (never restated codes).
 GGML_TYPES = {t.name.lower(): int(t) for t in GGMLQuantizationType}
+_KV_BYTES = {"f32": 4, "f16": 2, "bf16": 2}  # bytes per KV value (block-quantized caches: not released)
 FTYPES = {"f32": int(LlamaFileType.ALL_F32), **{t.name.removeprefix("MOSTLY_").lower(): int(t)
                                                    for t in LlamaFileType if t.name.startswith("MOSTLY_")}}
 # llama_rope_type values whose models read several positions per embedding token (M-RoPE family).
@@ -173,34 +175,6 @@ def _blas_controllers() -> list[Any]:
 # models and contexts
 
 
-_MADV_DONTNEED = 4  # Linux <sys/mman.h>
-
-
-def release_mapped_pages(path: Path | str) -> int:
-    """Drop this process's resident pages of every mapping of the file ``path`` (Linux); the bytes released.
-
-    The data stays in the file (and the kernel's page cache): a page read again later is simply mapped in again.
-    What was only read once (weights llama.cpp copied into its repacked layout) or never read (rows of a table
-    nobody looks up) stops counting against the process. 0 where ``/proc/self/maps`` or ``madvise`` is missing.
-    """
-    target = str(Path(path).resolve())
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        madvise = libc.madvise
-        maps = Path("/proc/self/maps").read_text().splitlines()
-    except (OSError, AttributeError):
-        return 0
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    released = 0
-    for line in maps:
-        fields = line.split(maxsplit=5)
-        if len(fields) == 6 and fields[5] == target:
-            start, end = (int(x, 16) for x in fields[0].split("-"))
-            if madvise(start, end - start, _MADV_DONTNEED) == 0:
-                released += end - start
-    return released
-
-
 class LlamaModel:
     """A GGUF model loaded by llama.cpp.
 
@@ -229,13 +203,21 @@ class LlamaModel:
         if not self._ptr:
             raise LlamaError(f"llama.cpp could not load {self.path}:\n{recent_log()}")
         self.load = "mapped" if mapped else "memory"
-        self.released_bytes = release_mapped_pages(self.path) if mapped else 0
         self.n_embd = int(lc.llama_model_n_embd(self._ptr))
         self.n_layer = int(lc.llama_model_n_layer(self._ptr))
         self.n_vocab = int(lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(self._ptr)))
         self.rope_type = int(lc.llama_model_rope_type(self._ptr))
         self.pos_per_token = _MULTI_POS_ROPE.get(self.rope_type, 1)
         self.arch = self.meta("general.architecture") or "?"
+        self.released_bytes = release_mapped_pages(self.path) if mapped else 0
+        # K and V widths per layer (grouped-query attention), for the KV cache's size
+        head_kv, head = (self.meta(f"{self.arch}.attention.head_count_kv"),
+                         self.meta(f"{self.arch}.attention.head_count"))
+        key, value = (self.meta(f"{self.arch}.attention.key_length"),
+                      self.meta(f"{self.arch}.attention.value_length"))
+        n_head_kv = int(head_kv or head or 0)
+        head_dim = self.n_embd // int(head) if head else 0
+        self.kv_width = n_head_kv * (int(key or head_dim) + int(value or head_dim))  # K + V values per position
         devices = tuple(backend_devices())
         gpu = gpu_offload_supported() and n_gpu_layers != 0 and any(d.upper() != "CPU" for d in devices)
         note = "" if gpu or n_gpu_layers == 0 else "n_gpu_layers ignored: this llama.cpp build has no GPU backend"
@@ -315,7 +297,14 @@ class LlamaContext:
         if flash_attn is not None:
             params.flash_attn_type = (lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
                                       else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED)
-        self._ptr = lc.llama_init_from_model(model.ptr, params)
+        # The cache's pages are released and come back as positions are written (pages.KVPages: why); CPU only:
+        # a GPU build's host buffers may be pinned.
+        cache_bytes = model.n_layer * params.n_ctx * model.kv_width * _KV_BYTES.get(kv_type, 0)
+        if model.placement.device == "cpu" and cache_bytes:
+            self._ptr, self._kv_pages = KVPages.locate(lambda: lc.llama_init_from_model(model.ptr, params),
+                                                       cache_bytes)
+        else:
+            self._ptr, self._kv_pages = lc.llama_init_from_model(model.ptr, params), None
         if not self._ptr:
             raise LlamaError(f"llama.cpp could not create a context for {model.path}:\n{recent_log()}")
         self._mem = lc.llama_get_memory(self._ptr)
@@ -526,9 +515,19 @@ class LlamaContext:
     # -- state ----------------------------------------------------------------------------------------------
 
     def clear(self) -> None:
-        """Forget every position (KV cache cleared, n_past = 0)."""
-        api().llama_memory_clear(self._mem, True)
+        """Forget every position (KV cache cleared, n_past = 0): its pages released where they were located, so a
+        short request after a long one holds only what it writes."""
+        if self._kv_pages is not None:
+            api().llama_memory_clear(self._mem, False)
+            self._kv_pages.release()  # reads as zeros, as llama.cpp's own clear writes them
+        else:
+            api().llama_memory_clear(self._mem, True)
         self.n_past = 0
+
+    @property
+    def kv_pages(self) -> KVPages | None:
+        """The KV cache's released-on-clear pages, or None where they could not be located."""
+        return self._kv_pages
 
     def truncate(self, n_past: int) -> None:
         """Drop positions >= ``n_past`` (rewind), keeping the earlier KV entries."""
