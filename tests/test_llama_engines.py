@@ -126,6 +126,15 @@ def test_a_mapped_talker_releases_its_pages_and_decodes_the_same(llama_export):
         LlamaModel(path, load="mmap")
 
 
+def test_only_talkers_with_repacked_weights_are_mapped(llama_export):
+    from qwen3_tts_edge.runtime.backends.llama_cpp.gguf_tables import GGUFTables
+    from qwen3_tts_edge.runtime.backends.llama_cpp.talker import talker_load
+
+    out, _ = llama_export
+    assert {p: talker_load(GGUFTables(out / f"talker.{p}.gguf")) for p in PRECISIONS} == {
+        "f32": "memory", "q8_0": "memory", "q4_k_m": "mapped"}
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="KV pages are located with /proc and mincore (Linux)")
 def test_the_kv_cache_pages_are_released_and_a_clear_equals_llama_cpps_own(llama_export, monkeypatch):
     import ctypes

@@ -12,12 +12,25 @@ import time
 from pathlib import Path
 
 import numpy as np
+from gguf import LlamaFileType
 
 from ...engine.config import TALKER_CONTEXT
 from ...engine.contract import ADAPTERS, CORE_SHARE, KV_STATE, SEQUENCES, StepOutput, checked_ids
 from .adapters import AdapterHost, LoraAdapter
 from .bindings import LlamaContext, LlamaError, LlamaModel, blas_single_thread
 from .gguf_tables import GGUFTables
+
+# GGUF file types whose layer weights llama.cpp repacks into its own buffers on CPUs: mapping the file and releasing
+# its pages then leaves only the host-lookup token_embd (169 MB at q4_k_m, never read by llama.cpp) unloaded. The
+# others' weights are read from the mapping itself, and at q8_0 that made the talker ~10 % slower than from
+# memory (bench/README, "Where the memory goes").
+MAPPED_FILE_TYPES = frozenset({int(LlamaFileType.MOSTLY_Q4_K_M), int(LlamaFileType.MOSTLY_Q4_K_S)})
+
+
+def talker_load(tables: GGUFTables) -> str:
+    """How :class:`LlamaModel` should load this talker GGUF: ``mapped`` where its weights are repacked."""
+    file_type = tables.field("general.file_type")
+    return "mapped" if file_type is not None and int(file_type) in MAPPED_FILE_TYPES else "memory"
 
 
 class Talker:
@@ -41,14 +54,13 @@ class Talker:
                  n_batch: int = 512, n_gpu_layers: int = 0, kv_type: str = "f16",
                  flash_attn: bool | None = False, sequences: int = 1) -> None:
         self.path = Path(path)
-        # mapped: llama.cpp never reads token_embd (the host looks its rows up through self.tables)
-        self.model = LlamaModel(self.path, n_gpu_layers=n_gpu_layers, load="mapped")
+        self.tables = GGUFTables(self.path)
+        self.model = LlamaModel(self.path, n_gpu_layers=n_gpu_layers, load=talker_load(self.tables))
         if self.model.arch != "qwen3tts":
             raise LlamaError(f"{self.path.name} is a {self.model.arch!r} GGUF; the talker needs a qwen3tts GGUF")
         self.ctx = LlamaContext(self.model, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads, kv_type=kv_type,
                                 flash_attn=flash_attn, sequences=sequences, max_outputs=sequences)
         self.sequences = self.ctx.sequences
-        self.tables = GGUFTables(self.path)
         emb = self.tables.shape("token_embd.weight")
         out = self.tables.shape("output.weight")
         self.hidden_size = int(emb[1])
