@@ -199,6 +199,17 @@ class LlamaModel:
         params.n_gpu_layers = int(n_gpu_layers)
         if not mapped:
             params.load_mode = lc.LLAMA_LOAD_MODE_NONE
+        else:  # pages already copied into repacked buffers are given back while loading goes on, not only after
+            steps = iter(np.linspace(0.1, 1.0, 10))
+            due = [next(steps)]
+
+            def progress(fraction: float, _user: Any) -> bool:
+                if fraction >= due[0]:
+                    release_mapped_pages(self.path)  # on the loader's own thread, between tensors
+                    due[0] = next(steps, 2.0)
+                return True
+
+            params.progress_callback = lc.llama_progress_callback(progress)  # alive until the call returns
         self._ptr = lc.llama_model_load_from_file(str(self.path).encode(), params)
         if not self._ptr:
             raise LlamaError(f"llama.cpp could not load {self.path}:\n{recent_log()}")
