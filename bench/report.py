@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..runtime.bundle import Bundle
+from ..runtime.streaming import chunk_frames
 
 SCHEMA = 2  # 2: stage "overhead" (a clipped residual) replaced by "host" (measured loop work)
 STAGES = ("talker", "predictor", "decoder", "host")
@@ -86,7 +87,7 @@ def decoder_calls(frames: int, schedule: Sequence[int]) -> int:
     """Decoder calls of a stream of ``frames`` frames on the chunk schedule (last size repeats; final flush)."""
     calls = done = 0
     while done < frames:
-        done += schedule[min(calls, len(schedule) - 1)]
+        done += chunk_frames(schedule, calls)
         calls += 1
     return calls
 

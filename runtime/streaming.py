@@ -20,7 +20,7 @@ from .engine.contract import DecoderEngine
 from .frame_loop import STOP_CANCELLED, Frame, FrameLoop, SegmentEnd
 from .options import AudioChunk, StreamStats
 
-__all__ = ["STOP_CANCELLED", "AudioStream", "ChunkAnnouncer", "produce_frames", "run_stream"]
+__all__ = ["STOP_CANCELLED", "AudioStream", "ChunkAnnouncer", "chunk_frames", "produce_frames", "run_stream"]
 _END = object()
 _CANCELLED = object()
 _POLL_S = 0.05  # how often a consumer waiting for frames looks whether the stream was cancelled
@@ -120,6 +120,11 @@ def produce_frames(loops: Iterator[FrameLoop], frames: queue.Queue, stop: thread
         put(last)
 
 
+def chunk_frames(schedule: Sequence[int], chunk: int) -> int:
+    """Frames in chunk number ``chunk`` of ``schedule`` (its last entry repeats)."""
+    return schedule[min(chunk, len(schedule) - 1)]
+
+
 class ChunkAnnouncer:
     """Tells the core share (``runtime/engine/cores.CoreShare``) from the producer's thread that the frame it
     hands over next completes a chunk, while the consumer waits for it: the consumer decodes that chunk at once,
@@ -131,14 +136,14 @@ class ChunkAnnouncer:
         self.schedule, self.announce = tuple(schedule), announce
         self.consumer_waiting = threading.Event()
         self._frames = self._chunk = 0
-        self._end = self.schedule[0]
+        self._end = chunk_frames(self.schedule, 0)
 
     def __call__(self) -> None:
         self._frames += 1
         if self._frames < self._end:
             return
         self._chunk += 1
-        self._end += self.schedule[min(self._chunk, len(self.schedule) - 1)]
+        self._end += chunk_frames(self.schedule, self._chunk)
         if self.consumer_waiting.is_set():
             self.announce()
 
@@ -159,21 +164,6 @@ def run_stream(loops: Iterator[FrameLoop], decoder: DecoderEngine, schedule: Seq
     decoder call (a batched engine's turn on the CPU); ``announcing`` (a core share's) wraps the stream and
     yields what a :class:`ChunkAnnouncer` calls.
     """
-    with (announcing or _no_announcing)() as announce:
-        yield from _run_stream(loops, decoder, schedule, ref_codes, prompt_s, stats, sample_rate, max_queued_frames,
-                               stop, idle, finish, decoding, announce)
-
-
-@contextlib.contextmanager
-def _no_announcing() -> Iterator[None]:
-    yield None
-
-
-def _run_stream(loops: Iterator[FrameLoop], decoder: DecoderEngine, schedule: Sequence[int],
-                ref_codes: np.ndarray | None, prompt_s: float, stats: StreamStats, sample_rate: int,
-                max_queued_frames: int, stop: threading.Event | None, idle: Callable[[], AbstractContextManager],
-                finish: Callable[[], None] | None, decoding: Callable[[], AbstractContextManager],
-                announce: Callable[[], None] | None) -> Iterator[AudioChunk]:
     t0 = time.perf_counter() - prompt_s
     if ref_codes is not None:
         with decoding():
@@ -182,7 +172,9 @@ def _run_stream(loops: Iterator[FrameLoop], decoder: DecoderEngine, schedule: Se
         decoder.reset()
     frames: queue.Queue = queue.Queue(maxsize=max_queued_frames)
     stop = stop or threading.Event()
-    announcer = ChunkAnnouncer(schedule, announce) if announce is not None else None
+    announcements = contextlib.ExitStack()  # the core share's for this stream: left-over ones go with it
+    announcer = (ChunkAnnouncer(schedule, announcements.enter_context(announcing()))
+                 if announcing is not None else None)
     worker = threading.Thread(target=produce_frames, args=(loops, frames, stop, idle, finish, announcer),
                               name="qwen3-tts-edge-frames", daemon=True)
     worker.start()
@@ -245,7 +237,7 @@ def _run_stream(loops: Iterator[FrameLoop], decoder: DecoderEngine, schedule: Se
                 continue
             stats.add_frame(item)
             pending.append(item)
-            if len(pending) >= schedule[min(chunk_index, len(schedule) - 1)]:
+            if len(pending) >= chunk_frames(schedule, chunk_index):
                 yield flush(final=False)
         stats.stop_reason = stats.segment_stops[-1] if stats.segment_stops else None
         yield flush(final=True)
@@ -256,5 +248,6 @@ def _run_stream(loops: Iterator[FrameLoop], decoder: DecoderEngine, schedule: Se
                 frames.get_nowait()
             except queue.Empty:
                 worker.join(timeout=0.05)
+        announcements.close()
         if stats.stop_reason is None:
             stats.stop_reason = STOP_CANCELLED

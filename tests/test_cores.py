@@ -65,16 +65,16 @@ def test_the_decoder_waits_for_a_wide_call_in_flight_and_later_calls_narrow():
     assert events == ["engine 2 start", "engine end", "decode start", "engine 1 beside the decoder"]
 
 
-def test_turns_let_decoders_go_first_and_never_beside_an_engine_call():
-    turns = CoreTurns(decoders=2)
+def _engine_call_during_a_decode(turns: CoreTurns, engine_call, beside=lambda: None) -> list[str]:
+    """Inside one decode (after ``beside()``), ``engine_call()`` starts on another thread; what happened, in order."""
     events: list[str] = []
     with turns.decoding():
+        beside()
         started = threading.Event()
 
         def engine() -> None:
             started.set()
-            with turns.engine():
-                events.append("engine")
+            events.append(engine_call())
 
         t = threading.Thread(target=engine)
         t.start()
@@ -82,7 +82,17 @@ def test_turns_let_decoders_go_first_and_never_beside_an_engine_call():
         time.sleep(0.05)
         events.append("decode done")
     t.join(5)
-    assert events == ["decode done", "engine"]
+    return events
+
+
+def test_turns_let_decoders_go_first_and_never_beside_an_engine_call():
+    turns = CoreTurns(decoders=2)
+
+    def engine_call() -> str:
+        with turns.engine():
+            return "engine"
+
+    assert _engine_call_during_a_decode(turns, engine_call) == ["decode done", "engine"]
 
 
 @pytest.fixture(scope="module")
@@ -123,23 +133,16 @@ def test_turns_give_way_to_the_share_while_one_stream_is_open():
     assert turns.solo_calls == 1
 
     open_streams[0] = 2  # a second stream: turns again, and the engine waits for the decoder
-    events: list[str] = []
-    with turns.decoding():
+
+    def narrowed_beside() -> None:
         with share.engine_call() as n:
             assert n == 1  # a solo-mode engine call beside a turns-mode decoder is narrowed too
-        started = threading.Event()
 
-        def engine() -> None:
-            started.set()
-            with turns.engine(), share.engine_call() as m:
-                events.append(f"engine {m}")
+    def engine_call() -> str:
+        with turns.engine(), share.engine_call() as m:
+            return f"engine {m}"
 
-        t = threading.Thread(target=engine)
-        t.start()
-        started.wait(5)
-        time.sleep(0.05)
-        events.append("decode done")
-    t.join(5)
+    events = _engine_call_during_a_decode(turns, engine_call, beside=narrowed_beside)
     assert events == ["decode done", "engine 2"]  # after the decoder, on all the cores
     assert turns.solo_calls == 1
     with pytest.raises(ValueError, match="together"):

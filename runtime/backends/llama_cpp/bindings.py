@@ -183,8 +183,8 @@ class LlamaModel:
     beside the repacked copy. ``load="mapped"`` maps the file and then releases the mapping's pages
     (:func:`release_mapped_pages`): only what llama.cpp reads from the file after loading (the tensors it does not
     repack) comes back, and a tensor it never reads costs nothing, such as the talker's ``token_embd`` (169 MB at
-    q4_k_m, 317 MB at q8_0), which the host looks up itself (bench/README, "Where the memory goes"). Linux only;
-    elsewhere ``mapped`` loads into memory.
+    q4_k_m), which the host looks up itself (bench/README, "Where the memory goes"; ``talker.talker_load`` says
+    which talkers are mapped). Linux only; elsewhere ``mapped`` loads into memory.
     """
 
     def __init__(self, path: Path | str, *, n_gpu_layers: int = 0, load: str = "memory") -> None:
@@ -200,13 +200,12 @@ class LlamaModel:
         if not mapped:
             params.load_mode = lc.LLAMA_LOAD_MODE_NONE
         else:  # pages already copied into repacked buffers are given back while loading goes on, not only after
-            steps = iter(np.linspace(0.1, 1.0, 10))
-            due = [next(steps)]
+            next_release = [0.1]  # every tenth of the load
 
             def progress(fraction: float, _user: Any) -> bool:
-                if fraction >= due[0]:
+                if fraction >= next_release[0]:
                     release_mapped_pages(self.path)  # on the loader's own thread, between tensors
-                    due[0] = next(steps, 2.0)
+                    next_release[0] += 0.1
                 return True
 
             params.progress_callback = lc.llama_progress_callback(progress)  # alive until the call returns

@@ -17,6 +17,7 @@ length, a non-zero byte, no ``mincore``) leaves the cache as it is.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +29,7 @@ _MADV_DONTNEED = 4  # <sys/mman.h> on Linux
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
+@functools.cache
 def _libc() -> Any | None:
     try:
         libc = ctypes.CDLL(None, use_errno=True)

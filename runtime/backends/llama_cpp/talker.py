@@ -12,19 +12,18 @@ import time
 from pathlib import Path
 
 import numpy as np
-from gguf import LlamaFileType
 
 from ...engine.config import TALKER_CONTEXT
 from ...engine.contract import ADAPTERS, CORE_SHARE, KV_STATE, SEQUENCES, StepOutput, checked_ids
 from .adapters import AdapterHost, LoraAdapter
-from .bindings import LlamaContext, LlamaError, LlamaModel, blas_single_thread
+from .bindings import FTYPES, LlamaContext, LlamaError, LlamaModel, blas_single_thread
 from .gguf_tables import GGUFTables
 
 # GGUF file types whose layer weights llama.cpp repacks into its own buffers on CPUs: mapping the file and releasing
 # its pages then leaves only the host-lookup token_embd (169 MB at q4_k_m, never read by llama.cpp) unloaded. The
 # others' weights are read from the mapping itself, and at q8_0 that made the talker ~10 % slower than from
 # memory (bench/README, "Where the memory goes").
-MAPPED_FILE_TYPES = frozenset({int(LlamaFileType.MOSTLY_Q4_K_M), int(LlamaFileType.MOSTLY_Q4_K_S)})
+MAPPED_FILE_TYPES = frozenset({FTYPES["q4_k_m"], FTYPES["q4_k_s"]})
 
 
 def talker_load(tables: GGUFTables) -> str:
